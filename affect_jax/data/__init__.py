@@ -1,0 +1,1 @@
+"""Aff-Wild2 data layer, synthetic dataset, loaders."""

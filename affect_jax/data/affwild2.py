@@ -1,0 +1,414 @@
+"""Aff-Wild2 as ABAW distributes it: layout, annotation files, splits and folds.
+
+The real dataset and the synthetic one (`affect_jax.data.synthetic`) are read by this
+same code. Layout (DESIGN.md, "Aff-Wild2 on disk"):
+
+  <root>/cropped_aligned/<video>/00001.jpg          1-based, 5 digits, some missing
+  <root>/<TaskDir>/{Train_Set,Validation_Set}/<video>.txt
+  <root>/<TaskDir>_test_set.txt                      test videos, one name a line
+  <root>/test_labels/<TaskDir>/<video>.txt           (synthetic only) held-out labels
+  <root>/audio/<video>.wav
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+# ---- Constants of the format (shared by the reader, the synthetic writer, predict) ----
+
+TASKS = ("VA", "EXPR", "AU")
+
+# Folder names per task; the first is the one we write, all are accepted when reading
+# (ABAW5 and earlier called the expression task "EXPR_Classification_Challenge").
+TASK_DIRS = {
+    "VA": ("VA_Estimation_Challenge",),
+    "EXPR": ("EXPR_Recognition_Challenge", "EXPR_Classification_Challenge"),
+    "AU": ("AU_Detection_Challenge",),
+}
+
+VA_NAMES = ("valence", "arousal")
+EXPR_NAMES = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other")
+AU_NAMES = ("AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU15", "AU23", "AU24", "AU25", "AU26")
+
+# The header line of each task's annotation files, and its columns.
+TASK_COLUMNS = {"VA": VA_NAMES, "EXPR": EXPR_NAMES, "AU": AU_NAMES}
+# Number of values on each data line (Expr files hold one class index per line).
+TASK_WIDTH = {"VA": 2, "EXPR": 1, "AU": 12}
+
+INVALID_VA = -5.0
+INVALID_EXPR = -1
+INVALID_AU = -1
+
+TRAIN_SET = "Train_Set"
+VALIDATION_SET = "Validation_Set"
+SPLITS = (TRAIN_SET, VALIDATION_SET)
+TEST_SET = "Test_Set"  # not a folder: test videos are listed in <TaskDir>_test_set.txt
+
+FRAMES_DIR = "cropped_aligned"
+AUDIO_DIR = "audio"
+TEST_LABELS_DIR = "test_labels"
+FRAME_EXT = ".jpg"
+AUDIO_RATE = 16000
+
+
+def frame_name(index: int) -> str:
+  """1-based frame index -> file name, e.g. 1 -> '00001.jpg'."""
+  return f"{index:05d}{FRAME_EXT}"
+
+
+def test_list_name(task: str) -> str:
+  """File at the dataset root listing a task's test videos."""
+  return f"{TASK_DIRS[task][0]}_test_set.txt"
+
+
+# ---- Errors ----
+
+
+class AnnotationError(ValueError):
+  """A malformed annotation file; the message starts with `path:line:`."""
+
+  def __init__(self, path, line: int | None, what: str):
+    where = f"{path}:{line}" if line is not None else f"{path}"
+    super().__init__(f"{where}: {what}")
+    self.path = str(path)
+    self.line = line
+
+
+# ---- Annotation files ----
+
+
+def _header_line(task: str) -> str:
+  return ",".join(TASK_COLUMNS[task])
+
+
+def _looks_numeric(fields: list[str]) -> bool:
+  try:
+    [float(f) for f in fields]
+  except ValueError:
+    return False
+  return True
+
+
+def _check_values(task: str, values: np.ndarray) -> np.ndarray:
+  """Row indices (0-based) whose values break the task's range rules."""
+  if task == "VA":
+    ok = ((values >= -1.0) & (values <= 1.0)) | (values == INVALID_VA)
+  elif task == "EXPR":
+    ok = (values == np.round(values)) & (values >= INVALID_EXPR) & (values <= len(EXPR_NAMES) - 1)
+  else:
+    ok = np.isin(values, (INVALID_AU, 0, 1))
+  return np.flatnonzero(~ok.all(axis=1))
+
+
+def _range_rule(task: str) -> str:
+  return {
+      "VA": f"values must be in [-1, 1] or {INVALID_VA:g} (invalid)",
+      "EXPR": f"value must be an integer in {INVALID_EXPR}..{len(EXPR_NAMES) - 1}",
+      "AU": f"values must be 0, 1 or {INVALID_AU} (invalid)",
+  }[task]
+
+
+def parse_annotation(path: str | os.PathLike, task: str) -> np.ndarray:
+  """Reads one `<video>.txt` of a task.
+
+  Returns VA float32 [T, 2], EXPR int32 [T], AU int32 [T, 12]; row k is frame k+1.
+  Raises AnnotationError naming the file and 1-based line for anything malformed.
+  """
+  if task not in TASKS:
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+  path = Path(path)
+  try:
+    text = path.read_text()
+  except UnicodeDecodeError as e:
+    raise AnnotationError(path, None, f"not a text file ({e})") from None
+  lines = text.splitlines()
+  while lines and not lines[-1].strip():  # tolerate trailing blank lines only
+    lines.pop()
+  if not lines:
+    raise AnnotationError(path, 1, "empty file: expected the header line "
+                          f"'{_header_line(task)}' and one line per frame")
+  header = [f.strip() for f in lines[0].split(",")]
+  if header != list(TASK_COLUMNS[task]):
+    if _looks_numeric(header):
+      raise AnnotationError(path, 1, f"missing header line: expected '{_header_line(task)}', "
+                            f"found data '{lines[0].strip()}'")
+    raise AnnotationError(path, 1, f"unexpected header '{lines[0].strip()}' for task {task}: "
+                          f"expected '{_header_line(task)}'")
+  if len(lines) == 1:
+    raise AnnotationError(path, 2, "no frame lines after the header")
+
+  width = TASK_WIDTH[task]
+  rows = [line.split(",") for line in lines[1:]]
+  for k, row in enumerate(rows):
+    if len(row) != width:
+      raise AnnotationError(path, k + 2, f"expected {width} comma-separated value(s) for task "
+                            f"{task}, found {len(row)}: '{lines[k + 1].strip()}'")
+  try:
+    values = np.asarray(rows, dtype=np.float64)
+  except ValueError:
+    for k, row in enumerate(rows):  # slow path only to name the offending line
+      if not _looks_numeric(row):
+        raise AnnotationError(path, k + 2, f"non-numeric value in '{lines[k + 1].strip()}'") from None
+    raise
+  if not np.isfinite(values).all():
+    k = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
+    raise AnnotationError(path, k + 2, f"non-finite value in '{lines[k + 1].strip()}'")
+  bad = _check_values(task, values)
+  if bad.size:
+    k = int(bad[0])
+    raise AnnotationError(path, k + 2, f"{_range_rule(task)}; found '{lines[k + 1].strip()}'"
+                          + (f" ({bad.size} such lines)" if bad.size > 1 else ""))
+  if task == "VA":
+    return values.astype(np.float32)
+  if task == "EXPR":
+    return values[:, 0].astype(np.int32)
+  return values.astype(np.int32)
+
+
+def valid_frames(task: str, labels: np.ndarray) -> np.ndarray:
+  """bool [T]: frames whose label is not the task's invalid marker."""
+  if task == "VA":
+    return (labels != INVALID_VA).all(axis=-1)
+  if task == "EXPR":
+    return labels != INVALID_EXPR
+  return (labels != INVALID_AU).all(axis=-1)
+
+
+def write_annotation(path: str | os.PathLike, task: str, labels: np.ndarray) -> None:
+  """Writes labels in the task's format, atomically (temp file + rename)."""
+  labels = np.asarray(labels)
+  if task == "VA":
+    body = [f"{v:.3f},{a:.3f}" if v != INVALID_VA and a != INVALID_VA else "-5,-5"
+            for v, a in labels.reshape(-1, 2)]
+  elif task == "EXPR":
+    body = [str(int(c)) for c in labels.reshape(-1)]
+  else:
+    body = [",".join(str(int(x)) for x in row) for row in labels.reshape(-1, len(AU_NAMES))]
+  write_text_atomic(path, "\n".join([_header_line(task), *body]) + "\n")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+# ---- Videos, frames, splits ----
+
+
+def source_video(video: str) -> str:
+  """Two-subject videos are `<source>_left` / `<source>_right`; both share the source's audio."""
+  for suffix in ("_left", "_right"):
+    if video.endswith(suffix):
+      return video[: -len(suffix)]
+  return video
+
+
+def audio_path(root: str | os.PathLike, video: str) -> Path:
+  return Path(root) / AUDIO_DIR / f"{source_video(video)}.wav"
+
+
+def task_dir(root: str | os.PathLike, task: str) -> Path:
+  """The task's annotation folder, accepting every name ABAW has used for it."""
+  root = Path(root)
+  for name in TASK_DIRS[task]:
+    if (root / name).is_dir():
+      return root / name
+  raise FileNotFoundError(f"{root}: no annotation folder for task {task} "
+                          f"(looked for {', '.join(TASK_DIRS[task])})")
+
+
+@functools.lru_cache(maxsize=None)
+def _image_indices(frames_dir: str) -> tuple[int, ...]:
+  names = (e.name for e in os.scandir(frames_dir) if e.name.endswith(FRAME_EXT))
+  return tuple(sorted(int(n[: -len(FRAME_EXT)]) for n in names if n[: -len(FRAME_EXT)].isdigit()))
+
+
+def image_indices(root: str | os.PathLike, video: str) -> np.ndarray:
+  """Sorted 1-based indices of the frames of `video` that have a cropped image."""
+  frames_dir = Path(root) / FRAMES_DIR / video
+  if not frames_dir.is_dir():
+    raise FileNotFoundError(f"{frames_dir}: no frames folder for video {video!r}")
+  return np.asarray(_image_indices(str(frames_dir)), dtype=np.int64)
+
+
+def nearest_image(has_image: np.ndarray) -> np.ndarray:
+  """int [T]: for each frame, the 0-based frame whose image stands in for it.
+
+  A frame without an image takes the previous available frame (the next one before a
+  video's first image), as the authors did. Frames with an image map to themselves.
+  """
+  has_image = np.asarray(has_image, dtype=bool)
+  if not has_image.any():
+    raise ValueError("video has no image at all")
+  idx = np.arange(has_image.size)
+  prev = np.maximum.accumulate(np.where(has_image, idx, -1))
+  first = int(np.argmax(has_image))
+  return np.where(prev >= 0, prev, first)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoLabels:
+  """One video's labels for one task, aligned with its frames (row k = frame k+1)."""
+  video: str
+  task: str
+  split: str
+  labels: np.ndarray     # VA float32 [T,2] | EXPR int32 [T] | AU int32 [T,12]
+  has_image: np.ndarray  # bool [T]
+  path: Path | None      # the annotation file it was read from
+
+  @property
+  def num_frames(self) -> int:
+    return int(self.labels.shape[0])
+
+  @property
+  def valid(self) -> np.ndarray:
+    """bool [T]; frames with an image but an invalid label are masked, never dropped."""
+    return valid_frames(self.task, self.labels)
+
+  @property
+  def source_video(self) -> str:
+    return source_video(self.video)
+
+
+def _check_frames(root: Path, video: str, ann_path: Path) -> np.ndarray:
+  try:
+    return image_indices(root, video)
+  except FileNotFoundError:
+    raise AnnotationError(ann_path, None, f"annotation for video {video!r} has no frames "
+                          f"folder {root / FRAMES_DIR / video}") from None
+
+
+def _has_image(indices: np.ndarray, num_frames: int) -> np.ndarray:
+  has = np.zeros(num_frames, dtype=bool)
+  has[indices[(indices >= 1) & (indices <= num_frames)] - 1] = True
+  return has
+
+
+def list_videos(root: str | os.PathLike, task: str, split: str) -> list[str]:
+  """Sorted video names of a task's split (Train_Set, Validation_Set or Test_Set)."""
+  root = Path(root)
+  if split == TEST_SET:
+    lst = root / test_list_name(task)
+    if not lst.is_file():
+      raise FileNotFoundError(f"{lst}: no test list for task {task}")
+    return sorted({line.strip() for line in lst.read_text().splitlines() if line.strip()})
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {(*SPLITS, TEST_SET)}")
+  folder = task_dir(root, task) / split
+  if not folder.is_dir():
+    raise FileNotFoundError(f"{folder}: missing split folder")
+  return sorted(p.stem for p in folder.glob("*.txt"))
+
+
+def load_video(root: str | os.PathLike, task: str, split: str, video: str,
+               with_test_labels: bool = False) -> VideoLabels:
+  """Labels of one video; for Test_Set they come from `test_labels/` (synthetic only)
+  when `with_test_labels`, else they are all invalid (frame count from the images)."""
+  root = Path(root)
+  if split == TEST_SET:
+    ann = root / TEST_LABELS_DIR / TASK_DIRS[task][0] / f"{video}.txt"
+    if with_test_labels:
+      labels = parse_annotation(ann, task)
+    else:
+      indices = image_indices(root, video)
+      n = int(indices.max()) if indices.size else 0
+      labels = _invalid_labels(task, n)
+      ann = None
+    indices = image_indices(root, video)
+  else:
+    ann = task_dir(root, task) / split / f"{video}.txt"
+    labels = parse_annotation(ann, task)
+    indices = _check_frames(root, video, ann)
+  return VideoLabels(video, task, split, labels, _has_image(indices, labels.shape[0]), ann)
+
+
+def _invalid_labels(task: str, num_frames: int) -> np.ndarray:
+  if task == "VA":
+    return np.full((num_frames, 2), INVALID_VA, np.float32)
+  if task == "EXPR":
+    return np.full((num_frames,), INVALID_EXPR, np.int32)
+  return np.full((num_frames, len(AU_NAMES)), INVALID_AU, np.int32)
+
+
+def load_split(root: str | os.PathLike, task: str, split: str,
+               with_test_labels: bool = False) -> list[VideoLabels]:
+  return [load_video(root, task, split, v, with_test_labels) for v in list_videos(root, task, split)]
+
+
+# ---- Folds (the authors' 5-fold scheme) ----
+
+NUM_FOLDS = 5
+
+
+def fold_videos(root: str | os.PathLike, task: str, fold: int) -> dict[str, list[str]]:
+  """{'train': [...], 'val': [...]} video names of fold `fold`.
+
+  Fold 0 is the official Train_Set/Validation_Set split. Folds 1-4 pool all train and
+  validation videos and cut them into 4 parts, fold k validating on part k-1; a source
+  video's `_left`/`_right` subjects always fall in the same part.
+  """
+  train = list_videos(root, task, TRAIN_SET)
+  val = list_videos(root, task, VALIDATION_SET)
+  if fold == 0:
+    return {"train": train, "val": val}
+  if not 1 <= fold < NUM_FOLDS:
+    raise ValueError(f"fold must be in 0..{NUM_FOLDS - 1}, got {fold}")
+  parts = split_into_parts(sorted(train + val), NUM_FOLDS - 1)
+  held = set(parts[fold - 1])
+  pooled = sorted(train + val)
+  return {"train": [v for v in pooled if v not in held], "val": sorted(held)}
+
+
+def split_into_parts(videos: list[str], num_parts: int, seed: int = 0) -> list[list[str]]:
+  """Deterministic partition of videos into parts, grouping by source video.
+
+  Groups are shuffled with a fixed seed (so parts don't follow name order) and dealt
+  round-robin, so part sizes differ by at most one group.
+  """
+  groups: dict[str, list[str]] = {}
+  for v in sorted(videos):
+    groups.setdefault(source_video(v), []).append(v)
+  keys = sorted(groups)
+  order = np.random.default_rng(seed).permutation(len(keys))
+  parts: list[list[str]] = [[] for _ in range(num_parts)]
+  for i, k in enumerate(order):
+    parts[i % num_parts].extend(groups[keys[k]])
+  return [sorted(p) for p in parts]
+
+
+# ---- Summary ----
+
+
+def summarize(root: str | os.PathLike, with_test_labels: bool = False) -> dict:
+  """Per task and split: videos, frames, valid/invalid labels, frames without image."""
+  root = Path(root)
+  out: dict = {}
+  for task in TASKS:
+    try:
+      task_dir(root, task)
+    except FileNotFoundError:
+      continue
+    out[task] = {}
+    for split in (*SPLITS, TEST_SET):
+      try:
+        videos = load_split(root, task, split, with_test_labels)
+      except FileNotFoundError:
+        continue
+      valid = sum(int(v.valid.sum()) for v in videos)
+      frames = sum(v.num_frames for v in videos)
+      out[task][split] = {
+          "videos": len(videos),
+          "frames": frames,
+          "valid": valid,
+          "invalid": frames - valid,
+          "without_image": sum(int((~v.has_image).sum()) for v in videos),
+      }
+  return out

@@ -1,5 +1,9 @@
-"""Test-wide settings: CPU only, and a persistent XLA compilation cache outside the clone
-so repeated runs (and tests that compile the same function) skip recompiling."""
+"""Test-wide settings, applied before anything imports jax.
+
+- CPU only, emulating 8 devices so sharded code runs as on a pod slice (single-device code
+  is unaffected: it runs on device 0).
+- A persistent XLA compilation cache outside the clone, so reruns skip recompiling.
+"""
 
 import os
 
@@ -7,6 +11,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (after the env var on purpose)
 
+NUM_TEST_DEVICES = 8
+
+jax.config.update("jax_num_cpu_devices", NUM_TEST_DEVICES)
 jax.config.update(
     "jax_compilation_cache_dir",
     os.environ.get("AFFECT_JAX_TEST_CACHE", os.path.expanduser("~/.cache/affect_jax/xla_test_cache")))

@@ -1,0 +1,116 @@
+"""grain input pipelines.
+
+Images leave the pipeline as uint8 [B, H, W, 3]; normalisation happens on the device inside
+the jitted step (`normalize_images`), which moves a quarter of the bytes host -> device and
+keeps the workers' work to decode + crop.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+from PIL import Image
+
+# ImageNet statistics, as the MAE recipe and the public checkpoints use.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def normalize_images(images, dtype=None):
+  """uint8 [..., 3] -> (x/255 - mean) / std, in float32 (or `dtype`). jnp or np input."""
+  import jax.numpy as jnp
+  x = (jnp.asarray(images, jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+  return x if dtype is None else x.astype(dtype)
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """(left, top, right, bottom) as torchvision's RandomResizedCrop draws it: 10 tries of a
+  random area fraction and log-uniform aspect ratio, else the central crop clamped to `ratio`."""
+  area = width * height
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      left = int(rng.integers(0, width - w + 1))
+      top = int(rng.integers(0, height - h + 1))
+      return left, top, left + w, top + h
+  in_ratio = width / height
+  if in_ratio < ratio[0]:
+    w, h = width, int(round(width / ratio[0]))
+  elif in_ratio > ratio[1]:
+    h, w = height, int(round(height * ratio[1]))
+  else:
+    w, h = width, height
+  left, top = (width - w) // 2, (height - h) // 2
+  return left, top, left + w, top + h
+
+
+_skipped = 0  # per worker process
+
+
+def _open_rgb(path: str) -> Image.Image | None:
+  """The image, or None (logged with its path and counted) when it cannot be decoded."""
+  global _skipped
+  try:
+    with Image.open(path) as im:
+      im.load()
+      return im.convert("RGB")
+  except Exception as e:  # noqa: BLE001 - any decoder failure skips the file, never the job
+    _skipped += 1
+    logging.warning("skipping unreadable image %s (%s: %s); %d skipped so far in this process",
+                    path, type(e).__name__, e, _skipped)
+    return None
+
+
+class RandomResizedCropFlip(grain.transforms.RandomMap):
+  """path -> {'image': uint8 [S, S, 3]} with MAE's augmentation, or None if unreadable."""
+
+  def __init__(self, image_size: int, scale=(0.2, 1.0), flip: bool = True):
+    self.image_size = image_size
+    self.scale = tuple(scale)
+    self.flip = flip
+
+  def random_map(self, path, rng: np.random.Generator):
+    im = _open_rgb(path)
+    if im is None:
+      return None
+    box = random_resized_crop_box(im.width, im.height, rng, self.scale)
+    im = im.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box)
+    x = np.asarray(im, dtype=np.uint8)
+    if self.flip and rng.random() < 0.5:
+      x = x[:, ::-1]
+    return {"image": np.ascontiguousarray(x)}
+
+
+def _is_present(x) -> bool:
+  return x is not None
+
+
+def pretrain_dataset(paths: Sequence[str], *, image_size: int, batch_size: int, seed: int,
+                     num_epochs: int | None = None, worker_count: int = 0,
+                     crop_scale=(0.2, 1.0), flip: bool = True,
+                     shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
+  """Shuffled, augmented, batched face images for MAE pretraining.
+
+  `batch_size` is this process's share of the global batch. Each process reads only its
+  shard of the file list (process index/count by default); every epoch is reshuffled;
+  unreadable files are skipped (and logged), so batches stay full.
+  """
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  ds = grain.MapDataset.source(list(paths))[shard_index::shard_count]
+  ds = ds.shuffle(seed=seed).repeat(num_epochs)
+  ds = ds.random_map(RandomResizedCropFlip(image_size, crop_scale, flip), seed=seed)
+  it = ds.to_iter_dataset().filter(_is_present).batch(batch_size, drop_remainder=True)
+  if worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it

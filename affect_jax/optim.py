@@ -1,0 +1,59 @@
+"""Optimizers and learning-rate schedules (optax), built from a config.
+
+Config fields (`config.optim`): name ('adamw'), lr (absolute) or base_lr (scaled by
+batch/256, the MAE convention), b1, b2, eps, weight_decay, warmup_steps / warmup_epochs,
+schedule ('cosine' | 'constant'), min_lr, init_lr, grad_clip (0 = off).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import optax
+from flax import traverse_util
+
+# Parameters that get no weight decay besides biases and norm scales (all 1-D): the MAE
+# recipe also exempts the learned tokens and position embeddings.
+NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embedding", "pos_embed")
+
+
+def learning_rate(optim: ml_collections.ConfigDict, batch_size: int) -> float:
+  if optim.get("lr") is not None:
+    return float(optim.lr)
+  return float(optim.base_lr) * batch_size / 256
+
+
+def lr_schedule(optim: ml_collections.ConfigDict, *, batch_size: int, total_steps: int,
+                warmup_steps: int) -> optax.Schedule:
+  """Linear warmup from `init_lr` then cosine to `min_lr` (or constant), per step."""
+  peak = learning_rate(optim, batch_size)
+  init = float(optim.get("init_lr", 0.0))
+  end = float(optim.get("min_lr", 0.0))
+  warmup_steps = min(int(warmup_steps), max(total_steps - 1, 0))
+  if optim.get("schedule", "cosine") == "constant":
+    main = optax.constant_schedule(peak)
+  else:
+    main = optax.cosine_decay_schedule(peak, max(total_steps - warmup_steps, 1), alpha=end / peak if peak else 0.0)
+  if warmup_steps == 0:
+    return main
+  warm = optax.linear_schedule(init, peak, warmup_steps)
+  return optax.join_schedules([warm, main], [warmup_steps])
+
+
+def decay_mask(params) -> dict:
+  """True where weight decay applies: matrices and kernels, not biases/norms/tokens."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({
+      k: (v.ndim > 1 and not any(n in k[-1] for n in NO_DECAY_NAMES)) for k, v in flat.items()})
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, *,
+                   schedule: optax.Schedule) -> optax.GradientTransformation:
+  """optax AdamW (decoupled, masked weight decay) with optional global-norm clipping."""
+  if optim.get("name", "adamw") != "adamw":
+    raise ValueError(f"config.optim.name: unknown optimizer {optim.name!r} (supported: 'adamw')")
+  tx = optax.adamw(schedule, b1=float(optim.b1), b2=float(optim.b2),
+                   eps=float(optim.get("eps", 1e-8)),
+                   weight_decay=float(optim.get("weight_decay", 0.0)), mask=decay_mask)
+  if optim.get("grad_clip", 0.0):
+    tx = optax.chain(optax.clip_by_global_norm(float(optim.grad_clip)), tx)
+  return tx

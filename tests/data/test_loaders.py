@@ -1,0 +1,116 @@
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from affect_jax.data import faces, loaders
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("faces")
+  rng = np.random.default_rng(0)
+  for v in range(3):
+    d = root / f"video{v}"
+    d.mkdir()
+    for i in range(1, 9):
+      # Each image is one flat colour that encodes (video, frame), so we can tell them apart.
+      colour = (v * 80, i * 25, 100)
+      Image.fromarray(np.full((40, 56, 3), colour, np.uint8)).save(d / f"{i:05d}.jpg", quality=95)
+  (root / "video1" / "00009.png").write_bytes(b"not an image at all")
+  (root / "notes.txt").write_text("ignored")
+  return root
+
+
+def test_index_finds_images_and_caches(image_root, tmp_path):
+  paths = faces.index_images(image_root, cache_dir=tmp_path)
+  assert len(paths) == 3 * 8 + 1
+  assert paths == sorted(paths)
+  assert list(tmp_path.iterdir())  # cache written
+  assert faces.index_images(image_root, cache_dir=tmp_path) == paths
+  # A new frame in a video folder changes that folder's mtime and so the cache key.
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image_root / "video2" / "00010.jpg")
+  try:
+    assert len(faces.index_images(image_root, cache_dir=tmp_path)) == len(paths) + 1
+  finally:
+    (image_root / "video2" / "00010.jpg").unlink()
+
+
+def test_index_roots_mixes_and_errors(image_root, tmp_path):
+  both = faces.index_roots(f"{image_root / 'video0'},{image_root / 'video2'}", cache_dir=None)
+  assert len(both) == 16
+  with pytest.raises(FileNotFoundError, match="not a folder"):
+    faces.index_roots([str(tmp_path / "missing")], cache_dir=None)
+  with pytest.raises(FileNotFoundError, match="no .*images found"):
+    faces.index_roots([str(tmp_path)], cache_dir=None)
+
+
+def test_crop_box_follows_torchvision_rules():
+  rng = np.random.default_rng(0)
+  for _ in range(500):
+    w, h = int(rng.integers(8, 300)), int(rng.integers(8, 300))
+    l, t, r, b = loaders.random_resized_crop_box(w, h, rng)
+    assert 0 <= l < r <= w and 0 <= t < b <= h
+  # A 100x100 image always admits a crop on the first tries: area fraction and aspect in range.
+  for _ in range(200):
+    l, t, r, b = loaders.random_resized_crop_box(100, 100, rng)
+    area = (r - l) * (b - t) / 1e4
+    assert 0.18 <= area <= 1.0
+    assert 3 / 4 - 0.06 <= (r - l) / (b - t) <= 4 / 3 + 0.06
+  # Extreme aspect ratio: falls back to the central crop clamped to the ratio range.
+  # h = 10, w = round(10 * 4/3) = 13, centred: left = (400 - 13) // 2.
+  assert loaders.random_resized_crop_box(400, 10, np.random.default_rng(0), scale=(0.99, 1.0)) == (
+      193, 0, 206, 10)
+
+
+def test_pretrain_batches_deterministic_and_skip_corrupt(image_root, caplog):
+  paths = faces.index_images(image_root, cache_dir=None)
+  kw = dict(image_size=16, batch_size=4, seed=3, num_epochs=1, shard_index=0, shard_count=1)
+  batches = list(loaders.pretrain_dataset(paths, **kw))
+  # 24 readable images, one corrupt one skipped: 6 full batches.
+  assert len(batches) == 6
+  assert all(b["image"].shape == (4, 16, 16, 3) and b["image"].dtype == np.uint8 for b in batches)
+  assert any("00009.png" in r.getMessage() for r in caplog.records)
+  again = list(loaders.pretrain_dataset(paths, **kw))
+  for a, b in zip(batches, again):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  other = list(loaders.pretrain_dataset(paths, **{**kw, "seed": 4}))
+  assert any(not np.array_equal(a["image"], b["image"]) for a, b in zip(batches, other))
+
+
+def test_each_image_once_per_epoch_and_shards_disjoint(image_root):
+  paths = [p for p in faces.index_images(image_root, cache_dir=None) if p.endswith(".jpg")]
+  def colours(shard_index, shard_count):
+    ds = loaders.pretrain_dataset(paths, image_size=8, batch_size=1, seed=0, num_epochs=1,
+                                  crop_scale=(1.0, 1.0), flip=False,
+                                  shard_index=shard_index, shard_count=shard_count)
+    # Flat colours survive resizing (up to JPEG error): round the centre pixel.
+    return [tuple(int(round(c / 5)) for c in b["image"][0, 4, 4]) for b in ds]
+  full = colours(0, 1)
+  assert len(full) == len(set(full)) == 24
+  s0, s1 = colours(0, 2), colours(1, 2)
+  assert len(s0) == len(s1) == 12 and not set(s0) & set(s1)
+  assert set(s0) | set(s1) == set(full)
+
+
+def test_iterator_state_resumes(image_root):
+  paths = faces.index_images(image_root, cache_dir=None)
+  kw = dict(image_size=8, batch_size=2, seed=1, num_epochs=None, shard_index=0, shard_count=1)
+  it = iter(loaders.pretrain_dataset(paths, **kw))
+  for _ in range(5):
+    next(it)
+  state = it.get_state()
+  want = [next(it)["image"] for _ in range(15)]  # crosses an epoch boundary
+  it2 = iter(loaders.pretrain_dataset(paths, **kw))
+  it2.set_state(state)
+  for w in want:
+    np.testing.assert_array_equal(next(it2)["image"], w)
+
+
+def test_normalize_images():
+  x = np.array([[[0, 128, 255]]], np.uint8)
+  got = np.asarray(loaders.normalize_images(x))
+  want = (np.array([0, 128, 255]) / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+  np.testing.assert_allclose(got[0, 0], want, rtol=1e-6)
+  assert math.isclose(float(got.mean()), float(want.mean()), rel_tol=1e-6)

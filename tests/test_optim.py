@@ -1,0 +1,63 @@
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from affect_jax import optim
+
+
+def _cfg(**kw):
+  c = ml_collections.ConfigDict(dict(name="adamw", lr=None, base_lr=1.5e-4, b1=0.9, b2=0.95,
+                                     eps=1e-8, weight_decay=0.05, schedule="cosine", min_lr=0.0,
+                                     init_lr=0.0, grad_clip=0.0))
+  c.update(kw)
+  return c
+
+
+def test_lr_scaled_by_batch():
+  assert optim.learning_rate(_cfg(), 512) == 1.5e-4 * 2
+  assert optim.learning_rate(_cfg(lr=3e-5), 512) == 3e-5
+
+
+def test_warmup_then_cosine_matches_formula():
+  total, warm, peak = 100, 10, 1.5e-4 * 64 / 256
+  sched = optim.lr_schedule(_cfg(min_lr=1e-6), batch_size=64, total_steps=total, warmup_steps=warm)
+  for s in [0, 5, 10, 37, 99]:
+    if s < warm:
+      want = peak * s / warm
+    else:
+      t = (s - warm) / (total - warm)
+      want = 1e-6 + (peak - 1e-6) * 0.5 * (1 + np.cos(np.pi * t))
+    np.testing.assert_allclose(float(sched(s)), want, rtol=1e-5, atol=1e-12)
+
+
+def test_decay_mask_exempts_vectors_and_tokens():
+  params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)},
+            "ln": {"scale": jnp.ones(4)}, "cls_token": jnp.ones((1, 1, 4)),
+            "mask_token": jnp.ones((1, 1, 4))}
+  m = optim.decay_mask(params)
+  assert m == {"dense": {"kernel": True, "bias": False}, "ln": {"scale": False},
+               "cls_token": False, "mask_token": False}
+
+
+def test_adamw_step_matches_hand_computation():
+  # One AdamW step from zero moments: update = -lr * (g / (|g| + eps) + wd * p) on decayed
+  # params (bias correction makes m_hat = g, v_hat = g^2), -lr * g/(|g|+eps) on the rest.
+  cfg = _cfg(lr=0.1, weight_decay=0.5, schedule="constant")
+  sched = optim.lr_schedule(cfg, batch_size=1, total_steps=10, warmup_steps=0)
+  params = {"kernel": jnp.array([[1.0, -2.0]]), "bias": jnp.array([3.0])}
+  grads = {"kernel": jnp.array([[0.5, 0.25]]), "bias": jnp.array([-1.0])}
+  tx = optim.make_optimizer(cfg, schedule=sched)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["kernel"], -0.1 * (np.sign([[0.5, 0.25]]) + 0.5 * np.array([[1.0, -2.0]])), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(updates["bias"], [0.1], rtol=1e-5)
+
+
+def test_grad_clip_by_global_norm():
+  # Gradient of global norm 20 is clipped to norm 1 (0.5 per entry) before Adam; with eps=1
+  # the first update is -lr * g / (|g| + 1), which tells the clipped and unclipped cases apart.
+  cfg = _cfg(lr=1.0, weight_decay=0.0, schedule="constant", grad_clip=1.0, eps=1.0)
+  tx = optim.make_optimizer(cfg, schedule=optax.constant_schedule(1.0))
+  params = {"kernel": jnp.zeros((2, 2))}
+  upd, _ = tx.update({"kernel": jnp.full((2, 2), 10.0)}, tx.init(params), params)
+  np.testing.assert_allclose(upd["kernel"], np.full((2, 2), -0.5 / 1.5), rtol=1e-5)

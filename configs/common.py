@@ -6,7 +6,7 @@ Task configs call `get_data_config()` and override fields, e.g.
 
 import ml_collections
 
-# Where launchers write the embedded synthetic dataset when no root is given.
+# Where launchers write (and read) the embedded synthetic dataset when no root is given.
 DEFAULT_SYNTHETIC_ROOT = "/tmp/affect_jax/synthetic"
 
 
@@ -19,15 +19,3 @@ def get_data_config() -> ml_collections.ConfigDict:
   # Pixel size frames are resized to before they enter a model.
   data.image_size = 112
   return data
-
-
-def get_synthetic_config() -> ml_collections.ConfigDict:
-  """Arguments of `affect_jax.data.synthetic.SyntheticConfig` for the demo-size set."""
-  syn = ml_collections.ConfigDict()
-  syn.num_videos = 30
-  syn.min_frames = 300
-  syn.max_frames = 900
-  syn.image_size = 112
-  syn.fps = 30.0
-  syn.seed = 0
-  return syn

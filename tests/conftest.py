@@ -19,3 +19,19 @@ jax.config.update(
     os.environ.get("AFFECT_JAX_TEST_CACHE", os.path.expanduser("~/.cache/affect_jax/xla_test_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+import pytest  # noqa: E402
+
+from affect_jax.data import synthetic  # noqa: E402
+
+# The synthetic dataset most tests share: a handful of short videos of small faces.
+TINY_SYNTHETIC = synthetic.SyntheticConfig(num_videos=8, min_frames=60, max_frames=120,
+                                           image_size=32, seed=11)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("synthetic_tiny")
+  synthetic.generate(root, TINY_SYNTHETIC)
+  return root

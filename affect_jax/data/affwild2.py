@@ -61,7 +61,7 @@ def frame_name(index: int) -> str:
   return f"{index:05d}{FRAME_EXT}"
 
 
-def test_list_name(task: str) -> str:
+def task_test_list(task: str) -> str:
   """File at the dataset root listing a task's test videos."""
   return f"{TASK_DIRS[task][0]}_test_set.txt"
 
@@ -296,7 +296,7 @@ def list_videos(root: str | os.PathLike, task: str, split: str) -> list[str]:
   """Sorted video names of a task's split (Train_Set, Validation_Set or Test_Set)."""
   root = Path(root)
   if split == TEST_SET:
-    lst = root / test_list_name(task)
+    lst = root / task_test_list(task)
     if not lst.is_file():
       raise FileNotFoundError(f"{lst}: no test list for task {task}")
     return sorted({line.strip() for line in lst.read_text().splitlines() if line.strip()})

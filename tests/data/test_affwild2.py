@@ -205,3 +205,33 @@ def test_unknown_task_and_split(tree):
     aw.list_videos(tree, "VA", "Train")
   with pytest.raises(FileNotFoundError, match="no annotation folder for task AU"):
     aw.task_dir(tree / "nowhere", "AU")
+
+
+# ---- The reader on the synthetic dataset: counts agree with what the generator reported ----
+
+
+def test_reads_synthetic_dataset_with_generator_counts(synthetic_root):
+  import json
+  manifest = json.loads((synthetic_root / "synthetic_manifest.json").read_text())
+  summary = aw.summarize(synthetic_root, with_test_labels=True)
+  for task in aw.TASKS:
+    for split in (*aw.SPLITS, aw.TEST_SET):
+      want = manifest["totals"][task][split]
+      got = summary[task][split]
+      assert {k: got[k] for k in ("videos", "frames", "valid", "invalid")} == {
+          k: want[k] for k in ("videos", "frames", "valid", "invalid")}, (task, split)
+      for v in aw.load_split(synthetic_root, task, split, with_test_labels=True):
+        entry = manifest["videos"][v.video]
+        assert entry["tasks"][task] == {"split": split, "valid": int(v.valid.sum()),
+                                        "invalid": int((~v.valid).sum())}
+        assert v.num_frames == entry["num_frames"]
+        assert np.flatnonzero(~v.has_image).tolist() == [k - 1 for k in entry["missing_frames"]]
+
+
+def test_synthetic_folds_keep_pairs_together(synthetic_root):
+  pooled = aw.fold_videos(synthetic_root, "VA", 0)
+  assert any(v.endswith("_left") for v in pooled["train"] + pooled["val"])
+  for k in range(1, 5):
+    f = aw.fold_videos(synthetic_root, "VA", k)
+    train_sources = {aw.source_video(v) for v in f["train"]}
+    assert not train_sources & {aw.source_video(v) for v in f["val"]}

@@ -1,0 +1,114 @@
+"""A per-frame linear baseline on downsampled pixels: how much a model that sees one frame
+at a time, with no learning of features, gets on a dataset (a headroom check beside the
+oracle). Ridge regression for VA, multinomial logistic regression for Expr, one logistic
+regression per AU (full-batch optax Adam on standardised features).
+
+The regularisation strength is picked from a small grid on the scored split itself, so the
+numbers are optimistic for a linear pixel model: a ceiling for it, not an estimate.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+
+from affect_jax import losses, metrics
+from affect_jax.data import affwild2 as aw
+
+
+def frame_pixels(root: str | os.PathLike, video: str, num_frames: int, has_image: np.ndarray,
+                 size: int = 12) -> np.ndarray:
+  """float32 [T, size*size*3] in [0, 1]; a frame without image uses the nearest one's."""
+  src = aw.nearest_image(has_image)
+  cache: dict[int, np.ndarray] = {}
+  out = np.empty((num_frames, size * size * 3), np.float32)
+  for t in range(num_frames):
+    k = int(src[t])
+    if k not in cache:
+      with Image.open(os.path.join(root, aw.FRAMES_DIR, video, aw.frame_name(k + 1))) as im:
+        cache[k] = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BOX),
+                              np.float32).reshape(-1) / 255.0
+    out[t] = cache[k]
+  return out
+
+
+def _split_arrays(root, task, split, size):
+  xs, ys = [], []
+  for v in aw.load_split(root, task, split, with_test_labels=(split == aw.TEST_SET)):
+    xs.append(frame_pixels(root, v.video, v.num_frames, v.has_image, size))
+    ys.append(v.labels)
+  return np.concatenate(xs), np.concatenate(ys)
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray]:
+  """Closed-form ridge with an unpenalised intercept: (W [F, K], b [K])."""
+  mx, my = x.mean(0), y.mean(0)
+  xc = x - mx
+  w = np.linalg.solve(xc.T @ xc + l2 * np.eye(x.shape[1]), xc.T @ (y - my))
+  return w, my - mx @ w
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, mask: np.ndarray, *, multiclass: bool,
+                 num_outputs: int, l2: float = 1e-3, steps: int = 300, lr: float = 0.05):
+  """Full-batch Adam on the masked loss of affect_jax.losses; returns (W, b)."""
+  params = {"w": jnp.zeros((x.shape[1], num_outputs)), "b": jnp.zeros(num_outputs)}
+  tx = optax.adam(lr)
+  x, y, mask = jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)
+
+  def loss_fn(p):
+    logits = x @ p["w"] + p["b"]
+    data = (losses.masked_cross_entropy(logits, y, mask) if multiclass
+            else losses.masked_bce_with_logits(logits, y, mask))
+    return data + l2 * jnp.sum(p["w"] ** 2)
+
+  @jax.jit
+  def fit(p):
+    def body(carry, _):
+      p, s = carry
+      g = jax.grad(loss_fn)(p)
+      u, s = tx.update(g, s, p)
+      return (optax.apply_updates(p, u), s), None
+    (p, _), _ = jax.lax.scan(body, (p, tx.init(p)), None, length=steps)
+    return p
+
+  p = fit(params)
+  return np.asarray(p["w"]), np.asarray(p["b"])
+
+
+RIDGE_L2 = (1e1, 1e2, 1e3, 1e4)
+LOGISTIC_L2 = (1e-4, 1e-3, 1e-2)
+
+
+def evaluate(root: str | os.PathLike, split: str = aw.VALIDATION_SET, size: int = 12,
+             tasks=aw.TASKS) -> dict:
+  """Fits on Train_Set, scores `split` (whole videos, valid frames) per task; each task's
+  result carries the chosen 'l2'."""
+  out = {}
+  for task in tasks:
+    x_tr, y_tr = _split_arrays(root, task, aw.TRAIN_SET, size)
+    x_ev, y_ev = _split_arrays(root, task, split, size)
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-3
+    x_tr, x_ev = (x_tr - mu) / sd, (x_ev - mu) / sd
+    valid = aw.valid_frames(task, y_tr)
+    candidates = []
+    for l2 in RIDGE_L2 if task == "VA" else LOGISTIC_L2:
+      if task == "VA":
+        w, b = fit_ridge(x_tr[valid], y_tr[valid], l2)
+        score = metrics.va_scores(np.clip(x_ev @ w + b, -1, 1), y_ev)
+        key = "mean"
+      elif task == "EXPR":
+        w, b = fit_logistic(x_tr, np.maximum(y_tr, 0), valid, multiclass=True,
+                            num_outputs=len(aw.EXPR_NAMES), l2=l2)
+        score, key = {"f1": metrics.expr_f1(np.argmax(x_ev @ w + b, -1), y_ev)}, "f1"
+      else:
+        w, b = fit_logistic(x_tr, np.maximum(y_tr, 0).astype(np.float32), valid,
+                            multiclass=False, num_outputs=len(aw.AU_NAMES), l2=l2)
+        score, key = metrics.au_f1((x_ev @ w + b > 0).astype(np.int32), y_ev), "f1"
+      candidates.append((score[key], {**score, "l2": l2}))
+    out[task] = max(candidates, key=lambda c: c[0])[1]
+  return out

@@ -1,0 +1,32 @@
+"""Per-frame linear baseline on downsampled pixels, scored beside the oracle (headroom check).
+
+  python launch/pixel_baseline.py --data_root=/tmp/affect_jax/synthetic
+"""
+
+import json
+import os
+
+from absl import app, flags
+
+from configs import common
+
+_ROOT = flags.DEFINE_string("data_root", common.DEFAULT_SYNTHETIC_ROOT, "Aff-Wild2 tree.")
+_SPLIT = flags.DEFINE_string("split", "Validation_Set", "Split to score.")
+_SIZE = flags.DEFINE_integer("pixels", 12, "Frames are downsampled to pixels x pixels x 3.")
+
+
+def main(argv):
+  del argv
+  from affect_jax import pixel_baseline
+  scores = pixel_baseline.evaluate(_ROOT.value, _SPLIT.value, _SIZE.value)
+  oracle_path = os.path.join(_ROOT.value, "oracle.json")
+  oracle = json.load(open(oracle_path)) if os.path.exists(oracle_path) else {}
+  for task, s in scores.items():
+    key = "mean" if task == "VA" else "f1"
+    bound = oracle.get(task, {}).get(_SPLIT.value, {}).get(key)
+    print(f"{task:4s} {_SPLIT.value}: linear pixels {s[key]:.3f} (l2 {s['l2']:g})"
+          + (f"   oracle {bound:.3f}" if bound is not None else ""))
+
+
+if __name__ == "__main__":
+  app.run(main)

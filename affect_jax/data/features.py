@@ -1,0 +1,132 @@
+"""Per-video feature store: one array per video plus the metadata that says what made it.
+
+  <root>/store.json            kind, dim, dtype, model_hash, config (what every array shares)
+  <root>/videos/<video>.npy    [num_frames, dim], read lazily with mmap
+  <root>/videos/<video>.json   num_frames, repaired_frames, ... (written last: its presence
+                               marks the video complete)
+
+Every file is written to a temporary name and renamed, so a crash mid-video leaves no
+half-written array visible, and a rerun skips the videos already complete. Videos are
+independent files, so several hosts can fill one store without sharing a manifest file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+STORE_FILE = "store.json"
+VIDEOS_DIR = "videos"
+FORMAT_VERSION = 1
+
+
+def _write_atomic(path: Path, write) -> None:
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  try:
+    with open(tmp, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def _write_json(path: Path, obj) -> None:
+  _write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()))
+
+
+class FeatureStore:
+  """Open with `FeatureStore(root)` (existing) or `FeatureStore.create(...)`."""
+
+  def __init__(self, root: str | os.PathLike):
+    self.root = Path(root)
+    path = self.root / STORE_FILE
+    if not path.is_file():
+      raise FileNotFoundError(f"{path}: not a feature store (no {STORE_FILE})")
+    self.info = json.loads(path.read_text())
+    if self.info.get("format") != FORMAT_VERSION:
+      raise ValueError(f"{path}: feature store format {self.info.get('format')}, "
+                       f"expected {FORMAT_VERSION}")
+
+  @classmethod
+  def create(cls, root: str | os.PathLike, *, kind: str, dim: int, dtype: str,
+             model_hash: str, config: dict | None = None) -> "FeatureStore":
+    """Creates the store, or opens it when it exists with the same kind/dim/dtype/model.
+
+    A store made by a different model (or dim/dtype) is an error, never silently mixed.
+    """
+    root = Path(root)
+    info = {"format": FORMAT_VERSION, "kind": kind, "dim": int(dim),
+            "dtype": np.dtype(dtype).name, "model_hash": model_hash, "config": config or {}}
+    path = root / STORE_FILE
+    if path.is_file():
+      old = json.loads(path.read_text())
+      keys = ("format", "kind", "dim", "dtype", "model_hash")
+      diff = {k: (old.get(k), info[k]) for k in keys if old.get(k) != info[k]}
+      if diff:
+        raise ValueError(f"{path}: existing store differs in {diff} (existing, requested); "
+                         "use a new folder or delete it")
+    else:
+      (root / VIDEOS_DIR).mkdir(parents=True, exist_ok=True)
+      _write_json(path, info)
+    return cls(root)
+
+  @property
+  def dim(self) -> int:
+    return int(self.info["dim"])
+
+  @property
+  def dtype(self) -> np.dtype:
+    return np.dtype(self.info["dtype"])
+
+  def _array_path(self, video: str) -> Path:
+    return self.root / VIDEOS_DIR / f"{video}.npy"
+
+  def _meta_path(self, video: str) -> Path:
+    return self.root / VIDEOS_DIR / f"{video}.json"
+
+  def videos(self) -> list[str]:
+    """Complete videos, sorted."""
+    folder = self.root / VIDEOS_DIR
+    return sorted(p.stem for p in folder.glob("*.json") if not p.name.startswith("."))
+
+  def meta(self, video: str) -> dict:
+    path = self._meta_path(video)
+    if not path.is_file():
+      raise KeyError(f"{self.root}: no features for video {video!r}")
+    return json.loads(path.read_text())
+
+  def has(self, video: str, num_frames: int | None = None) -> bool:
+    """True when the video is complete and its array matches its metadata (and
+    `num_frames`, when given): what a resumed extraction may skip."""
+    try:
+      meta = self.meta(video)
+      arr = np.load(self._array_path(video), mmap_mode="r")
+    except (KeyError, FileNotFoundError, ValueError):
+      return False
+    ok = arr.shape == (meta["num_frames"], self.dim) and arr.dtype == self.dtype
+    return ok and (num_frames is None or meta["num_frames"] == num_frames)
+
+  def write(self, video: str, features: np.ndarray, **meta) -> None:
+    """Stores [num_frames, dim] features (cast to the store dtype) and their metadata."""
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[1] != self.dim:
+      raise ValueError(f"{video}: features of shape {features.shape}, store dim is {self.dim}")
+    if not np.isfinite(features).all():
+      raise ValueError(f"{video}: non-finite features")
+    arr = features.astype(self.dtype)
+    _write_atomic(self._array_path(video), lambda f: np.save(f, arr))
+    _write_json(self._meta_path(video), {"num_frames": int(arr.shape[0]), **meta})
+
+  def read(self, video: str, mmap: bool = True) -> np.ndarray:
+    """[num_frames, dim]; memory-mapped (read-only) unless `mmap=False`."""
+    if not self._meta_path(video).is_file():
+      raise KeyError(f"{self.root}: no features for video {video!r}")
+    return np.load(self._array_path(video), mmap_mode="r" if mmap else None)
+
+  def manifest(self) -> dict:
+    """store.json plus every complete video's metadata."""
+    return {**self.info, "videos": {v: self.meta(v) for v in self.videos()}}

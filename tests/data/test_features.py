@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from affect_jax.data import features
+
+
+def _store(tmp_path, **kw):
+  args = dict(kind="visual", dim=4, dtype="float16", model_hash="abc", config={"pool": "cls"})
+  args.update(kw)
+  return features.FeatureStore.create(tmp_path / "store", **args)
+
+
+def test_round_trip_and_manifest(tmp_path):
+  store = _store(tmp_path)
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(7, 4)).astype(np.float32)
+  b = rng.normal(size=(3, 4)).astype(np.float32)
+  store.write("vid_b", b, repaired_frames=1)
+  store.write("vid_a", a, repaired_frames=0)
+  reopened = features.FeatureStore(tmp_path / "store")
+  assert reopened.videos() == ["vid_a", "vid_b"]
+  got = reopened.read("vid_a")
+  assert isinstance(got, np.memmap) and got.dtype == np.float16 and got.shape == (7, 4)
+  np.testing.assert_array_equal(got, a.astype(np.float16))
+  m = reopened.manifest()
+  assert m["dim"] == 4 and m["dtype"] == "float16" and m["model_hash"] == "abc"
+  assert m["videos"]["vid_b"] == {"num_frames": 3, "repaired_frames": 1}
+  assert reopened.has("vid_a", num_frames=7) and not reopened.has("vid_a", num_frames=8)
+  assert not reopened.has("vid_c")
+
+
+def test_reopen_with_other_model_is_an_error(tmp_path):
+  _store(tmp_path)
+  _store(tmp_path)  # same settings: fine
+  with pytest.raises(ValueError, match="model_hash"):
+    _store(tmp_path, model_hash="other")
+  with pytest.raises(ValueError, match="dim"):
+    _store(tmp_path, dim=8)
+
+
+def test_bad_input_rejected(tmp_path):
+  store = _store(tmp_path)
+  with pytest.raises(ValueError, match="shape"):
+    store.write("v", np.zeros((3, 5)))
+  with pytest.raises(ValueError, match="non-finite"):
+    store.write("v", np.full((3, 4), np.nan))
+  with pytest.raises(KeyError, match="no features"):
+    store.read("missing")
+  with pytest.raises(FileNotFoundError, match="not a feature store"):
+    features.FeatureStore(tmp_path / "nowhere")
+
+
+def test_crash_mid_write_leaves_nothing_visible(tmp_path, monkeypatch):
+  store = _store(tmp_path)
+  store.write("done", np.ones((2, 4)))
+
+  def boom(f, arr):
+    f.write(b"\x93NUMPY partial")
+    raise RuntimeError("killed")
+
+  monkeypatch.setattr(np, "save", boom)
+  with pytest.raises(RuntimeError):
+    store.write("half", np.ones((5, 4)))
+  monkeypatch.undo()
+  assert store.videos() == ["done"]
+  assert not store.has("half")
+  leftovers = [p.name for p in (tmp_path / "store" / "videos").iterdir()]
+  assert sorted(leftovers) == ["done.json", "done.npy"]
+  # An array whose metadata disagrees (e.g. truncated by a disk error) is not "complete".
+  np.save(tmp_path / "store" / "videos" / "done.npy", np.ones((1, 4), np.float16))
+  assert not store.has("done")

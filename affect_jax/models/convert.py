@@ -1,0 +1,180 @@
+"""Public PyTorch MAE / timm ViT checkpoints -> our params.
+
+The state dict (torch names, numpy arrays; read from .safetensors or .npz) maps one to one
+onto `MaskedAutoencoder` or `VisionTransformer` params:
+
+  cls_token, mask_token                       -> same                       [1, 1, D]
+  patch_embed.proj.weight [D, C, p, p]        -> patch_embed/proj/kernel    [p*p*C, D]
+  blocks.{i}.attn.qkv.weight [3D, D]          -> encoder/blocks_{i}/attn/qkv/kernel [D, 3, H, hd]
+  blocks.{i}.attn.proj.weight [D, D]          -> .../attn/proj/kernel       [H, hd, D]
+  blocks.{i}.{norm1,norm2}.{weight,bias}      -> .../{norm1,norm2}/{scale,bias}
+  blocks.{i}.mlp.{fc1,fc2}.{weight,bias}      -> .../mlp/{fc1,fc2}/{kernel,bias}
+  norm.*, fc_norm.*, head.*                   -> encoder/norm, fc_norm, head
+  decoder_embed.*, decoder_pred.*             -> same
+  decoder_blocks.{i}.*, decoder_norm.*        -> decoder/blocks_{i}/..., decoder/norm
+
+torch Linear weights are [out, in]; our kernels are [in..., out...]. `pos_embed` and
+`decoder_pos_embed` are fixed sin-cos tables here, not params: they are checked against ours
+and otherwise ignored.
+"""
+
+import os
+import re
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from affect_jax.models import mae as mae_lib
+from affect_jax.models import vit
+
+# Fixed (not learned) in our models; checked, not loaded.
+POSITION_KEYS = {"pos_embed": "width", "decoder_pos_embed": "decoder_width"}
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Reads a flat {torch name: array} dict from .safetensors or .npz."""
+  if path.endswith(".safetensors"):
+    return dict(safetensors.numpy.load_file(path))
+  if path.endswith(".npz"):
+    with np.load(path) as data:
+      return {k: data[k] for k in data.files}
+  raise ValueError(f"Expected a .safetensors or .npz file, got {path!r}")
+
+
+def _torch_name(path: tuple[str, ...]) -> str:
+  """Our param path -> the timm/MAE state-dict key."""
+  name = ".".join(path)
+  name = re.sub(r"^encoder\.", "", name)
+  name = re.sub(r"^decoder\.(blocks|norm)", r"decoder_\1", name)
+  name = re.sub(r"blocks_(\d+)", r"blocks.\1", name)
+  return re.sub(r"\.(kernel|scale)$", ".weight", name)
+
+
+def _kernel_in_axes(path) -> int:
+  return 2 if path[-2:] == ("proj", "kernel") and "attn" in path else 1
+
+
+def _torch_shape(path, shape) -> tuple[int, ...]:
+  """The shape the torch tensor of our param `path` with our `shape` must have."""
+  if path[-2:] == ("proj", "kernel") and path[0] == "patch_embed":
+    # Our [p*p*C, D] is the conv's [D, C, p, p]; RGB input.
+    p = int(round((shape[0] / 3) ** 0.5))
+    return (shape[1], 3, p, p)
+  if path[-1] == "kernel":
+    k = _kernel_in_axes(path)
+    return (int(np.prod(shape[k:])), int(np.prod(shape[:k])))  # [out, in]
+  if path[-1] in ("cls_token", "mask_token"):
+    return tuple(shape)
+  return (int(np.prod(shape)),)  # biases and LayerNorm params are flat in torch
+
+
+def _to_ours(path, value, shape):
+  if path[-2:] == ("proj", "kernel") and path[0] == "patch_embed":
+    return value.transpose(2, 3, 1, 0).reshape(shape)  # [D,C,p,q] -> [(p q c), D]
+  if path[-1] == "kernel":
+    return value.T.reshape(shape)
+  return value.reshape(shape)
+
+
+def _check_positions(state, template_widths):
+  for key, width_name in POSITION_KEYS.items():
+    if key not in state or width_name not in template_widths:
+      continue
+    table = np.asarray(state[key], np.float32).reshape(-1, state[key].shape[-1])
+    side = int(round((table.shape[0] - 1) ** 0.5))
+    ours = vit.sincos_pos_embed_2d(table.shape[1], (side, side))
+    if ours.shape != table.shape or not np.allclose(ours, table, atol=1e-4):
+      logging.warning(
+          "%s in the checkpoint is not the fixed 2-D sin-cos table our model uses; it is "
+          "ignored, so outputs will differ from the original model.", key)
+
+
+def convert_timm_state_dict(state: dict[str, Any], params_template: Any) -> dict[str, Any]:
+  """Maps a timm/MAE state dict onto `params_template`'s tree (float arrays or shapes).
+
+  Args:
+    state: flat {torch name: array}.
+    params_template: the model's 'params' collection (e.g. from `jax.eval_shape` of
+      `init`); boxed (logically partitioned) leaves are fine.
+
+  Returns:
+    A params dict of numpy arrays with the template's structure and dtypes.
+
+  Raises:
+    ValueError: listing every missing, unexpected and wrongly shaped key at once.
+  """
+  flat = traverse_util.flatten_dict(nn.unbox(params_template))
+  expected = {_torch_name(path): path for path in flat}
+  widths = {}
+  if ("patch_embed", "proj", "kernel") in flat:
+    widths["width"] = flat["patch_embed", "proj", "kernel"].shape[-1]
+  if ("decoder_embed", "kernel") in flat:
+    widths["decoder_width"] = flat["decoder_embed", "kernel"].shape[-1]
+
+  missing = sorted(set(expected) - set(state))
+  unexpected = sorted(set(state) - set(expected) - set(POSITION_KEYS))
+  wrong_shape = []
+  for name in sorted(set(expected) & set(state)):
+    path = expected[name]
+    want = _torch_shape(path, flat[path].shape)
+    if tuple(np.shape(state[name])) != want:
+      wrong_shape.append(f"{name}: checkpoint {tuple(np.shape(state[name]))}, "
+                         f"expected {want}")
+  if missing or unexpected or wrong_shape:
+    lines = ["The checkpoint does not match the model."]
+    for title, items in (("missing", missing), ("unexpected", unexpected),
+                         ("wrong shape", wrong_shape)):
+      if items:
+        lines.append(f"{title} ({len(items)}):")
+        lines += [f"  {item}" for item in items]
+    if any(k.startswith(("decoder_", "mask_token")) for k in unexpected):
+      lines.append("(a full MAE checkpoint: convert it as 'mae', then take the encoder with "
+                   "vit.load_mae_encoder)")
+    raise ValueError("\n".join(lines))
+
+  _check_positions(state, widths)
+  params = {}
+  for name, path in expected.items():
+    leaf = flat[path]
+    value = _to_ours(path, np.asarray(state[name]), leaf.shape)
+    params[path] = value.astype(leaf.dtype)
+  return traverse_util.unflatten_dict(params)
+
+
+def build_model(model: str, preset: str, **overrides) -> nn.Module:
+  """`MaskedAutoencoder` ('mae') or `VisionTransformer` ('vit') of a size preset."""
+  if model == "mae":
+    return mae_lib.MaskedAutoencoder(**vit.variant_config(preset, **overrides))
+  if model == "vit":
+    return vit.VisionTransformer(**vit.variant_config(preset, decoder=False, **overrides))
+  raise ValueError(f"model must be 'mae' or 'vit', got {model!r}")
+
+
+def params_shapes(module: nn.Module) -> Any:
+  """The module's params as ShapeDtypeStructs, without allocating them."""
+  # Params do not depend on the image size (position embeddings are not params).
+  imgs = jnp.zeros((1, 2 * module.patch_size, 2 * module.patch_size, 3))
+  rngs = {"params": jax.random.key(0), "masking": jax.random.key(0)}
+  return jax.eval_shape(lambda: module.init(rngs, imgs, train=False))["params"]
+
+
+def convert_checkpoint(input_path: str, model: str = "mae", preset: str = "base",
+                       **overrides) -> dict[str, Any]:
+  """Reads a timm/MAE checkpoint file and returns params for `build_model(...)`."""
+  module = build_model(model, preset, **overrides)
+  return convert_timm_state_dict(load_state_dict(input_path), params_shapes(module))
+
+
+def save_params(params: Any, output_dir: str) -> None:
+  """Writes `params` atomically with orbax (restore with `ocp.StandardCheckpointer`)."""
+  # Imported here: orbax takes seconds to import and only this function needs it.
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(output_dir), params)
+  checkpointer.wait_until_finished()

@@ -1,0 +1,314 @@
+"""Vision Transformer pieces shared by the MAE and the frame classifier.
+
+Parameter names follow timm / facebookresearch/mae (`patch_embed/proj`, `blocks_{i}/attn/qkv`,
+`mlp/fc1`, `norm`, ...) so that public PyTorch checkpoints map onto them one to one
+(`affect_jax.models.convert`). The MAE and `VisionTransformer` name the shared part
+identically: `patch_embed`, `cls_token` and `encoder`.
+
+Every parameter carries logical axis names ('embed', 'mlp', 'heads', 'kv', 'qkv', 'patch',
+'classes'); the rules in `affect_jax.sharding` map them onto the mesh axes.
+"""
+
+import functools
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from affect_jax.models import layers
+
+Dtype = Any
+
+# Size presets (big_vision style). The MAE decoder is the paper's light one (512 x 8, 16
+# heads) for every real size. `tiny` trains on two CPU cores at 64-112 px (64 px = 64
+# tokens with patch 8); it is for tests and the demo, not for results.
+VARIANTS = {
+    "tiny": dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512,
+                 decoder_width=64, decoder_depth=2, decoder_num_heads=4,
+                 decoder_mlp_dim=256),
+    "base": dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
+                 decoder_width=512, decoder_depth=8, decoder_num_heads=16,
+                 decoder_mlp_dim=2048),
+    "large": dict(patch_size=16, width=1024, depth=24, num_heads=16, mlp_dim=4096,
+                  decoder_width=512, decoder_depth=8, decoder_num_heads=16,
+                  decoder_mlp_dim=2048),
+    "huge": dict(patch_size=14, width=1280, depth=32, num_heads=16, mlp_dim=5120,
+                 decoder_width=512, decoder_depth=8, decoder_num_heads=16,
+                 decoder_mlp_dim=2048),
+}
+DECODER_KEYS = ("decoder_width", "decoder_depth", "decoder_num_heads", "decoder_mlp_dim")
+
+
+def variant_config(name: str, *, decoder: bool = True, **overrides) -> dict[str, Any]:
+  """Module kwargs of a size preset, e.g. `MaskedAutoencoder(**variant_config('base'))`.
+
+  `decoder=False` leaves out the MAE decoder's sizes, for `VisionTransformer`.
+  """
+  if name not in VARIANTS:
+    raise ValueError(f"Unknown ViT variant {name!r}; known: {sorted(VARIANTS)}")
+  config = dict(VARIANTS[name])
+  if not decoder:
+    config = {k: v for k, v in config.items() if k not in DECODER_KEYS}
+  return {**config, **overrides}
+
+
+def patchify(imgs, patch_size):
+  """[B, H, W, C] images -> [B, N, p*p*C] patches, row-major over the grid.
+
+  Each patch vector is ordered (row in patch, column in patch, channel), exactly as MAE's
+  `nchpwq->nhwpqc` on NCHW images, so a converted `decoder_pred` predicts the same pixels.
+  """
+  return einops.rearrange(imgs, "b (h p) (w q) c -> b (h w) (p q c)",
+                          p=patch_size, q=patch_size)
+
+
+def unpatchify(patches, patch_size, grid=None):
+  """Inverse of `patchify`: [B, N, p*p*C] -> [B, h*p, w*p, C]; `grid` (h, w) defaults square."""
+  if grid is None:
+    side = int(round(patches.shape[1] ** 0.5))
+    grid = (side, side)
+  return einops.rearrange(patches, "b (h w) (p q c) -> b (h p) (w q) c",
+                          h=grid[0], w=grid[1], p=patch_size, q=patch_size)
+
+
+def _sincos_1d(dim, pos):
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
+  angles = np.outer(pos.reshape(-1), omega)  # [M, dim/2]
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_pos_embed_2d(width, grid, cls_token=True):
+  """MAE's fixed 2-D sin-cos position embedding: [(1 +) h*w, width] float32 numpy constant.
+
+  The first half of the channels encodes the column and the second half the row: MAE builds
+  its grid with `np.meshgrid(grid_w, grid_h)`, and checkpoints were trained with that order.
+  The CLS row is zeros.
+  """
+  if width % 4:
+    raise ValueError(f"sin-cos position embedding needs width % 4 == 0, got {width}")
+  rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
+  emb = np.concatenate([_sincos_1d(width // 2, cols), _sincos_1d(width // 2, rows)], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros([1, width]), emb], axis=0)
+  return emb.astype(np.float32)
+
+
+def layer_norm(name, param_dtype):
+  # Statistics and output in float32 whatever the compute dtype; the next Dense casts.
+  return nn.LayerNorm(
+      epsilon=1e-6, dtype=jnp.float32, param_dtype=param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+      name=name)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping p x p patches -> width; a Dense on `patchify` output.
+
+  Equivalent to timm's conv (kernel = stride = p); its [D, C, p, p] weight is the
+  kernel [p*p*C, D] transposed to (p, q, c) order.
+  """
+  patch_size: int
+  width: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  f32_accumulation: bool = True
+
+  @nn.compact
+  def __call__(self, imgs):  # [B, H, W, C]
+    patches = patchify(imgs, self.patch_size)  # [B, N, p*p*C]
+    return layers.Dense(
+        self.width, ("patch", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
+        f32_accumulation=self.f32_accumulation, name="proj")(patches)  # [B, N, D]
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops a sample's whole residual branch with probability `rate`."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    kept = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(kept, x / keep, 0).astype(x.dtype)
+
+
+class MultiHeadSelfAttention(nn.Module):
+  """timm's Attention: one fused qkv projection, softmax(q k^T / sqrt(hd)) v, out projection.
+
+  The qkv kernel is [D, 3, H, hd] rather than timm's flat [D, 3D] so that sharding 'heads'
+  over the model axis gives every device whole heads of q, k and v alike.
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  f32_accumulation: bool = True
+
+  @nn.compact
+  def __call__(self, x):  # [B, N, D]
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                              f32_accumulation=self.f32_accumulation)
+    einsum = functools.partial(layers.einsum, f32_accumulation=self.f32_accumulation)
+
+    qkv = dense((3, self.num_heads, head_dim), ("embed", "qkv", "heads", "kv"),
+                name="qkv")(x)  # [B, N, 3, H, hd]
+    # Heads-major [B, H, N, hd]: XLA:CPU runs these batched dots several times faster than
+    # with the heads axis in the middle.
+    q, k, v = (einops.rearrange(qkv[:, :, i], "b n h d -> b h n d") for i in range(3))
+    # Logits and softmax in float32 whatever the compute dtype.
+    logits = einsum("bhqd,bhkd->bhqk", q * head_dim ** -0.5, k,
+                    out_dtype=jnp.float32)  # [B, H, N, N]
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = einsum("bhqk,bhkd->bhqd", probs, v)  # [B, H, N, hd]
+    out = einops.rearrange(out, "b h n d -> b n h d")
+    return dense(width, ("heads", "kv", "embed"), in_axes=2, name="proj")(out)
+
+
+class MlpBlock(nn.Module):
+  """fc1 -> exact (erf) GELU, as torch's nn.GELU default -> fc2."""
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  f32_accumulation: bool = True
+
+  @nn.compact
+  def __call__(self, x):  # [B, N, D]
+    dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                              f32_accumulation=self.f32_accumulation)
+    h = dense(self.mlp_dim, ("embed", "mlp"), name="fc1")(x)  # [B, N, mlp]
+    h = nn.gelu(h, approximate=False)
+    return dense(x.shape[-1], ("mlp", "embed"), name="fc2")(h)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)), each with drop-path."""
+  num_heads: int
+  mlp_dim: int
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  f32_accumulation: bool = True
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):  # [B, N, D]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+              f32_accumulation=self.f32_accumulation)
+    # The residual stream stays float32 (as under torch autocast); branches may be bf16.
+    y = layer_norm("norm1", self.param_dtype)(x)
+    y = MultiHeadSelfAttention(self.num_heads, name="attn", **kw)(y)
+    x = x + DropPath(self.drop_path_rate)(y, deterministic)
+    y = layer_norm("norm2", self.param_dtype)(x)
+    y = MlpBlock(self.mlp_dim, name="mlp", **kw)(y)
+    return x + DropPath(self.drop_path_rate)(y, deterministic)
+
+
+class Encoder(nn.Module):
+  """`depth` blocks (`blocks_{i}`) and, if `final_norm`, a LayerNorm (`norm`).
+
+  Drop-path rates grow linearly from 0 to `drop_path_rate` over depth, as in timm/MAE.
+  """
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  drop_path_rate: float = 0.0
+  final_norm: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  f32_accumulation: bool = True
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):  # [B, N, D]
+    x = x.astype(jnp.float32)
+    for i in range(self.depth):
+      rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+      x = Encoder1DBlock(
+          self.num_heads, self.mlp_dim, rate, dtype=self.dtype,
+          param_dtype=self.param_dtype, f32_accumulation=self.f32_accumulation,
+          name=f"blocks_{i}")(x, deterministic)
+    if self.final_norm:
+      x = layer_norm("norm", self.param_dtype)(x)
+    return x  # [B, N, D] float32
+
+
+def cls_token_param(module: nn.Module, width: int, param_dtype: Dtype):
+  """MAE's learned CLS token, [1, 1, D], init N(0, 0.02)."""
+  return module.param(
+      "cls_token",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
+      (1, 1, width), param_dtype)
+
+
+class VisionTransformer(nn.Module):
+  """The MAE encoder without masking, pooled, with an optional linear head.
+
+  `pool='cls'` reads the normed CLS token (MAE linear probe / timm default); `pool='mean'`
+  averages the patch tokens and applies `fc_norm` with no final encoder norm (MAE
+  fine-tuning's global pool). Returns [B, num_classes] logits, or [B, D] features when
+  `num_classes == 0`; float32 either way.
+  """
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  num_classes: int = 0
+  pool: str = "cls"
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  f32_accumulation: bool = True
+
+  @nn.compact
+  def __call__(self, imgs, *, train: bool = False):  # [B, H, W, C]
+    if self.pool not in ("cls", "mean"):
+      raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+              f32_accumulation=self.f32_accumulation)
+    grid = (imgs.shape[1] // self.patch_size, imgs.shape[2] // self.patch_size)
+    pos = sincos_pos_embed_2d(self.width, grid)  # [1 + N, D]
+
+    x = PatchEmbed(self.patch_size, self.width, name="patch_embed", **kw)(imgs)
+    x = x + pos[1:]  # [B, N, D]
+    cls = cls_token_param(self, self.width, self.param_dtype) + pos[:1]
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+    x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate,
+                final_norm=self.pool == "cls", name="encoder", **kw)(
+                    x, deterministic=not train)  # [B, 1 + N, D]
+
+    if self.pool == "cls":
+      x = x[:, 0]
+    else:
+      x = layer_norm("fc_norm", self.param_dtype)(x[:, 1:].mean(axis=1))
+    if self.num_classes:
+      # MAE fine-tuning starts the head near zero (trunc-normal, std 2e-5).
+      x = layers.Dense(self.num_classes, ("embed", "classes"), name="head",
+                       kernel_init=nn.initializers.truncated_normal(2e-5), **kw)(x)
+    return x.astype(jnp.float32)
+
+
+def load_mae_encoder(params, mae_params):
+  """`params` of a VisionTransformer with the MAE's `patch_embed`, `cls_token`, `encoder`.
+
+  Keeps the classifier's own entries (head, fc_norm) and drops the MAE's final encoder norm
+  when the classifier has none (mean pooling).
+  """
+  def pick(template, source, path):
+    if isinstance(template, dict):
+      return {k: pick(v, source[k], f"{path}/{k}") for k, v in template.items()}
+    if np.shape(template) != np.shape(source):
+      raise ValueError(f"{path}: shape {np.shape(source)} in the MAE, "
+                       f"{np.shape(template)} in the classifier")
+    return source
+
+  params = dict(params)
+  for key in ("patch_embed", "cls_token", "encoder"):
+    params[key] = pick(nn.unbox(params[key]), nn.unbox(mae_params[key]), key)
+  return params

@@ -1,0 +1,212 @@
+"""timm/MAE state dicts -> our params, checked against a numpy ViT written from the state dict."""
+
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from affect_jax.models import convert, mae, vit
+
+P, D, DEPTH, HEADS, MLP = 4, 32, 2, 4, 64  # encoder
+DD, DDEPTH, DHEADS, DMLP = 16, 1, 2, 32  # decoder
+IMG = 16
+GRID = IMG // P
+ENCODER = dict(patch_size=P, width=D, depth=DEPTH, num_heads=HEADS, mlp_dim=MLP)
+DECODER = dict(decoder_width=DD, decoder_depth=DDEPTH, decoder_num_heads=DHEADS,
+               decoder_mlp_dim=DMLP)
+
+
+def _blocks(rng, prefix, depth, d, mlp):
+  state = {}
+  for i in range(depth):
+    b = f"{prefix}.{i}."
+    state.update({
+        b + "norm1.weight": 1 + 0.1 * rng.normal(size=d),
+        b + "norm1.bias": 0.1 * rng.normal(size=d),
+        b + "attn.qkv.weight": rng.normal(size=(3 * d, d)) / d**0.5,
+        b + "attn.qkv.bias": 0.1 * rng.normal(size=3 * d),
+        b + "attn.proj.weight": rng.normal(size=(d, d)) / d**0.5,
+        b + "attn.proj.bias": 0.1 * rng.normal(size=d),
+        b + "norm2.weight": 1 + 0.1 * rng.normal(size=d),
+        b + "norm2.bias": 0.1 * rng.normal(size=d),
+        b + "mlp.fc1.weight": rng.normal(size=(mlp, d)) / d**0.5,
+        b + "mlp.fc1.bias": 0.1 * rng.normal(size=mlp),
+        b + "mlp.fc2.weight": rng.normal(size=(d, mlp)) / mlp**0.5,
+        b + "mlp.fc2.bias": 0.1 * rng.normal(size=d),
+    })
+  return state
+
+
+def _timm_state(kind, seed=0):
+  """A random state dict with exactly the timm / MAE names and shapes."""
+  rng = np.random.default_rng(seed)
+  state = {
+      "cls_token": 0.02 * rng.normal(size=(1, 1, D)),
+      "pos_embed": vit.sincos_pos_embed_2d(D, (GRID, GRID))[None],
+      "patch_embed.proj.weight": rng.normal(size=(D, 3, P, P)) / (3 * P * P)**0.5,
+      "patch_embed.proj.bias": 0.1 * rng.normal(size=D),
+      **_blocks(rng, "blocks", DEPTH, D, MLP),
+  }
+  norm = "fc_norm" if kind == "vit_mean" else "norm"
+  state[f"{norm}.weight"] = 1 + 0.1 * rng.normal(size=D)
+  state[f"{norm}.bias"] = 0.1 * rng.normal(size=D)
+  if kind == "vit_mean":
+    state["head.weight"] = rng.normal(size=(5, D)) / D**0.5
+    state["head.bias"] = 0.1 * rng.normal(size=5)
+  if kind == "mae":
+    state.update({
+        "mask_token": 0.02 * rng.normal(size=(1, 1, DD)),
+        "decoder_pos_embed": vit.sincos_pos_embed_2d(DD, (GRID, GRID))[None],
+        "decoder_embed.weight": rng.normal(size=(DD, D)) / D**0.5,
+        "decoder_embed.bias": 0.1 * rng.normal(size=DD),
+        **_blocks(rng, "decoder_blocks", DDEPTH, DD, DMLP),
+        "decoder_norm.weight": 1 + 0.1 * rng.normal(size=DD),
+        "decoder_norm.bias": 0.1 * rng.normal(size=DD),
+        "decoder_pred.weight": rng.normal(size=(P * P * 3, DD)) / DD**0.5,
+        "decoder_pred.bias": 0.1 * rng.normal(size=P * P * 3),
+    })
+  return {k: np.asarray(v, np.float32) for k, v in state.items()}
+
+
+# ---- An independent numpy ViT, read straight off the torch state dict ----
+
+_erf = np.vectorize(math.erf)
+
+
+def _layer_norm(x, s, prefix):
+  mean = x.mean(-1, keepdims=True)
+  var = x.var(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + 1e-6) * s[prefix + ".weight"] + s[prefix + ".bias"]
+
+
+def _linear(x, s, prefix):
+  return x @ s[prefix + ".weight"].T + s[prefix + ".bias"]
+
+
+def _block(x, s, prefix, heads):
+  b, n, d = x.shape
+  h = _layer_norm(x, s, prefix + ".norm1")
+  qkv = _linear(h, s, prefix + ".attn.qkv").reshape(b, n, 3, heads, d // heads)
+  q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # [B, H, N, hd] each
+  logits = q @ k.transpose(0, 1, 3, 2) / math.sqrt(d // heads)
+  attn = np.exp(logits - logits.max(-1, keepdims=True))
+  attn /= attn.sum(-1, keepdims=True)
+  x = x + _linear((attn @ v).transpose(0, 2, 1, 3).reshape(b, n, d), s, prefix + ".attn.proj")
+  h = _linear(_layer_norm(x, s, prefix + ".norm2"), s, prefix + ".mlp.fc1")
+  h = 0.5 * h * (1 + _erf(h / math.sqrt(2)))  # torch nn.GELU(): exact
+  return x + _linear(h, s, prefix + ".mlp.fc2")
+
+
+def _np_tokens(imgs_nhwc, s):
+  """Patch embedding as torch's conv on NCHW, + positions, CLS first: [B, 1 + N, D]."""
+  x = imgs_nhwc.transpose(0, 3, 1, 2)
+  b = x.shape[0]
+  x = x.reshape(b, 3, GRID, P, GRID, P).transpose(0, 2, 4, 1, 3, 5).reshape(b, GRID**2, -1)
+  x = x @ s["patch_embed.proj.weight"].reshape(D, -1).T + s["patch_embed.proj.bias"]
+  x = x + s["pos_embed"][:, 1:]
+  cls = np.broadcast_to(s["cls_token"] + s["pos_embed"][:, :1], (b, 1, D))
+  return np.concatenate([cls, x], 1)
+
+
+def _np_encoder(x, s):
+  for i in range(DEPTH):
+    x = _block(x, s, f"blocks.{i}", HEADS)
+  return x
+
+
+def _np_vit(imgs, s, pool):
+  x = _np_encoder(_np_tokens(imgs, s), s)
+  if pool == "cls":
+    return _layer_norm(x, s, "norm")[:, 0]
+  return _linear(_layer_norm(x[:, 1:].mean(1), s, "fc_norm"), s, "head")
+
+
+def _np_mae_pred(imgs, s, mask):
+  """MAE prediction for a given mask: the encoder sees the kept patches in grid order."""
+  tokens = _np_tokens(imgs, s)
+  preds = []
+  for b in range(imgs.shape[0]):
+    kept = np.concatenate([[0], 1 + np.flatnonzero(mask[b] == 0)])
+    x = _layer_norm(_np_encoder(tokens[b:b + 1, kept], s), s, "norm")
+    x = _linear(x, s, "decoder_embed")
+    y = np.broadcast_to(s["mask_token"], (1, 1 + GRID**2, DD)).copy()
+    y[:, kept] = x
+    y = y + s["decoder_pos_embed"]
+    for i in range(DDEPTH):
+      y = _block(y, s, f"decoder_blocks.{i}", DHEADS)
+    preds.append(_linear(_layer_norm(y, s, "decoder_norm"), s, "decoder_pred")[:, 1:])
+  return np.concatenate(preds)
+
+
+
+@pytest.fixture(scope="module")
+def imgs():
+  return np.random.default_rng(1).normal(size=(2, IMG, IMG, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("pool,kind,num_classes", [("cls", "vit_cls", 0),
+                                                   ("mean", "vit_mean", 5)])
+def test_vit_checkpoint_matches_numpy_forward(tmp_path, imgs, pool, kind, num_classes):
+  state = _timm_state(kind)
+  path = str(tmp_path / "vit.safetensors")
+  safetensors.numpy.save_file(state, path)
+  model = vit.VisionTransformer(**ENCODER, pool=pool, num_classes=num_classes)
+  params = convert.convert_timm_state_dict(convert.load_state_dict(path),
+                                           convert.params_shapes(model))
+  out = jax.jit(model.apply)({"params": params}, jnp.asarray(imgs))
+  np.testing.assert_allclose(out, _np_vit(imgs.astype(np.float64), state, pool),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_mae_checkpoint_matches_numpy_forward(tmp_path, imgs):
+  state = _timm_state("mae")
+  path = str(tmp_path / "mae.npz")
+  np.savez(path, **state)
+  model = mae.MaskedAutoencoder(**ENCODER, **DECODER)
+  params = convert.convert_timm_state_dict(convert.load_state_dict(path),
+                                           convert.params_shapes(model))
+  loss, pred, mask = jax.jit(lambda p, x: model.apply(
+      {"params": p}, x, train=False, rngs={"masking": jax.random.key(0)}))(params, imgs)
+  ref = _np_mae_pred(imgs.astype(np.float64), state, np.asarray(mask))
+  np.testing.assert_allclose(pred, ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(loss, mae.mae_loss(ref, vit.patchify(imgs, P), mask), rtol=1e-4)
+
+
+def test_mismatches_are_listed_in_one_error():
+  state = _timm_state("vit_cls")
+  del state["blocks.1.mlp.fc2.bias"]
+  state["blocks.0.attn.q_norm.weight"] = np.ones(D, np.float32)
+  state["blocks.0.mlp.fc1.weight"] = np.ones((MLP + 1, D), np.float32)
+  model = vit.VisionTransformer(**ENCODER)
+  with pytest.raises(ValueError) as error:
+    convert.convert_timm_state_dict(state, convert.params_shapes(model))
+  message = str(error.value)
+  assert "missing (1):\n  blocks.1.mlp.fc2.bias" in message
+  assert "unexpected (1):\n  blocks.0.attn.q_norm.weight" in message
+  assert f"blocks.0.mlp.fc1.weight: checkpoint ({MLP + 1}, {D}), expected ({MLP}, {D})" in message
+
+
+def test_a_learned_position_table_is_flagged(caplog):
+  state = _timm_state("vit_cls")
+  state["pos_embed"] = state["pos_embed"] + 0.5
+  with caplog.at_level(logging.WARNING):
+    convert.convert_timm_state_dict(state, convert.params_shapes(vit.VisionTransformer(**ENCODER)))
+  assert "pos_embed" in caplog.text
+
+
+def test_convert_checkpoint_and_save_round_trip(tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  state = _timm_state("vit_cls")
+  path = str(tmp_path / "vit.safetensors")
+  safetensors.numpy.save_file(state, path)
+  params = convert.convert_checkpoint(path, "vit", "tiny", **ENCODER)
+  convert.save_params(params, str(tmp_path / "params"))
+  restored = ocp.StandardCheckpointer().restore(str(tmp_path / "params"))
+  jax.tree.map(np.testing.assert_array_equal, restored, params)
+  np.testing.assert_array_equal(
+      restored["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"],
+      state["blocks.0.attn.qkv.weight"].T.reshape(D, 3, HEADS, D // HEADS))

@@ -7,9 +7,10 @@ schedule ('cosine' | 'constant'), min_lr, init_lr, grad_clip (0 = off).
 
 from __future__ import annotations
 
+import flax.linen as nn
+import jax
 import ml_collections
 import optax
-from flax import traverse_util
 
 # Parameters that get no weight decay besides biases and norm scales (all 1-D): the MAE
 # recipe also exempts the learned tokens and position embeddings.
@@ -39,11 +40,17 @@ def lr_schedule(optim: ml_collections.ConfigDict, *, batch_size: int, total_step
   return optax.join_schedules([warm, main], [warmup_steps])
 
 
-def decay_mask(params) -> dict:
-  """True where weight decay applies: matrices and kernels, not biases/norms/tokens."""
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({
-      k: (v.ndim > 1 and not any(n in k[-1] for n in NO_DECAY_NAMES)) for k, v in flat.items()})
+def decay_mask(params):
+  """True where weight decay applies: matrices and kernels, not biases/norms/tokens.
+
+  Works on plain and on logically-boxed parameter trees (one bool per box).
+  """
+  def decide(path, x):
+    value = x.unbox() if isinstance(x, nn.meta.AxisMetadata) else x
+    name = str(getattr(path[-1], "key", path[-1]))
+    return value.ndim > 1 and not any(n in name for n in NO_DECAY_NAMES)
+  return jax.tree_util.tree_map_with_path(
+      decide, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, *,

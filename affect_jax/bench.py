@@ -1,0 +1,152 @@
+"""Throughput benchmarks (what launch/bench.py runs). Never used as timed tests.
+
+Each benchmark warms up (compilation), then times steps one by one, blocking on the
+result, and reports the median: img/s, step time, peak device memory where the backend
+reports it, and model FLOPs utilisation from XLA's cost analysis over a peak FLOP/s figure
+(given, or known for the device kind).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity). CPUs have no entry: pass
+# --peak_tflops to get an MFU there.
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def peak_flops(device: jax.Device, override_tflops: float | None = None) -> float | None:
+  if override_tflops:
+    return override_tflops * 1e12
+  kind = device.device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return flops
+  return None
+
+
+def compiled_flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled jitted function, from XLA's cost analysis."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def peak_memory_bytes(device: jax.Device) -> int | None:
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def time_steps(run_step: Callable[[], object], steps: int, warmup: int) -> list[float]:
+  """Seconds per call of `run_step` (which must block on its result), after warm-up."""
+  for _ in range(warmup):
+    run_step()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    run_step()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def bench_mae(preset: str, batch: int, *, dtype: str = "float32", image_size: int | None = None,
+              steps: int = 10, warmup: int = 2, peak_tflops: float | None = None,
+              mesh_shape=(-1, 1, 1)) -> dict:
+  """The jitted, sharded MAE train step of affect_jax.train.pretrain on random images."""
+  from affect_jax import sharding
+  from affect_jax.train import pretrain
+  from configs import mae_pretrain
+
+  config = mae_pretrain.get_config(preset)
+  config.model.dtype = dtype
+  config.batch_size = batch
+  if image_size:
+    config.data.image_size = image_size
+  size = config.data.image_size
+  mesh = sharding.make_mesh(mesh_shape)
+  model = pretrain.create_model(config)
+  schedule = pretrain.make_schedule(config, total_steps=1000)
+  state, shardings = pretrain.create_train_state(config, model, jax.random.key(0), mesh, schedule)
+  step = pretrain.jit_train_step(model, config, schedule, shardings, mesh)
+  images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+  batch_arrays = sharding.shard_batch({"image": images}, mesh)
+  compiled = step.lower(state, batch_arrays).compile()
+  flops = compiled_flops(compiled)
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], batch_arrays)
+    jax.block_until_ready(metrics["loss"])
+
+  times = time_steps(run, steps, warmup)
+  med = statistics.median(times)
+  device = jax.devices()[0]
+  peak = peak_flops(device, peak_tflops)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  return {
+      "what": "mae_train_step", "preset": preset, "batch": batch, "image_size": size,
+      "dtype": dtype, "devices": jax.device_count(), "device_kind": device.device_kind,
+      "params": int(n_params), "step_s": med, "step_s_all": times, "img_per_s": batch / med,
+      "flops_per_step": flops,
+      "tflops_per_s": flops / med / 1e12 if flops else None,
+      "mfu": flops / med / (peak * jax.device_count()) if flops and peak else None,
+      "peak_memory_bytes": peak_memory_bytes(device),
+  }
+
+
+def write_fake_faces(root: str, count: int, size: int, seed: int = 0) -> list[str]:
+  """JPEGs of smooth random colour fields (decode cost like a real face crop)."""
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  paths = []
+  os.makedirs(root, exist_ok=True)
+  existing = sorted(os.listdir(root))
+  if len(existing) == count:
+    return [os.path.join(root, n) for n in existing]
+  for i in range(count):
+    low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    img = Image.fromarray(low).resize((size, size), Image.Resampling.BILINEAR)
+    path = os.path.join(root, f"{i:05d}.jpg")
+    img.save(path, quality=90)
+    paths.append(path)
+  return paths
+
+
+def bench_loader(batch: int, image_size: int, *, worker_count: int = 0, num_batches: int = 20,
+                 paths: list[str] | None = None, source_size: int | None = None) -> dict:
+  """The grain pretraining pipeline alone: decode + random-resized-crop + flip + batch."""
+  from affect_jax.data import loaders
+  if paths is None:
+    # Kept between runs (and never deleted under a loader's read-ahead threads).
+    root = os.path.expanduser(f"~/.cache/affect_jax/bench_faces/{source_size or image_size}")
+    paths = write_fake_faces(root, 256, source_size or image_size)
+  it = iter(loaders.pretrain_dataset(paths, image_size=image_size, batch_size=batch, seed=0,
+                                     worker_count=worker_count, shard_index=0, shard_count=1))
+  next(it)  # start workers
+  t0 = time.perf_counter()
+  for _ in range(num_batches):
+    next(it)
+  dt = time.perf_counter() - t0
+  return {"what": "grain_loader", "batch": batch, "image_size": image_size,
+          "worker_count": worker_count, "img_per_s": batch * num_batches / dt}

@@ -1,0 +1,153 @@
+"""The training-loop skeleton every stage uses: sharded state creation, the plain Python
+loop around a jitted step, checkpoint/resume, progress with ETA, metric files.
+
+A stage supplies pure functions (init, step) and a data iterator; this module owns the rest,
+so pretraining, fine-tuning and the temporal model share one copy of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as logging_std
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax.training import train_state
+
+from affect_jax import checkpoint, sharding
+
+
+class TrainState(train_state.TrainState):
+  """flax's TrainState (step, params, opt_state, apply_fn, tx) plus BatchNorm statistics."""
+  batch_stats: Any = None
+
+
+def create_sharded_state(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh, rules):
+  """Runs `init_fn(rng)` (which may return logically-boxed params) directly into its
+  sharded layout: nothing is materialised on one device first. Returns (state, shardings)."""
+  abstract = jax.eval_shape(init_fn, rng)
+  shardings = sharding.logical_shardings(abstract, mesh, rules)
+  state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter of orbax and jax internals (each checkpoint logs ~30 lines)."""
+
+  NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}", f"{os.sep}grain{os.sep}")
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
+def quiet_library_logs() -> None:
+  """Keep launcher output to our progress lines; libraries still report warnings."""
+  logger = logging_std.getLogger("absl")
+  if not any(isinstance(f, _QuietLibraries) for f in logger.filters):
+    logger.addFilter(_QuietLibraries())
+
+
+def format_seconds(s: float) -> str:
+  s = int(max(s, 0))
+  h, rem = divmod(s, 3600)
+  m, sec = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+class MetricWriter:
+  """Scalars to TensorBoard event files (tensorboardX: no TensorFlow) and to
+  `metrics.jsonl` (one JSON object per logged step; the demo's report plots it)."""
+
+  def __init__(self, logdir: str | os.PathLike, enabled: bool = True):
+    self.enabled = enabled and jax.process_index() == 0
+    self.logdir = str(logdir)
+    self._tb = None
+    if self.enabled:
+      os.makedirs(self.logdir, exist_ok=True)
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(self.logdir)
+      self._jsonl = open(os.path.join(self.logdir, "metrics.jsonl"), "a")
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, float(v), step)
+    self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+    self._jsonl.flush()
+
+  def image(self, tag: str, step: int, image_hwc: np.ndarray) -> None:
+    if self.enabled:
+      self._tb.add_image(tag, image_hwc, step, dataformats="HWC")
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def read_metrics(logdir: str | os.PathLike) -> list[dict]:
+  path = os.path.join(logdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Callable,
+        data_iter: Iterator, num_steps: int, mesh, items_per_step: int, unit: str = "img",
+        log_every: int = 50, checkpoint_every: int = 500, max_to_keep: int = 3,
+        writer: MetricWriter | None = None,
+        hooks: tuple[Callable[[int, Any, dict], None], ...] = ()) -> tuple[Any, list[dict]]:
+  """Trains from the latest checkpoint in `workdir/checkpoints` (if any) up to `num_steps`.
+
+  `step_fn(state, batch) -> (state, metrics)` is the jitted step; `data_iter` yields
+  host-local numpy batches (a grain iterator: its position is checkpointed too). `hooks`
+  run after every logged step with (step, state, metrics). Returns the final state and the
+  logged metrics of this run.
+  """
+  manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
+                                    save_every=checkpoint_every, max_to_keep=max_to_keep)
+  grain_iter = data_iter if hasattr(data_iter, "get_state") else None
+  state, start = checkpoint.restore_latest(manager, state, data_iter=grain_iter)
+  start = 0 if start is None else start
+  if start:
+    logging.info("resumed from step %d in %s", start, workdir)
+  own_writer = writer is None
+  writer = writer or MetricWriter(os.path.join(workdir, "tb"))
+  history: list[dict] = []
+  t_start = time.perf_counter()
+  t_last, step_last = t_start, start
+  for step in range(start, num_steps):
+    batch = sharding.shard_batch(next(data_iter), mesh)
+    state, metrics = step_fn(state, batch)
+    done = step + 1
+    if done % log_every == 0 or done == num_steps:
+      # Pull metrics of this step only now: fetching every step would serialise host/device.
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      now = time.perf_counter()
+      rate = (done - step_last) * items_per_step / max(now - t_last, 1e-9)
+      eta = (num_steps - done) * (now - t_last) / max(done - step_last, 1)
+      metrics[f"{unit}_per_sec"] = rate
+      t_last, step_last = now, done
+      writer.write(done, metrics)
+      history.append({"step": done, **metrics})
+      shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != f"{unit}_per_sec")
+      logging.info("step %d/%d  %s  | %.1f %s/s | elapsed %s ETA %s", done, num_steps, shown,
+                   rate, unit, format_seconds(now - t_start), format_seconds(eta))
+    if done % checkpoint_every == 0 or done == num_steps:
+      checkpoint.save(manager, done, state, data_iter=grain_iter, config=config, force=True)
+    if history and history[-1]["step"] == done:
+      for hook in hooks:
+        hook(done, state, history[-1])
+  manager.wait_until_finished()
+  manager.close()
+  if own_writer:
+    writer.close()
+  return state, history

@@ -1,0 +1,195 @@
+"""MAE self-pretraining: pure step functions and the loop around them.
+
+  state = create_train_state(config, model, rng, total_steps, mesh)
+  state, metrics = train_step(state, batch)          # jitted, sharded, state donated
+  train_and_evaluate(config, workdir)                 # what launch/pretrain.py calls
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from PIL import Image
+
+from affect_jax import optim, sharding
+from affect_jax.data import affwild2, faces, loaders
+from affect_jax.models import mae, vit
+from affect_jax.train import loop
+
+
+def create_model(config: ml_collections.ConfigDict) -> mae.MaskedAutoencoder:
+  m = config.model
+  return mae.MaskedAutoencoder(
+      **vit.variant_config(m.variant), mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss,
+      drop_path_rate=m.drop_path_rate, dtype=jnp.dtype(m.dtype),
+      f32_accumulation=m.f32_accumulation)
+
+
+def image_roots(config: ml_collections.ConfigDict) -> list[str]:
+  if config.data.roots:
+    return [r for r in config.data.roots.split(",") if r]
+  return [os.path.join(config.data.root, affwild2.FRAMES_DIR)]
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_images: int) -> int:
+  if config.num_steps > 0:
+    return int(config.num_steps)
+  return max(int(math.ceil(config.num_epochs * num_images / config.batch_size)), 1)
+
+
+def make_schedule(config: ml_collections.ConfigDict, total_steps: int):
+  """Warmup over the same fraction of the run as warmup_epochs / num_epochs, then cosine
+  (so a run shortened with num_steps keeps the recipe's shape)."""
+  warmup = int(round(total_steps * config.warmup_epochs / max(config.num_epochs, 1e-9)))
+  return optim.lr_schedule(config.optim, batch_size=config.batch_size, total_steps=total_steps,
+                           warmup_steps=warmup)
+
+
+def create_train_state(config, model, rng, mesh, schedule):
+  """Sharded TrainState; parameters and AdamW moments laid out by the logical rules."""
+  size = config.data.image_size
+  tx = optim.make_optimizer(config.optim, schedule=schedule)
+
+  def init(r):
+    params_rng, mask_rng = jax.random.split(r)
+    variables = model.init({"params": params_rng, "masking": mask_rng},
+                           jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    return loop.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
+
+  return loop.create_sharded_state(init, rng, mesh, sharding.rules_from_config(config.axis_rules))
+
+
+def train_step(state: loop.TrainState, batch: dict, *, model: mae.MaskedAutoencoder, seed: int,
+               schedule) -> tuple[loop.TrainState, dict]:
+  """One AdamW step on the MAE loss. batch['image']: uint8 [B, H, W, 3]."""
+  # Randomness is a function of (seed, step): a resumed run draws the same masks.
+  rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  mask_rng, drop_rng = jax.random.split(rng)
+  images = loaders.normalize_images(batch["image"])
+
+  def loss_fn(params):
+    loss, _, _ = model.apply({"params": params}, images, train=True,
+                             rngs={"masking": mask_rng, "dropout": drop_rng})
+    return loss
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+  return state.apply_gradients(grads=grads), metrics
+
+
+def jit_train_step(model, config, schedule, state_shardings, mesh):
+  """The sharded, jitted step: explicit in/out shardings, state donated."""
+  step = functools.partial(train_step, model=model, seed=config.seed, schedule=schedule)
+  batch_shardings = {"image": sharding.batch_sharding(mesh, 4)}
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+# ---- Reconstruction picture ----
+
+
+def reconstruct(model: mae.MaskedAutoencoder, params, images_uint8: np.ndarray, seed: int = 0):
+  """(masked, reconstruction) pixel images in [0, 255], float [B, H, W, 3], MAE-paper style: the
+  visible patches are pasted over the prediction, which is de-normalised per patch when the
+  model predicts normalised pixels."""
+  x = loaders.normalize_images(images_uint8)
+  _, pred, mask = model.apply({"params": params}, x, train=False,
+                              rngs={"masking": jax.random.key(seed)})
+  p = model.patch_size
+  target = vit.patchify(x, p)
+  if model.norm_pix_loss:
+    mean = target.mean(-1, keepdims=True)
+    var = target.var(-1, keepdims=True, ddof=1)
+    pred = pred * jnp.sqrt(var + 1e-6) + mean
+  m = mask[..., None]
+  grid = (x.shape[1] // p, x.shape[2] // p)
+  masked = vit.unpatchify(target * (1 - m), p, grid)
+  recon = vit.unpatchify(pred * m + target * (1 - m), p, grid)
+  to_pixels = lambda y: jnp.clip((y * loaders.IMAGENET_STD + loaders.IMAGENET_MEAN) * 255, 0, 255)
+  return to_pixels(masked), to_pixels(recon)
+
+
+def reconstruction_grid(images: np.ndarray, masked: np.ndarray, recon: np.ndarray) -> np.ndarray:
+  """Rows: original / masked / reconstruction; one column per image (uint8 [3H, B*W, 3])."""
+  rows = [np.concatenate(list(np.asarray(a).round().astype(np.uint8)), axis=1)
+          for a in (images, masked, recon)]
+  return np.concatenate(rows, axis=0)
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}.png"
+  Image.fromarray(image).save(tmp)
+  os.replace(tmp, path)
+
+
+# ---- The loop ----
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       hooks: tuple = ()) -> dict[str, Any]:
+  """Pretrains (or resumes) in `workdir`; returns the final state and the loss history.
+
+  `hooks` run after each logged step with (step, state, metrics), after that step's
+  checkpoint (if due) was started.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  if not config.resume and os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(
+      os.path.join(workdir, "checkpoints")):
+    raise FileExistsError(f"{workdir}/checkpoints exists and config.resume=False: use a new "
+                          "--workdir, or resume=True to continue it")
+  mesh = sharding.make_mesh(config.mesh_shape)
+  if config.batch_size % sharding.batch_divisor(mesh) or config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} must divide over the "
+                     f"{sharding.batch_divisor(mesh)} data-parallel devices and {jax.process_count()} hosts")
+  paths = faces.index_roots(image_roots(config), cache_dir=os.path.expanduser(config.data.index_cache))
+  total = num_train_steps(config, len(paths))
+  schedule = make_schedule(config, total)
+  model = create_model(config)
+  state, shardings = create_train_state(config, model, jax.random.key(config.seed), mesh, schedule)
+  step_fn = jit_train_step(model, config, schedule, shardings, mesh)
+  ds = loaders.pretrain_dataset(
+      paths, image_size=config.data.image_size, batch_size=config.batch_size // jax.process_count(),
+      seed=config.seed, worker_count=config.data.worker_count, crop_scale=tuple(config.data.crop_scale),
+      flip=config.data.flip)
+  data_iter = iter(ds)
+  logging.info("MAE %s: %d images, %d steps of %d, %.1fM params, mesh %s", config.model.variant,
+               len(paths), total, config.batch_size,
+               sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, dict(mesh.shape))
+
+  writer = loop.MetricWriter(os.path.join(workdir, "tb"))
+  hooks = list(hooks)
+  if config.recon_every:
+    sample = next(iter(loaders.pretrain_dataset(
+        paths, image_size=config.data.image_size, batch_size=8, seed=12345, num_epochs=1,
+        crop_scale=(1.0, 1.0), flip=False)))["image"]
+    recon_fn = jax.jit(functools.partial(reconstruct, model))
+
+    def recon_hook(step, st, _):
+      if step % config.recon_every and step != total:
+        return
+      masked, recon = recon_fn(st.params, sample)
+      grid = reconstruction_grid(sample, masked, recon)
+      save_png(os.path.join(workdir, "recon", f"step_{step:07d}.png"), grid)
+      save_png(os.path.join(workdir, "recon", "latest.png"), grid)
+      writer.image("reconstruction", step, grid)
+
+    hooks.append(recon_hook)
+  state, history = loop.run(
+      config=config, workdir=workdir, state=state, step_fn=step_fn, data_iter=data_iter,
+      num_steps=total, mesh=mesh, items_per_step=config.batch_size, unit="img",
+      log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+      max_to_keep=config.max_to_keep, writer=writer, hooks=tuple(hooks))
+  writer.close()
+  if hasattr(data_iter, "close"):
+    data_iter.close()  # stops grain worker processes and frees their shared memory
+  return {"state": state, "history": history, "num_steps": total, "num_images": len(paths)}

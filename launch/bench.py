@@ -1,0 +1,54 @@
+"""Throughput benchmarks; one JSON line per result plus a readable table.
+
+  python launch/bench.py --what=mae --preset=base --batch=8 --dtype=bfloat16
+  python launch/bench.py --what=loader --preset=tiny --batch=64 --worker_count=2
+"""
+
+import json
+
+from absl import app, flags
+
+_WHAT = flags.DEFINE_enum("what", "mae", ["mae", "loader", "mae+loader"], "What to time.")
+_PRESET = flags.DEFINE_string("preset", "tiny", "MAE size preset (configs/mae_pretrain.py).")
+_BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Override the preset's image size.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for the MFU "
+                                  "(default: known per device kind; none for CPUs).")
+_WORKERS = flags.DEFINE_integer("worker_count", 0, "grain worker processes for --what=loader.")
+
+
+def main(argv):
+  del argv
+  from affect_jax import bench
+  from configs import mae_pretrain
+
+  results = []
+  if "mae" in _WHAT.value.split("+"):
+    results.append(bench.bench_mae(_PRESET.value, _BATCH.value, dtype=_DTYPE.value,
+                                   image_size=_IMAGE_SIZE.value or None, steps=_STEPS.value,
+                                   warmup=_WARMUP.value, peak_tflops=_PEAK_TFLOPS.value or None))
+  if "loader" in _WHAT.value.split("+"):
+    size = _IMAGE_SIZE.value or mae_pretrain.get_config(_PRESET.value).data.image_size
+    results.append(bench.bench_loader(_BATCH.value, size, worker_count=_WORKERS.value))
+  for r in results:
+    print(json.dumps({k: v for k, v in r.items() if k != "step_s_all"}))
+  print()
+  for r in results:
+    if r["what"] == "mae_train_step":
+      mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+      tf = f"{r['tflops_per_s']:.2f}" if r["tflops_per_s"] else "n/a"
+      mem = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] else "n/a"
+      print(f"MAE {r['preset']} {r['image_size']}px batch {r['batch']} {r['dtype']} on "
+            f"{r['devices']}x {r['device_kind']}: {r['img_per_s']:.2f} img/s, step "
+            f"{1e3 * r['step_s']:.1f} ms (median of {len(r['step_s_all'])}), {tf} TFLOP/s, "
+            f"MFU {mfu}, peak memory {mem}")
+    else:
+      print(f"grain loader {r['image_size']}px batch {r['batch']} workers {r['worker_count']}: "
+            f"{r['img_per_s']:.1f} img/s")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -100,17 +100,65 @@ def read_metrics(logdir: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+
+
+def read_best(workdir: str) -> dict | None:
+  """{'step', 'metric', 'value', 'scores'} of the exported best state, or None."""
+  path = os.path.join(workdir, BEST_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def maybe_save_best(workdir: str, step: int, state, scores: dict, metric: str, mode: str) -> bool:
+  """Exports `state` to `workdir/best` when `scores[metric]` beats the recorded best.
+
+  The export is an orbax checkpoint (atomic); `best.json` is replaced after it completes,
+  so a crash in between leaves the previous best intact and consistent.
+  """
+  if metric not in scores:
+    raise KeyError(f"best metric {metric!r} not among eval scalars {sorted(scores)}")
+  best = read_best(workdir)
+  value = scores[metric]
+  if best is not None and not (value > best["value"] if mode == "max" else value < best["value"]):
+    return False
+  with checkpoint.make_manager(os.path.join(workdir, BEST_DIR), save_every=1, max_to_keep=1) as m:
+    checkpoint.save(m, step, state, force=True)
+    m.wait_until_finished()
+  tmp = os.path.join(workdir, f".{BEST_FILE}.tmp{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump({"step": step, "metric": metric, "value": value, "scores": scores}, f, indent=1)
+  os.replace(tmp, os.path.join(workdir, BEST_FILE))
+  return True
+
+
+def load_best(workdir: str, state):
+  """The exported best state, laid out like `state` (structure, dtypes, shardings)."""
+  best = read_best(workdir)
+  if best is None:
+    raise FileNotFoundError(f"{workdir}: no {BEST_FILE}: no evaluated best state yet")
+  with checkpoint.make_manager(os.path.join(workdir, BEST_DIR), save_every=1, max_to_keep=1) as m:
+    return checkpoint.restore(m, best["step"], checkpoint.abstract_like(state))
+
+
 def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Callable,
         data_iter: Iterator, num_steps: int, mesh, items_per_step: int, unit: str = "img",
         log_every: int = 50, checkpoint_every: int = 500, max_to_keep: int = 3,
         writer: MetricWriter | None = None,
-        hooks: tuple[Callable[[int, Any, dict], None], ...] = ()) -> tuple[Any, list[dict]]:
+        hooks: tuple[Callable[[int, Any, dict], None], ...] = (),
+        eval_fn: Callable[[Any], dict] | None = None, eval_every: int = 0,
+        best_metric: str | None = None, best_mode: str = "max") -> tuple[Any, list[dict]]:
   """Trains from the latest checkpoint in `workdir/checkpoints` (if any) up to `num_steps`.
 
   `step_fn(state, batch) -> (state, metrics)` is the jitted step; `data_iter` yields
   host-local numpy batches (a grain iterator: its position is checkpointed too). `hooks`
-  run after every logged step with (step, state, metrics). Returns the final state and the
-  logged metrics of this run.
+  run after every logged step with (step, state, metrics). `eval_fn(state) -> scalars` runs
+  every `eval_every` steps and at the end; with `best_metric`, the state that scores best
+  on it is exported to `workdir/best` (see `save_best` / `load_best`). Returns the final
+  state and the logged metrics of this run (eval scalars prefixed 'eval/').
   """
   manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
                                     save_every=checkpoint_every, max_to_keep=max_to_keep)
@@ -141,6 +189,16 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
       shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != f"{unit}_per_sec")
       logging.info("step %d/%d  %s  | %.1f %s/s | elapsed %s ETA %s", done, num_steps, shown,
                    rate, unit, format_seconds(now - t_start), format_seconds(eta))
+    if eval_fn is not None and (done == num_steps or (eval_every and done % eval_every == 0)):
+      scores = {f"eval/{k}": float(v) for k, v in eval_fn(state).items()}
+      writer.write(done, scores)
+      logging.info("step %d/%d  %s", done, num_steps, " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+      if history and history[-1]["step"] == done:
+        history[-1].update(scores)
+      else:
+        history.append({"step": done, **scores})
+      if best_metric:
+        maybe_save_best(workdir, done, state, scores, f"eval/{best_metric}", best_mode)
     if done % checkpoint_every == 0 or done == num_steps:
       checkpoint.save(manager, done, state, data_iter=grain_iter, config=config, force=True)
     if history and history[-1]["step"] == done:

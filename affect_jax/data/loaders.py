@@ -71,16 +71,29 @@ def _open_rgb(path: str) -> Image.Image | None:
     return None
 
 
+def _as_record(item) -> dict:
+  """Sources hold image paths or records {'path': ..., other fields}."""
+  return {"path": item} if isinstance(item, str) else item
+
+
+def _with_image(record: dict, x: np.ndarray) -> dict:
+  out = {k: v for k, v in record.items() if k != "path"}
+  out["image"] = np.ascontiguousarray(x)
+  return out
+
+
 class RandomResizedCropFlip(grain.transforms.RandomMap):
-  """path -> {'image': uint8 [S, S, 3]} with MAE's augmentation, or None if unreadable."""
+  """path or {'path', ...} -> {'image': uint8 [S, S, 3], ...} with MAE's augmentation; None
+  if unreadable (logged). Other record fields (a label) pass through."""
 
   def __init__(self, image_size: int, scale=(0.2, 1.0), flip: bool = True):
     self.image_size = image_size
     self.scale = tuple(scale)
     self.flip = flip
 
-  def random_map(self, path, rng: np.random.Generator):
-    im = _open_rgb(path)
+  def random_map(self, item, rng: np.random.Generator):
+    record = _as_record(item)
+    im = _open_rgb(record["path"])
     if im is None:
       return None
     box = random_resized_crop_box(im.width, im.height, rng, self.scale)
@@ -88,29 +101,62 @@ class RandomResizedCropFlip(grain.transforms.RandomMap):
     x = np.asarray(im, dtype=np.uint8)
     if self.flip and rng.random() < 0.5:
       x = x[:, ::-1]
-    return {"image": np.ascontiguousarray(x)}
+    return _with_image(record, x)
+
+
+class ResizeImage(grain.transforms.Map):
+  """path or {'path', ...} -> {'image': uint8 [S, S, 3], ...}, no augmentation; None if
+  unreadable (logged)."""
+
+  def __init__(self, image_size: int):
+    self.image_size = image_size
+
+  def map(self, item):
+    record = _as_record(item)
+    im = _open_rgb(record["path"])
+    if im is None:
+      return None
+    if im.size != (self.image_size, self.image_size):
+      im = im.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+    return _with_image(record, np.asarray(im, dtype=np.uint8))
 
 
 def _is_present(x) -> bool:
   return x is not None
 
 
-def pretrain_dataset(paths: Sequence[str], *, image_size: int, batch_size: int, seed: int,
-                     num_epochs: int | None = None, worker_count: int = 0,
-                     crop_scale=(0.2, 1.0), flip: bool = True,
-                     shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
-  """Shuffled, augmented, batched face images for MAE pretraining.
-
-  `batch_size` is this process's share of the global batch. Each process reads only its
-  shard of the file list (process index/count by default); every epoch is reshuffled;
-  unreadable files are skipped (and logged), so batches stay full.
-  """
+def _shard(ds: grain.MapDataset, shard_index: int | None, shard_count: int | None):
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
-  ds = grain.MapDataset.source(list(paths))[shard_index::shard_count]
-  ds = ds.shuffle(seed=seed).repeat(num_epochs)
-  ds = ds.random_map(RandomResizedCropFlip(image_size, crop_scale, flip), seed=seed)
-  it = ds.to_iter_dataset().filter(_is_present).batch(batch_size, drop_remainder=True)
+  return ds[shard_index::shard_count]
+
+
+def _finish(ds: grain.MapDataset, batch_size: int, drop_remainder: bool, worker_count: int):
+  it = ds.to_iter_dataset().filter(_is_present).batch(batch_size, drop_remainder=drop_remainder)
   if worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return it
+
+
+def pretrain_dataset(items: Sequence, *, image_size: int, batch_size: int, seed: int,
+                     num_epochs: int | None = None, worker_count: int = 0,
+                     crop_scale=(0.2, 1.0), flip: bool = True,
+                     shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
+  """Shuffled, augmented, batched images (paths, or records with a 'path' and e.g. a label).
+
+  `batch_size` is this process's share of the global batch. Each process reads only its
+  shard of the list (process index/count by default); every epoch is reshuffled;
+  unreadable files are skipped (and logged), so batches stay full.
+  """
+  ds = _shard(grain.MapDataset.source(list(items)), shard_index, shard_count)
+  ds = ds.shuffle(seed=seed).repeat(num_epochs)
+  ds = ds.random_map(RandomResizedCropFlip(image_size, crop_scale, flip), seed=seed)
+  return _finish(ds, batch_size, True, worker_count)
+
+
+def eval_dataset(items: Sequence, *, image_size: int, batch_size: int, worker_count: int = 0,
+                 shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
+  """In order, resized, one pass; the last batch may be short. Records keep their fields,
+  so predictions stay paired with labels even when an unreadable file is skipped."""
+  ds = _shard(grain.MapDataset.source(list(items)), shard_index, shard_count)
+  return _finish(ds.map(ResizeImage(image_size)), batch_size, False, worker_count)

@@ -172,40 +172,44 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
   history: list[dict] = []
   t_start = time.perf_counter()
   t_last, step_last = t_start, start
-  for step in range(start, num_steps):
-    batch = sharding.shard_batch(next(data_iter), mesh)
-    state, metrics = step_fn(state, batch)
-    done = step + 1
-    if done % log_every == 0 or done == num_steps:
-      # Pull metrics of this step only now: fetching every step would serialise host/device.
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      now = time.perf_counter()
-      rate = (done - step_last) * items_per_step / max(now - t_last, 1e-9)
-      eta = (num_steps - done) * (now - t_last) / max(done - step_last, 1)
-      metrics[f"{unit}_per_sec"] = rate
-      t_last, step_last = now, done
-      writer.write(done, metrics)
-      history.append({"step": done, **metrics})
-      shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != f"{unit}_per_sec")
-      logging.info("step %d/%d  %s  | %.1f %s/s | elapsed %s ETA %s", done, num_steps, shown,
-                   rate, unit, format_seconds(now - t_start), format_seconds(eta))
-    if eval_fn is not None and (done == num_steps or (eval_every and done % eval_every == 0)):
-      scores = {f"eval/{k}": float(v) for k, v in eval_fn(state).items()}
-      writer.write(done, scores)
-      logging.info("step %d/%d  %s", done, num_steps, " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+  try:
+    for step in range(start, num_steps):
+      batch = sharding.shard_batch(next(data_iter), mesh)
+      state, metrics = step_fn(state, batch)
+      done = step + 1
+      if done % log_every == 0 or done == num_steps:
+        # Pull metrics of this step only now: fetching every step would serialise host/device.
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        rate = (done - step_last) * items_per_step / max(now - t_last, 1e-9)
+        eta = (num_steps - done) * (now - t_last) / max(done - step_last, 1)
+        metrics[f"{unit}_per_sec"] = rate
+        t_last, step_last = now, done
+        writer.write(done, metrics)
+        history.append({"step": done, **metrics})
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != f"{unit}_per_sec")
+        logging.info("step %d/%d  %s  | %.1f %s/s | elapsed %s ETA %s", done, num_steps, shown,
+                     rate, unit, format_seconds(now - t_start), format_seconds(eta))
+      if eval_fn is not None and (done == num_steps or (eval_every and done % eval_every == 0)):
+        scores = {f"eval/{k}": float(v) for k, v in eval_fn(state).items()}
+        writer.write(done, scores)
+        logging.info("step %d/%d  %s", done, num_steps, " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        if history and history[-1]["step"] == done:
+          history[-1].update(scores)
+        else:
+          history.append({"step": done, **scores})
+        if best_metric:
+          maybe_save_best(workdir, done, state, scores, f"eval/{best_metric}", best_mode)
+      if done % checkpoint_every == 0 or done == num_steps:
+        checkpoint.save(manager, done, state, data_iter=grain_iter, config=config, force=True)
       if history and history[-1]["step"] == done:
-        history[-1].update(scores)
-      else:
-        history.append({"step": done, **scores})
-      if best_metric:
-        maybe_save_best(workdir, done, state, scores, f"eval/{best_metric}", best_mode)
-    if done % checkpoint_every == 0 or done == num_steps:
-      checkpoint.save(manager, done, state, data_iter=grain_iter, config=config, force=True)
-    if history and history[-1]["step"] == done:
-      for hook in hooks:
-        hook(done, state, history[-1])
-  manager.wait_until_finished()
-  manager.close()
-  if own_writer:
-    writer.close()
+        for hook in hooks:
+          hook(done, state, history[-1])
+  finally:
+    # Also on an exception (Ctrl-C, a failing hook): finish the checkpoint in flight, so
+    # the job resumes from it rather than from the one before.
+    manager.wait_until_finished()
+    manager.close()
+    if own_writer:
+      writer.close()
   return state, history

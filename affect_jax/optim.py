@@ -64,3 +64,28 @@ def make_optimizer(optim: ml_collections.ConfigDict, *,
   if optim.get("grad_clip", 0.0):
     tx = optax.chain(optax.clip_by_global_norm(float(optim.grad_clip)), tx)
   return tx
+
+
+def vit_layer_id(path: tuple[str, ...], num_layers: int) -> int:
+  """Layer of a ViT parameter for layer-wise lr decay (BEiT / MAE fine-tuning): patch
+  embedding and CLS token 0, encoder block i -> i + 1, the rest (norms, head) num_layers + 1."""
+  for name in path:
+    if name.startswith("blocks_") and name[len("blocks_"):].isdigit():
+      return int(name[len("blocks_"):]) + 1
+  if path and path[0] in ("patch_embed", "cls_token"):
+    return 0
+  return num_layers + 1
+
+
+def layerwise_lr_decay(layer_decay: float, num_layers: int) -> optax.GradientTransformation:
+  """Scales each parameter's update by layer_decay ** (num_layers + 1 - layer id): the head
+  moves at the full lr, block i at decay^(L - i), the embeddings least. Chain it after the
+  optimizer, so weight decay is scaled with the lr as in the BEiT/MAE recipe."""
+  def labels(params):
+    def label(path, _):
+      keys = tuple(str(getattr(k, "key", k)) for k in path)
+      return str(vit_layer_id(keys, num_layers))
+    return jax.tree_util.tree_map_with_path(
+        label, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  scales = {str(i): optax.scale(layer_decay ** (num_layers + 1 - i)) for i in range(num_layers + 2)}
+  return optax.multi_transform(scales, labels)

@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -61,3 +62,20 @@ def test_grad_clip_by_global_norm():
   params = {"kernel": jnp.zeros((2, 2))}
   upd, _ = tx.update({"kernel": jnp.full((2, 2), 10.0)}, tx.init(params), params)
   np.testing.assert_allclose(upd["kernel"], np.full((2, 2), -0.5 / 1.5), rtol=1e-5)
+
+
+def test_layerwise_decay_scales_updates_by_depth():
+  params = {"patch_embed": {"kernel": jnp.ones((2, 2))}, "cls_token": jnp.ones((1, 1, 2)),
+            "encoder": {"blocks_0": {"w": jnp.ones(2)}, "blocks_1": {"w": jnp.ones(2)},
+                        "norm": {"scale": jnp.ones(2)}},
+            "head": {"kernel": jnp.ones((2, 3))}}
+  tx = optim.layerwise_lr_decay(0.5, num_layers=2)
+  ones = jax.tree.map(jnp.ones_like, params)
+  upd, _ = tx.update(ones, tx.init(params), params)
+  # L = 2: embeddings 0.5^3, block 0 0.5^2, block 1 0.5^1, norm/head 1.
+  assert float(upd["patch_embed"]["kernel"][0, 0]) == 0.125
+  assert float(upd["cls_token"][0, 0, 0]) == 0.125
+  assert float(upd["encoder"]["blocks_0"]["w"][0]) == 0.25
+  assert float(upd["encoder"]["blocks_1"]["w"][0]) == 0.5
+  assert float(upd["encoder"]["norm"]["scale"][0]) == 1.0
+  assert float(upd["head"]["kernel"][0, 0]) == 1.0

@@ -193,3 +193,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if hasattr(data_iter, "close"):
     data_iter.close()  # stops grain worker processes and frees their shared memory
   return {"state": state, "history": history, "num_steps": total, "num_images": len(paths)}
+
+
+def load_pretrained(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
+  """(config, params) of the newest checkpoint of a pretraining run, as host arrays."""
+  import orbax.checkpoint as ocp
+  from affect_jax import checkpoint
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"{workdir}: no checkpoints/ folder (not a pretraining workdir?)")
+  with checkpoint.make_manager(ckpt_dir, save_every=1) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{ckpt_dir}: no checkpoint")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+  return ml_collections.ConfigDict(restored["config"]), jax.device_get(restored["state"]["params"])

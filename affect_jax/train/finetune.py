@@ -1,0 +1,208 @@
+"""Frame fine-tuning: the MAE encoder + pooling + linear head on expression labels.
+
+  model = create_model(config)
+  state = create_train_state(config, model, rng, mesh, schedule, init_params)
+  state, metrics = train_step(state, batch)           # jitted, sharded, state donated
+  train_and_evaluate(config, workdir)                  # launch/finetune.py; best by macro-F1
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from affect_jax import losses, metrics, optim, sharding
+from affect_jax.data import affwild2, loaders
+from affect_jax.models import vit
+from affect_jax.train import loop, pretrain
+
+TASK = "EXPR"
+NUM_CLASSES = len(affwild2.EXPR_NAMES)
+
+
+def frame_records(root: str, split: str) -> list[dict]:
+  """{'path', 'label'} for every frame of `split` with a valid expression label. A labelled
+  frame without an image takes its nearest image (as DESIGN.md's repair rule)."""
+  records = []
+  for v in affwild2.load_split(root, TASK, split):
+    src = affwild2.nearest_image(v.has_image)
+    for t in np.flatnonzero(v.valid):
+      records.append({"path": os.path.join(root, affwild2.FRAMES_DIR, v.video,
+                                           affwild2.frame_name(int(src[t]) + 1)),
+                      "label": np.int32(v.labels[t])})
+  if not records:
+    raise ValueError(f"{root}: no valid {TASK} labels in {split}")
+  return records
+
+
+def class_weights(labels: np.ndarray, kind: str) -> np.ndarray | None:
+  """Per-class loss weights from training frequencies, normalised to mean 1 over present
+  classes; classes absent from training get weight 0 (they have no examples anyway)."""
+  if kind == "none":
+    return None
+  counts = np.bincount(labels, minlength=NUM_CLASSES).astype(np.float64)
+  if kind == "inverse":
+    w = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
+  elif kind == "sqrt_inverse":
+    w = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1)), 0.0)
+  else:
+    raise ValueError(f"config.class_weighting: unknown {kind!r} (none | inverse | sqrt_inverse)")
+  return (w / w[counts > 0].mean()).astype(np.float32)
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int = NUM_CLASSES) -> vit.VisionTransformer:
+  m = config.model
+  return vit.VisionTransformer(
+      **vit.variant_config(m.variant, decoder=False), num_classes=num_classes, pool=m.pool,
+      drop_path_rate=m.drop_path_rate, dtype=jnp.dtype(m.dtype),
+      f32_accumulation=m.f32_accumulation)
+
+
+def initial_encoder(config: ml_collections.ConfigDict) -> dict | None:
+  """Pretrained params to start from (host arrays), or None for random init."""
+  kind = config.init.kind
+  if kind == "random":
+    return None
+  if kind == "mae":
+    if not config.init.mae_workdir:
+      raise ValueError("config.init.kind='mae' needs config.init.mae_workdir (a pretraining --workdir)")
+    mae_config, params = pretrain.load_pretrained(config.init.mae_workdir)
+    if mae_config.model.variant != config.model.variant:
+      raise ValueError(f"{config.init.mae_workdir}: pretrained variant {mae_config.model.variant!r}, "
+                       f"config.model.variant is {config.model.variant!r}")
+    return params
+  if kind == "converted":
+    import orbax.checkpoint as ocp
+    if not config.init.params_path:
+      raise ValueError("config.init.kind='converted' needs config.init.params_path")
+    return ocp.StandardCheckpointer().restore(os.path.abspath(config.init.params_path))
+  raise ValueError(f"config.init.kind: unknown {kind!r} (mae | converted | random)")
+
+
+def create_train_state(config, model, rng, mesh, schedule, pretrained: dict | None):
+  size = config.data.image_size
+  tx = optax.chain(optim.make_optimizer(config.optim, schedule=schedule),
+                   optim.layerwise_lr_decay(config.layer_decay, model.depth))
+
+  def init(r):
+    params = model.init({"params": r}, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+    if pretrained is not None:
+      # Keep the logical-axis boxes of the fresh init; fill them with the pretrained values.
+      loaded = vit.load_mae_encoder(nn.meta.unbox(params), pretrained)
+      params = jax.tree.map(lambda box, value: box.replace_boxed(value) if isinstance(
+          box, nn.meta.AxisMetadata) else value, params, loaded,
+          is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    return loop.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  return loop.create_sharded_state(init, rng, mesh, sharding.rules_from_config(config.axis_rules))
+
+
+def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing):
+  """One step of masked (class-weighted, label-smoothed) cross-entropy."""
+  rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  images = loaders.normalize_images(batch["image"])
+  mask = jnp.ones(batch["label"].shape, jnp.float32)
+
+  def loss_fn(params):
+    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+    loss = losses.masked_cross_entropy(logits, batch["label"], mask, class_weights=weights,
+                                       label_smoothing=label_smoothing)
+    return loss, logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+  return state.apply_gradients(grads=grads), {
+      "loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+
+
+def predict_logits(model, params, records, *, image_size: int, batch_size: int, mesh,
+                   apply_fn=None) -> tuple[np.ndarray, np.ndarray]:
+  """(logits [N, C], labels [N]) over records readable from disk, in order."""
+  fn = apply_fn or jax.jit(lambda p, x: model.apply({"params": p}, loaders.normalize_images(x)))
+  div = sharding.batch_divisor(mesh)
+  outs, labels = [], []
+  for batch in loaders.eval_dataset(records, image_size=image_size, batch_size=batch_size,
+                                    shard_index=0, shard_count=1):
+    n = batch["image"].shape[0]
+    padded = -(-n // div) * div  # a whole number of rows per device; padding is dropped
+    images = np.concatenate([batch["image"], np.zeros((padded - n, *batch["image"].shape[1:]), np.uint8)])
+    outs.append(np.asarray(fn(params, sharding.shard_batch({"x": images}, mesh)["x"]))[:n])
+    labels.append(batch["label"])
+  return np.concatenate(outs), np.concatenate(labels)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: tuple = ()) -> dict[str, Any]:
+  """Fine-tunes (or resumes) in `workdir`; the state with the best validation macro-F1 is
+  exported to `workdir/best`. Returns the final state, history and the best record."""
+  os.makedirs(workdir, exist_ok=True)
+  root = config.data.root
+  mesh = sharding.make_mesh(config.mesh_shape)
+  if config.batch_size % sharding.batch_divisor(mesh) or config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} must divide over "
+                     f"{sharding.batch_divisor(mesh)} devices and {jax.process_count()} hosts")
+  train = frame_records(root, affwild2.TRAIN_SET)
+  val = frame_records(root, affwild2.VALIDATION_SET)
+  train_labels = np.array([r["label"] for r in train])
+  weights = class_weights(train_labels, config.class_weighting)
+  steps_per_epoch = max(len(train) // config.batch_size, 1)
+  total = int(config.num_steps) if config.num_steps > 0 else int(config.num_epochs * steps_per_epoch)
+  warmup = int(round(total * config.warmup_epochs / max(config.num_epochs, 1e-9)))
+  schedule = optim.lr_schedule(config.optim, batch_size=config.batch_size, total_steps=total,
+                               warmup_steps=warmup)
+  model = create_model(config)
+  state, shardings = create_train_state(config, model, jax.random.key(config.seed), mesh, schedule,
+                                        initial_encoder(config))
+  step = functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
+                           weights=None if weights is None else jnp.asarray(weights),
+                           label_smoothing=config.label_smoothing)
+  batch_sh = {"image": sharding.batch_sharding(mesh, 4), "label": sharding.batch_sharding(mesh, 1)}
+  step_fn = jax.jit(step, in_shardings=(shardings, batch_sh),
+                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  apply_fn = jax.jit(lambda p, x: model.apply({"params": p}, loaders.normalize_images(x)))
+
+  def evaluate(st):
+    logits, labels = predict_logits(model, st.params, val, image_size=config.data.image_size,
+                                    batch_size=config.eval_batch_size, mesh=mesh, apply_fn=apply_fn)
+    pred = logits.argmax(-1)
+    return {"f1": metrics.expr_f1(pred, labels), "accuracy": float(np.mean(pred == labels))}
+
+  data = loaders.pretrain_dataset(
+      train, image_size=config.data.image_size, batch_size=config.batch_size // jax.process_count(),
+      seed=config.seed, worker_count=config.data.worker_count, crop_scale=tuple(config.data.crop_scale),
+      flip=config.data.flip)
+  data_iter = iter(data)
+  logging.info("fine-tune %s (init %s): %d train / %d val frames, %d steps of %d",
+               config.model.variant, config.init.kind, len(train), len(val), total, config.batch_size)
+  state, history = loop.run(
+      config=config, workdir=workdir, state=state, step_fn=step_fn, data_iter=data_iter,
+      num_steps=total, mesh=mesh, items_per_step=config.batch_size, unit="img",
+      log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+      max_to_keep=config.max_to_keep, hooks=tuple(hooks), eval_fn=evaluate,
+      eval_every=max(int(round(config.eval_every_epochs * steps_per_epoch)), 1),
+      best_metric="f1", best_mode="max")
+  if hasattr(data_iter, "close"):
+    data_iter.close()
+  return {"state": state, "history": history, "best": loop.read_best(workdir), "num_steps": total}
+
+
+def load_finetuned(workdir: str) -> tuple[ml_collections.ConfigDict, vit.VisionTransformer, dict]:
+  """(config, model, params) of the best state of a fine-tuning run, as host arrays."""
+  import orbax.checkpoint as ocp
+  from affect_jax import checkpoint
+  best = loop.read_best(workdir)
+  if best is None:
+    raise FileNotFoundError(f"{workdir}: no best.json (not a finished fine-tuning run?)")
+  config = ml_collections.ConfigDict(checkpoint.load_config(os.path.join(workdir, "checkpoints")))
+  with checkpoint.make_manager(os.path.join(workdir, loop.BEST_DIR), save_every=1) as manager:
+    restored = manager.restore(best["step"], args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return config, create_model(config), jax.device_get(restored["state"]["params"])

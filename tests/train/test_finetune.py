@@ -1,0 +1,90 @@
+"""Frame fine-tuning: records, class weights, MAE initialisation, best-state export."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from affect_jax import sharding
+from affect_jax.train import finetune, pretrain
+from configs import expr_finetune, mae_pretrain
+
+IMAGE = 32
+
+
+def test_frame_records_cover_every_valid_label(synthetic_root):
+  manifest = json.loads((synthetic_root / "synthetic_manifest.json").read_text())
+  recs = finetune.frame_records(str(synthetic_root), "Train_Set")
+  want = sum(v["tasks"]["EXPR"]["valid"] for v in manifest["videos"].values()
+             if v["tasks"].get("EXPR", {}).get("split") == "Train_Set")
+  assert len(recs) == want
+  assert all(0 <= r["label"] < 8 for r in recs)
+
+
+def test_class_weights_inverse_frequency():
+  labels = np.array([0, 0, 0, 1, 2, 2])
+  w = finetune.class_weights(labels, "inverse")
+  # 1/3, 1, 1/2 normalised to mean 1 over the three present classes; absent classes 0.
+  raw = np.array([1 / 3, 1, 1 / 2])
+  np.testing.assert_allclose(w[:3], raw / raw.mean(), rtol=1e-6)
+  assert (w[3:] == 0).all()
+  assert finetune.class_weights(labels, "none") is None
+  with pytest.raises(ValueError, match="class_weighting"):
+    finetune.class_weights(labels, "balanced")
+
+
+@pytest.fixture(scope="module")
+def mae_workdir(synthetic_root, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("mae")
+  c = mae_pretrain.get_config("tiny")
+  c.data.root, c.data.image_size, c.batch_size = str(synthetic_root), IMAGE, 16
+  c.data.index_cache = str(workdir / "index")
+  c.num_steps, c.recon_every, c.log_every = 4, 0, 2
+  pretrain.train_and_evaluate(c, str(workdir))
+  return workdir
+
+
+def _ft_config(root, **kw):
+  c = expr_finetune.get_config("tiny")
+  c.data.root, c.data.image_size = str(root), IMAGE
+  c.batch_size, c.eval_batch_size = 16, 64
+  c.update(kw)
+  return c
+
+
+def test_mae_init_copies_the_pretrained_encoder(synthetic_root, mae_workdir):
+  c = _ft_config(synthetic_root)
+  c.init.mae_workdir = str(mae_workdir)
+  model = finetune.create_model(c)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  _, mae_params = pretrain.load_pretrained(str(mae_workdir))
+  state, _ = finetune.create_train_state(c, model, jax.random.key(1), mesh,
+                                         lambda s: 1e-3, finetune.initial_encoder(c))
+  for key in ("patch_embed", "cls_token"):
+    for a, b in zip(jax.tree.leaves(state.params[key]), jax.tree.leaves(mae_params[key])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  blk = state.params["encoder"]["blocks_0"]["mlp"]
+  np.testing.assert_array_equal(np.asarray(jax.tree.leaves(blk)[0]),
+                                np.asarray(jax.tree.leaves(mae_params["encoder"]["blocks_0"]["mlp"])[0]))
+  random_state, _ = finetune.create_train_state(c, model, jax.random.key(1), mesh,
+                                                lambda s: 1e-3, None)
+  assert not np.array_equal(np.asarray(random_state.params["cls_token"]),
+                            np.asarray(mae_params["cls_token"]))
+
+
+def test_short_run_exports_best_and_loads_back(synthetic_root, tmp_path):
+  c = _ft_config(synthetic_root, num_steps=6, log_every=3, eval_every_epochs=0.01,
+                 checkpoint_every=6)
+  c.init.kind = "random"
+  out = finetune.train_and_evaluate(c, str(tmp_path / "ft"))
+  evals = [h["eval/f1"] for h in out["history"] if "eval/f1" in h]
+  assert out["best"]["value"] == max(evals)
+  config, model, params = finetune.load_finetuned(str(tmp_path / "ft"))
+  assert config.model.variant == "tiny" and model.num_classes == 8
+  val = finetune.frame_records(str(synthetic_root), "Validation_Set")
+  logits, labels = finetune.predict_logits(model, params, val, image_size=IMAGE, batch_size=64,
+                                           mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  from affect_jax import metrics
+  np.testing.assert_allclose(metrics.expr_f1(logits.argmax(-1), labels), out["best"]["value"],
+                             atol=1e-6)

@@ -8,9 +8,9 @@ import pytest
 
 from affect_jax import sharding
 from affect_jax.train import finetune, pretrain
-from configs import expr_finetune, mae_pretrain
+from configs import expr_finetune
 
-IMAGE = 32
+from tests.train.conftest import IMAGE
 
 
 def test_frame_records_cover_every_valid_label(synthetic_root):
@@ -32,17 +32,6 @@ def test_class_weights_inverse_frequency():
   assert finetune.class_weights(labels, "none") is None
   with pytest.raises(ValueError, match="class_weighting"):
     finetune.class_weights(labels, "balanced")
-
-
-@pytest.fixture(scope="module")
-def mae_workdir(synthetic_root, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("mae")
-  c = mae_pretrain.get_config("tiny")
-  c.data.root, c.data.image_size, c.batch_size = str(synthetic_root), IMAGE, 16
-  c.data.index_cache = str(workdir / "index")
-  c.num_steps, c.recon_every, c.log_every = 4, 0, 2
-  pretrain.train_and_evaluate(c, str(workdir))
-  return workdir
 
 
 def _ft_config(root, **kw):

@@ -1,0 +1,176 @@
+"""Feature extraction: every frame of every video -> one visual vector (the fine-tuned
+encoder's pooled feature) and one audio vector (on the same frame clock), in feature stores.
+
+Frames without an image (or with an unreadable one) take the previous available frame's
+feature (the next one at a video's start), counted per video. Reruns skip complete videos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from affect_jax import sharding
+from affect_jax.data import affwild2, audio, features, loaders
+from affect_jax.train import finetune, loop, pretrain
+
+VISUAL_DIR = "visual"
+AUDIO_DIR = "audio"
+
+
+def all_videos(root: str, with_test: bool = True) -> dict[str, int]:
+  """{video: num_frames} over every task's Train/Validation sets (and test lists)."""
+  frames: dict[str, int] = {}
+  for task in affwild2.TASKS:
+    try:
+      affwild2.task_dir(root, task)
+    except FileNotFoundError:
+      continue
+    splits = [*affwild2.SPLITS, affwild2.TEST_SET] if with_test else list(affwild2.SPLITS)
+    for split in splits:
+      try:
+        names = affwild2.list_videos(root, task, split)
+      except FileNotFoundError:
+        continue
+      for name in names:
+        n = affwild2.load_video(root, task, split, name).num_frames
+        if frames.get(name, n) != n:
+          logging.warning("%s: %d frames in one task's annotations, %d in another's; using the "
+                          "larger", name, frames[name], n)
+        frames[name] = max(frames.get(name, 0), n)
+  if not frames:
+    raise FileNotFoundError(f"{root}: no annotated or test-listed videos")
+  return dict(sorted(frames.items()))
+
+
+def params_hash(params) -> str:
+  h = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: str(kv[0])):
+    h.update(str(path).encode())
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return h.hexdigest()[:16]
+
+
+def load_encoder(config: ml_collections.ConfigDict):
+  """(model with no head, params, image size) of the encoder to extract with."""
+  if config.encoder_kind == "finetuned":
+    ft_config, _, params = finetune.load_finetuned(config.encoder_workdir)
+    model = finetune.create_model(ft_config, num_classes=0)
+    params = {k: v for k, v in params.items() if k != "head"}
+    size = ft_config.data.image_size
+  elif config.encoder_kind == "mae":
+    from affect_jax.models import vit
+    mae_config, mae_params = pretrain.load_pretrained(config.encoder_workdir)
+    model = vit.VisionTransformer(**vit.variant_config(mae_config.model.variant, decoder=False),
+                                  pool="cls")
+    params = {k: mae_params[k] for k in ("patch_embed", "cls_token", "encoder")}
+    size = mae_config.data.image_size
+  else:
+    raise ValueError(f"config.encoder_kind: unknown {config.encoder_kind!r} (finetuned | mae)")
+  return model, params, config.data.image_size or size
+
+
+def _finish_video(store, video, num_frames, has_image, feats_by_frame):
+  """Assemble [T, D] from the features of frames whose image was read, repairing the rest."""
+  got = np.zeros(num_frames, bool)
+  got[list(feats_by_frame)] = True
+  if not got.any():
+    raise RuntimeError(f"{video}: no readable frame image at all")
+  src = affwild2.nearest_image(got)
+  rows = np.stack([feats_by_frame[int(s)] for s in src])
+  store.write(video, rows, repaired_frames=int(num_frames - got.sum()),
+              frames_without_image=int((~has_image).sum()))
+
+
+def extract_visual(config: ml_collections.ConfigDict, out_dir: str, videos: dict[str, int],
+                   log=logging.info) -> features.FeatureStore:
+  root = config.data.root
+  model, params, size = load_encoder(config)
+  dim = model.width
+  store = features.FeatureStore.create(
+      os.path.join(out_dir, VISUAL_DIR), kind="visual", dim=dim, dtype=config.feature_dtype,
+      model_hash=params_hash(params),
+      config={"encoder_workdir": os.path.abspath(config.encoder_workdir),
+              "encoder_kind": config.encoder_kind, "pool": model.pool, "image_size": size})
+  mine = list(videos)[jax.process_index()::jax.process_count()]
+  todo = [v for v in mine if not store.has(v, videos[v])]
+  log(f"visual features: {len(mine) - len(todo)} of {len(mine)} videos already complete")
+  if not todo:
+    return store
+  mesh = sharding.make_mesh(config.mesh_shape)
+  params = jax.device_put(params, sharding.replicated(mesh))
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, loaders.normalize_images(x)),
+                    out_shardings=sharding.replicated(mesh))
+  records, has_image = [], {}
+  for i, video in enumerate(todo):
+    idx = affwild2.image_indices(root, video)
+    idx = idx[(idx >= 1) & (idx <= videos[video])]
+    has = np.zeros(videos[video], bool)
+    has[idx - 1] = True
+    has_image[video] = has
+    records += [{"path": os.path.join(root, affwild2.FRAMES_DIR, video, affwild2.frame_name(int(k))),
+                 "video": np.int32(i), "frame": np.int32(k - 1)} for k in idx]
+  div = sharding.batch_divisor(mesh)
+  batch_size = -(-config.batch_size // div) * div
+  current, feats = 0, {}
+  start, done_frames = time.perf_counter(), 0
+  total_frames = sum(videos[v] for v in todo)
+
+  def flush(upto: int):
+    nonlocal current, feats, done_frames
+    while current < upto:
+      v = todo[current]
+      _finish_video(store, v, videos[v], has_image[v], feats)
+      done_frames += videos[v]
+      rate = done_frames / max(time.perf_counter() - start, 1e-9)
+      log(f"visual {current + 1}/{len(todo)} {v}: {videos[v]} frames | {rate:.0f} frames/s | "
+          f"ETA {loop.format_seconds((total_frames - done_frames) / max(rate, 1e-9))}")
+      current, feats = current + 1, {}
+
+  for batch in loaders.eval_dataset(records, image_size=size, batch_size=batch_size,
+                                    shard_index=0, shard_count=1):
+    n = batch["image"].shape[0]
+    images = np.concatenate([batch["image"], np.zeros((batch_size - n, *batch["image"].shape[1:]), np.uint8)])
+    out = np.asarray(forward(params, sharding.shard_batch({"x": images}, mesh)["x"]))[:n]
+    for row, v, f in zip(out, batch["video"], batch["frame"]):
+      flush(int(v))  # records arrive in order: earlier videos are complete
+      feats[int(f)] = row
+  flush(len(todo))
+  return store
+
+
+def extract_audio(config: ml_collections.ConfigDict, out_dir: str, videos: dict[str, int],
+                  log=logging.info) -> features.FeatureStore:
+  cfg = audio.AudioFeatureConfig(**config.audio_features)
+  blob = repr(sorted(config.audio_features.items())) + f"fps={config.data.fps}"
+  store = features.FeatureStore.create(
+      os.path.join(out_dir, AUDIO_DIR), kind="audio", dim=cfg.dim, dtype=config.feature_dtype,
+      model_hash=hashlib.sha256(blob.encode()).hexdigest()[:16],
+      config={**config.audio_features, "fps": config.data.fps})
+  mine = list(videos)[jax.process_index()::jax.process_count()]
+  todo = [v for v in mine if not store.has(v, videos[v])]
+  log(f"audio features: {len(mine) - len(todo)} of {len(mine)} videos already complete")
+  start = time.perf_counter()
+  for video in todo:
+    feats = audio.video_audio_features(config.data.root, video, videos[video], config.data.fps, cfg)
+    store.write(video, feats)
+  if todo:
+    log(f"audio: {len(todo)} videos, {sum(videos[v] for v in todo) / (time.perf_counter() - start):.0f} frames/s")
+  return store
+
+
+def run(config: ml_collections.ConfigDict, out_dir: str, log=logging.info) -> dict[str, str]:
+  """Extracts what the config asks for into `out_dir/{visual,audio}`; returns their paths."""
+  videos = all_videos(config.data.root, config.test_split)
+  out = {}
+  if config.visual:
+    out["visual"] = str(extract_visual(config, out_dir, videos, log).root)
+  if config.audio:
+    out["audio"] = str(extract_audio(config, out_dir, videos, log).root)
+  return out

@@ -1,0 +1,396 @@
+"""The authors' temporal model (their `model.py`) and a frame-wise baseline, in Flax.
+
+    features of each modality [B, T, D_m] ─► TCN per modality ─► concat over channels (fusion)
+      ─► 1x1 projection 128·M -> d_model ─► Transformer encoder (key-padding mask)
+      ─► per-frame head Linear d -> d/2, BatchNorm, Linear d/2 -> out
+
+Call: `model.apply(variables, inputs, mask, train=..., rngs={"dropout": key},
+mutable=["batch_stats"] if train else False)` with `inputs` a dict modality -> [B, T, D_m] and
+`mask` [B, T] (1 = real frame; segments are padded at the end). Returns [B, T, out] float32.
+Padded frames never reach a valid frame's output: the TCN zeros them before every
+convolution, attention gives them no weight as keys, and BatchNorm's training statistics
+leave them out.
+
+The `paper` preset is exactly the released model (visual only, causal TCN [768, 256, 128]
+k5, 8 post-LN layers of width 512, 4 heads, ff 512, ReLU, no positional encoding, dropout 0);
+`params_from_torch_state_dict` loads the PyTorch reference's weights
+(`../shared/bench/torch_temporal.py` layout) onto it.
+
+Initialisation follows torch's defaults (Linear kernels uniform +-1/sqrt(fan_in), the fused
+attention projection xavier-uniform) except that Linear biases start at zero.
+"""
+
+import functools
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from affect_jax.models import layers
+from affect_jax.models.tcn import TemporalConvNet
+
+Dtype = Any
+
+MODALITIES = ("visual", "audio")
+
+PRESETS = {
+    # The released configs: MAE features only (768-d), everything else as in the paper.
+    "paper": dict(tcn_channels=(768, 256, 128), kernel_size=5, d_model=512, num_layers=8,
+                  num_heads=4, ff_dim=512, dropout=0.0, modalities=("visual",),
+                  tcn_padding="causal", norm_first=False, positional="none",
+                  activation="relu", va_tanh=False, use_tcn=True, use_transformer=True),
+    # Tests and the CPU demo.
+    "tiny": dict(tcn_channels=(32, 16), kernel_size=5, d_model=32, num_layers=2,
+                 num_heads=2, ff_dim=64, dropout=0.0, modalities=("visual",),
+                 tcn_padding="causal", norm_first=False, positional="none",
+                 activation="relu", va_tanh=False, use_tcn=True, use_transformer=True),
+}
+
+# torch's default Linear/Conv kernel init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
+torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def layer_norm(name, param_dtype):
+  # torch's LayerNorm eps; statistics and output in float32 whatever the compute dtype.
+  return nn.LayerNorm(
+      epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+      name=name)
+
+
+def sincos_positions(length: int, width: int) -> np.ndarray:
+  """Vaswani et al.'s fixed encoding [T, width]: sin on even channels, cos on odd ones."""
+  freqs = 1.0 / 10000 ** (np.arange(0, width, 2, dtype=np.float64) / width)
+  angles = np.arange(length, dtype=np.float64)[:, None] * freqs  # [T, width/2]
+  pos = np.zeros([length, width])
+  pos[:, 0::2], pos[:, 1::2] = np.sin(angles), np.cos(angles[:, :width // 2])
+  return pos.astype(np.float32)
+
+
+class MaskedSelfAttention(nn.Module):
+  """torch's MultiheadAttention on one sequence: fused q/k/v projection, per-head scaled
+  dot-product attention with a key-padding mask and dropout on the weights, out projection.
+
+  The qkv kernel is [D, 3, H, hd] (torch's in_proj_weight [3D, D] transposed and split) so
+  that sharding 'heads' gives every device whole heads of q, k and v alike.
+  """
+  num_heads: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  f32_accumulation: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask, *, train: bool = False):  # [B, T, D], [B, T] bool
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                              f32_accumulation=self.f32_accumulation)
+    einsum = functools.partial(layers.einsum, f32_accumulation=self.f32_accumulation)
+
+    qkv = dense((3, self.num_heads, head_dim), ("embed", "qkv", "heads", "kv"),
+                name="qkv")(x)  # [B, T, 3, H, hd]
+    q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))  # [B, H, T, hd]
+    logits = einsum("bhqd,bhkd->bhqk", q * head_dim ** -0.5, k,
+                    out_dtype=jnp.float32)  # [B, H, T, T]
+    # A finite floor rather than -inf: a segment with no real frame gets uniform weights
+    # (its outputs are all padding) instead of NaNs that would reach the gradients.
+    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = nn.Dropout(self.dropout, deterministic=not train)(probs).astype(v.dtype)
+    out = jnp.swapaxes(einsum("bhqk,bhkd->bhqd", probs, v), 1, 2)  # [B, T, H, hd]
+    return dense(width, ("heads", "kv", "embed"), in_axes=2, kernel_init=torch_linear_init,
+                 name="out")(out)  # [B, T, D]
+
+
+class FeedForward(nn.Module):
+  """Linear(d, ff) -> activation -> dropout -> Linear(ff, d), torch's layer order."""
+  ff_dim: int
+  activation: str = "relu"
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  f32_accumulation: bool = True
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):  # [B, T, D]
+    dense = functools.partial(layers.Dense, kernel_init=torch_linear_init, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              f32_accumulation=self.f32_accumulation)
+    h = dense(self.ff_dim, ("embed", "mlp"), name="fc1")(x)  # [B, T, ff]
+    # torch's "gelu" is the exact (erf) one.
+    h = nn.relu(h) if self.activation == "relu" else nn.gelu(h, approximate=False)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    return dense(x.shape[-1], ("mlp", "embed"), name="fc2")(h)
+
+
+class TransformerEncoderLayer(nn.Module):
+  """torch's `nn.TransformerEncoderLayer`: post-LN by default,
+  x = LN1(x + drop(attn(x))); x = LN2(x + drop(ff(x))); with `norm_first` the pre-LN
+  x = x + drop(attn(LN1(x))); x = x + drop(ff(LN2(x)))."""
+  num_heads: int
+  ff_dim: int
+  dropout: float = 0.0
+  activation: str = "relu"
+  norm_first: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  f32_accumulation: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask, *, train: bool = False):  # [B, T, D] float32, [B, T] bool
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+              f32_accumulation=self.f32_accumulation)
+    attn = MaskedSelfAttention(self.num_heads, self.dropout, name="attn", **kw)
+    ff = FeedForward(self.ff_dim, self.activation, self.dropout, name="ff", **kw)
+    norm1, norm2 = layer_norm("norm1", self.param_dtype), layer_norm("norm2", self.param_dtype)
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+
+    if self.norm_first:
+      x = x + drop(attn(norm1(x), mask, train=train))
+      return x + drop(ff(norm2(x), train=train))
+    x = norm1(x + drop(attn(x, mask, train=train)))
+    return norm2(x + drop(ff(x, train=train)))
+
+
+class TransformerEncoder(nn.Module):
+  """`num_layers` layers (`layers_{i}`); with `norm_first`, a final LayerNorm (`norm`), as
+  pre-LN stacks need (torch leaves it to the caller's `norm=`)."""
+  num_layers: int
+  num_heads: int
+  ff_dim: int
+  dropout: float = 0.0
+  activation: str = "relu"
+  norm_first: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  f32_accumulation: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask, *, train: bool = False):  # [B, T, D], [B, T] bool
+    x = x.astype(jnp.float32)  # the residual stream stays float32; branches may be bf16
+    for i in range(self.num_layers):
+      x = TransformerEncoderLayer(
+          self.num_heads, self.ff_dim, self.dropout, self.activation, self.norm_first,
+          dtype=self.dtype, param_dtype=self.param_dtype,
+          f32_accumulation=self.f32_accumulation, name=f"layers_{i}")(x, mask, train=train)
+    if self.norm_first:
+      x = layer_norm("norm", self.param_dtype)(x)
+    return x  # [B, T, D] float32
+
+
+class PredictionHead(nn.Module):
+  """Per frame Linear(d, hidden) -> BatchNorm -> Linear(hidden, out).
+
+  BatchNorm as torch's BatchNorm1d over all frames of the batch (momentum 0.1 = flax 0.9,
+  eps 1e-5), its training statistics over real frames only. One difference stays: torch
+  tracks the unbiased variance in its running average, flax the biased one (a factor
+  n/(n-1) over thousands of frames).
+  """
+  hidden: int
+  out_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  f32_accumulation: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask, *, train: bool = False):  # [B, T, D], [B, T] bool
+    dense = functools.partial(layers.Dense, kernel_init=torch_linear_init, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              f32_accumulation=self.f32_accumulation)
+    h = dense(self.hidden, ("embed", "mlp"), name="fc1")(x)  # [B, T, hidden]
+    h = nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        use_fast_variance=False, dtype=jnp.float32, param_dtype=self.param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("mlp",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+        name="bn")(h, mask=mask[..., None])
+    return dense(self.out_dim, ("mlp", "classes"), name="fc2")(h)  # [B, T, out]
+
+
+def _full_mask(inputs, modalities, mask):
+  if mask is None:
+    shape = inputs[modalities[0]].shape[:2]
+    return jnp.ones(shape, bool)
+  return jnp.asarray(mask).astype(bool)
+
+
+class TemporalModel(nn.Module):
+  """Per-modality TCN -> fusion -> projection -> Transformer -> per-frame head.
+
+  `use_tcn=False` feeds the features to the projection directly and `use_transformer=False`
+  goes from the projection to the head (the ablations). `positional='sincos'` adds fixed
+  positions after the projection; `va_tanh` squashes the outputs into [-1, 1] (for VA).
+  """
+  out_dim: int
+  tcn_channels: Sequence[int] = (768, 256, 128)
+  kernel_size: int = 5
+  d_model: int = 512
+  num_layers: int = 8
+  num_heads: int = 4
+  ff_dim: int = 512
+  dropout: float = 0.0
+  modalities: Sequence[str] = ("visual",)
+  tcn_padding: str = "causal"
+  norm_first: bool = False
+  positional: str = "none"
+  activation: str = "relu"
+  va_tanh: bool = False
+  use_tcn: bool = True
+  use_transformer: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  f32_accumulation: bool = True
+
+  @nn.compact
+  def __call__(self, inputs: Mapping[str, jax.Array], mask=None, train: bool = False):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+              f32_accumulation=self.f32_accumulation)
+    mask = _full_mask(inputs, self.modalities, mask)  # [B, T] bool
+
+    streams = []
+    for name in self.modalities:
+      x = inputs[name]  # [B, T, D_m]
+      if self.use_tcn:
+        x = TemporalConvNet(self.tcn_channels, self.kernel_size, self.tcn_padding,
+                            self.dropout, name=f"tcn_{name}", **kw)(x, mask, train=train)
+      streams.append(x)  # [B, T, C_m]
+    x = jnp.concatenate(streams, axis=-1)  # [B, T, sum C_m]: the fusion
+    x = layers.Dense(self.d_model, ("channels", "embed"), kernel_init=torch_linear_init,
+                     name="proj", **kw)(x)  # [B, T, d_model]
+
+    if self.positional == "sincos":
+      x = x + sincos_positions(x.shape[1], self.d_model)
+    elif self.positional != "none":
+      raise ValueError(f"positional must be 'none' or 'sincos', got {self.positional!r}")
+    if self.use_transformer:
+      x = TransformerEncoder(self.num_layers, self.num_heads, self.ff_dim, self.dropout,
+                             self.activation, self.norm_first, name="encoder", **kw)(
+                                 x, mask, train=train)
+    y = PredictionHead(self.d_model // 2, self.out_dim, name="head", **kw)(
+        x, mask, train=train)
+    y = y.astype(jnp.float32)
+    return jnp.tanh(y) if self.va_tanh else y  # [B, T, out]
+
+
+class FrameMLP(nn.Module):
+  """The frame-wise baseline: each frame alone, Dense -> ReLU -> Dropout -> Dense.
+
+  Same call as `TemporalModel`; `mask` is accepted and unused (no frame sees another).
+  """
+  out_dim: int
+  hidden: int = 512
+  dropout: float = 0.0
+  modalities: Sequence[str] = ("visual",)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  f32_accumulation: bool = True
+
+  @nn.compact
+  def __call__(self, inputs: Mapping[str, jax.Array], mask=None, train: bool = False):
+    del mask
+    dense = functools.partial(layers.Dense, kernel_init=torch_linear_init, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              f32_accumulation=self.f32_accumulation)
+    x = jnp.concatenate([inputs[name] for name in self.modalities], axis=-1)  # [B, T, D]
+    h = nn.relu(dense(self.hidden, ("channels", "mlp"), name="fc1")(x))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    return dense(self.out_dim, ("mlp", "classes"), name="fc2")(h).astype(jnp.float32)
+
+
+def make_temporal_model(preset: str, out_dim: int, input_dims: Mapping[str, int],
+                        **overrides) -> TemporalModel:
+  """`TemporalModel` of a preset with `overrides`, e.g. ("tiny", 2, {"visual": 768}).
+
+  `input_dims` (modality -> feature width) must cover the model's modalities; the widths
+  themselves come from the inputs at init.
+  """
+  if preset not in PRESETS:
+    raise ValueError(f"Unknown temporal preset {preset!r}; known: {sorted(PRESETS)}")
+  config = {**PRESETS[preset], **overrides}
+  unknown = set(config) - set(TemporalModel.__dataclass_fields__)
+  if unknown:
+    raise ValueError(f"Unknown TemporalModel options {sorted(unknown)}")
+  config["modalities"] = tuple(config["modalities"])
+  config["tcn_channels"] = tuple(config["tcn_channels"])
+  missing = [m for m in config["modalities"] if m not in input_dims]
+  if missing:
+    raise ValueError(f"modalities {missing} have no input width in {dict(input_dims)}")
+  return TemporalModel(out_dim=out_dim, **config)
+
+
+def example_inputs(input_dims: Mapping[str, int], batch: int = 1, length: int = 8):
+  """Zero features and an all-real mask of the given sizes, e.g. for `model.init`."""
+  inputs = {name: jnp.zeros((batch, length, dim), jnp.float32)
+            for name, dim in input_dims.items()}
+  return inputs, jnp.ones((batch, length), jnp.float32)
+
+
+def params_from_torch_state_dict(state: Mapping[str, np.ndarray], *, num_heads: int = 4,
+                                 modality: str = "visual") -> dict:
+  """The PyTorch reference's `state_dict` (numpy arrays) -> {'params', 'batch_stats'}.
+
+  Layout of `../shared/bench/torch_temporal.py`'s `AuthorsModel`: `tcn.{i}.c1/c2` with
+  `parametrizations.weight.original0/1` (g [C_out, 1, 1], v [C_out, C_in, k]), `a1/a2/a`
+  PReLUs, `down`; `proj` (Conv1d k=1); `enc.layers.{l}` (`self_attn.in_proj_*`,
+  `out_proj`, `linear1/2`, `norm1/2`); `head.0/1/2` (Linear, BatchNorm1d, Linear). Its
+  single TCN becomes `tcn_{modality}`. `num_heads` cannot be read off the shapes.
+  Returns plain (unboxed) numpy arrays.
+  """
+  s = {k: np.asarray(v, np.float32) for k, v in state.items()}
+
+  def linear(prefix):  # torch [out, in(, 1)] -> kernel [in, out]
+    w = s[f"{prefix}.weight"]
+    return {"kernel": w.reshape(w.shape[0], -1).T, "bias": s[f"{prefix}.bias"]}
+
+  def weight_norm_conv(prefix):
+    g = s[f"{prefix}.parametrizations.weight.original0"]
+    v = s[f"{prefix}.parametrizations.weight.original1"]
+    return {"v": v.transpose(2, 1, 0), "g": g.reshape(-1), "bias": s[f"{prefix}.bias"]}
+
+  def prelu(prefix):
+    return {"negative_slope": s[f"{prefix}.weight"].reshape(())}
+
+  tcn = {}
+  for i in range(len({k.split(".")[1] for k in s if k.startswith("tcn.")})):
+    p = f"tcn.{i}"
+    level = {"conv1": weight_norm_conv(f"{p}.c1"), "conv2": weight_norm_conv(f"{p}.c2"),
+             "prelu1": prelu(f"{p}.a1"), "prelu2": prelu(f"{p}.a2"),
+             "prelu_out": prelu(f"{p}.a")}
+    if f"{p}.down.weight" in s:
+      level["downsample"] = linear(f"{p}.down")
+    tcn[f"level_{i}"] = level
+
+  encoder = {}
+  for l in range(len({k.split(".")[2] for k in s if k.startswith("enc.layers.")})):
+    p = f"enc.layers.{l}"
+    in_w, in_b = s[f"{p}.self_attn.in_proj_weight"], s[f"{p}.self_attn.in_proj_bias"]
+    width = in_w.shape[1]
+    head_dim = width // num_heads
+    out = linear(f"{p}.self_attn.out_proj")
+    encoder[f"layers_{l}"] = {
+        "attn": {
+            # Rows of in_proj are [q; k; v], each head-major.
+            "qkv": {"kernel": in_w.T.reshape(width, 3, num_heads, head_dim),
+                    "bias": in_b.reshape(3, num_heads, head_dim)},
+            "out": {"kernel": out["kernel"].reshape(num_heads, head_dim, width),
+                    "bias": out["bias"]}},
+        "ff": {"fc1": linear(f"{p}.linear1"), "fc2": linear(f"{p}.linear2")},
+        "norm1": {"scale": s[f"{p}.norm1.weight"], "bias": s[f"{p}.norm1.bias"]},
+        "norm2": {"scale": s[f"{p}.norm2.weight"], "bias": s[f"{p}.norm2.bias"]},
+    }
+
+  params = {
+      f"tcn_{modality}": tcn,
+      "proj": linear("proj"),
+      "encoder": encoder,
+      "head": {"fc1": linear("head.0"),
+               "bn": {"scale": s["head.1.weight"], "bias": s["head.1.bias"]},
+               "fc2": linear("head.2")},
+  }
+  batch_stats = {"head": {"bn": {"mean": s["head.1.running_mean"],
+                                 "var": s["head.1.running_var"]}}}
+  return {"params": params, "batch_stats": batch_stats}

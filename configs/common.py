@@ -6,6 +6,8 @@ Task configs call `get_data_config()` and override fields, e.g.
 
 import ml_collections
 
+from affect_jax import sharding
+
 # Where launchers write (and read) the embedded synthetic dataset when no root is given.
 DEFAULT_SYNTHETIC_ROOT = "/tmp/affect_jax/synthetic"
 
@@ -19,3 +21,78 @@ def get_data_config() -> ml_collections.ConfigDict:
   # Pixel size frames are resized to before they enter a model.
   data.image_size = 112
   return data
+
+
+# The paper's recipe per task (DESIGN.md "Paper training recipe"): epochs differ.
+PAPER_EPOCHS = {"VA": 40, "EXPR": 10, "AU": 30}
+
+
+def get_temporal_config(task: str, preset: str = "paper") -> ml_collections.ConfigDict:
+  """The temporal model of one task (configs/va.py, expr.py, au.py call this).
+
+  `preset`: 'paper' (the authors' model and recipe, visual features only), 'tiny' (CPU
+  tests and the demo). Ablations are overrides, e.g. `--config.model.kind=frame_mlp`,
+  `--config.model.modalities=visual,audio`, `--config.model.use_transformer=False`.
+  """
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.preset = preset
+  c.seed = 0
+  c.data = get_data_config()
+  c.data.visual_features = ""  # launch/extract.py --workdir + /visual
+  c.data.audio_features = ""   # ... + /audio
+  c.data.segment_len = 300
+  c.data.stride = 200
+  c.data.predict_stride = 200  # the authors predict with 300 (no overlap); we overlap + merge
+  c.data.merge = "uniform"     # or 'triangular': weight frames near a window's centre more
+
+  c.model = ml_collections.ConfigDict()
+  c.model.kind = "temporal"    # 'temporal' (TCN + Transformer) | 'frame_mlp' (no context)
+  c.model.preset = preset      # affect_jax.models.temporal.PRESETS
+  c.model.modalities = ("visual",)
+  c.model.use_tcn = True
+  c.model.use_transformer = True
+  c.model.tcn_padding = "causal"
+  c.model.norm_first = False
+  c.model.positional = "none"
+  c.model.activation = "relu"
+  c.model.va_tanh = False
+  c.model.dropout = 0.0
+  c.model.mlp_hidden = 512     # frame_mlp only
+  c.model.dtype = "float32"
+
+  c.batch_size = 32
+  c.num_epochs = PAPER_EPOCHS[task]
+  c.num_steps = -1
+  c.warmup_epochs = 2
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=3e-5, base_lr=None, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-5,
+      schedule="cosine", min_lr=1e-8, init_lr=1e-8, grad_clip=0.0))
+  c.class_weights = ()   # EXPR: 8 weights, or empty for none
+  c.pos_weight = ()      # AU: 12 weights, or empty for none
+  c.fold = 0             # 0 = official split, 1-4 the authors' extra folds
+  c.cross_validate = False
+  c.eval_every_epochs = 1.0
+  c.early_stopping_epochs = 0  # stop when the metric has not improved for this long; 0 = off
+
+  c.mesh_shape = (-1, 1, 1)
+  c.axis_rules = sharding.DEFAULT_RULES
+  c.log_every = 50
+  c.checkpoint_every = 500
+  c.max_to_keep = 2
+  c.resume = True
+
+  if preset == "tiny":
+    c.data.segment_len = 64
+    c.data.stride = 48
+    c.data.predict_stride = 48
+    c.batch_size = 8
+    c.num_epochs = 30
+    c.warmup_epochs = 1
+    c.optim.lr = 1e-3
+    c.model.mlp_hidden = 64
+    c.log_every = 20
+    c.checkpoint_every = 200
+  elif preset != "paper":
+    raise ValueError(f"unknown preset {preset!r}: use paper or tiny")
+  return c

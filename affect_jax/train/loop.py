@@ -150,15 +150,17 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
         writer: MetricWriter | None = None,
         hooks: tuple[Callable[[int, Any, dict], None], ...] = (),
         eval_fn: Callable[[Any], dict] | None = None, eval_every: int = 0,
-        best_metric: str | None = None, best_mode: str = "max") -> tuple[Any, list[dict]]:
+        best_metric: str | None = None, best_mode: str = "max",
+        early_stop_steps: int = 0) -> tuple[Any, list[dict]]:
   """Trains from the latest checkpoint in `workdir/checkpoints` (if any) up to `num_steps`.
 
   `step_fn(state, batch) -> (state, metrics)` is the jitted step; `data_iter` yields
   host-local numpy batches (a grain iterator: its position is checkpointed too). `hooks`
   run after every logged step with (step, state, metrics). `eval_fn(state) -> scalars` runs
   every `eval_every` steps and at the end; with `best_metric`, the state that scores best
-  on it is exported to `workdir/best` (see `save_best` / `load_best`). Returns the final
-  state and the logged metrics of this run (eval scalars prefixed 'eval/').
+  on it is exported to `workdir/best` (see `maybe_save_best` / `load_best`); with
+  `early_stop_steps`, training stops once the best is that many steps old. Returns the
+  final state and the logged metrics of this run (eval scalars prefixed 'eval/').
   """
   manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
                                     save_every=checkpoint_every, max_to_keep=max_to_keep)
@@ -172,11 +174,22 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
   history: list[dict] = []
   t_start = time.perf_counter()
   t_last, step_last = t_start, start
+  def stale() -> bool:
+    best = read_best(workdir) if early_stop_steps and best_metric else None
+    return best is not None and state_step - best["step"] >= early_stop_steps
+
+  state_step = start
   try:
     for step in range(start, num_steps):
+      if stale():
+        logging.info("early stop at step %d: no better eval/%s since step %d", state_step,
+                     best_metric, read_best(workdir)["step"])
+        if manager.latest_step() != state_step:  # a rerun then stops here too
+          checkpoint.save(manager, state_step, state, data_iter=grain_iter, config=config, force=True)
+        break
       batch = sharding.shard_batch(next(data_iter), mesh)
       state, metrics = step_fn(state, batch)
-      done = step + 1
+      done = state_step = step + 1
       if done % log_every == 0 or done == num_steps:
         # Pull metrics of this step only now: fetching every step would serialise host/device.
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

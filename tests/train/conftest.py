@@ -30,3 +30,23 @@ def finetune_workdir(synthetic_root, mae_workdir, tmp_path_factory):
   c.init.mae_workdir = str(mae_workdir)
   finetune.train_and_evaluate(c, str(workdir))
   return workdir
+
+
+def extract_config_for(root, encoder_workdir):
+  from configs import extract as extract_config
+  c = extract_config.get_config()
+  c.data.root = str(root)
+  c.encoder_workdir = str(encoder_workdir)
+  c.batch_size = 64
+  c.feature_dtype = "float32"
+  return c
+
+
+@pytest.fixture(scope="session")
+def extracted(synthetic_root, finetune_workdir, tmp_path_factory):
+  """(out_dir, {'visual': path, 'audio': path}, log lines) of features of every video."""
+  from affect_jax.train import extract
+  out = tmp_path_factory.mktemp("features")
+  logs = []
+  paths = extract.run(extract_config_for(synthetic_root, finetune_workdir), str(out), log=logs.append)
+  return out, paths, logs

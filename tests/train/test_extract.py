@@ -9,24 +9,9 @@ from PIL import Image
 
 from affect_jax.data import affwild2, features, loaders
 from affect_jax.train import extract
-from configs import extract as extract_config
 
 
-def _config(root, encoder_workdir):
-  c = extract_config.get_config()
-  c.data.root = str(root)
-  c.encoder_workdir = str(encoder_workdir)
-  c.batch_size = 64
-  c.feature_dtype = "float32"
-  return c
-
-
-@pytest.fixture(scope="module")
-def extracted(synthetic_root, finetune_workdir, tmp_path_factory):
-  out = tmp_path_factory.mktemp("features")
-  logs = []
-  paths = extract.run(_config(synthetic_root, finetune_workdir), str(out), log=logs.append)
-  return out, paths, logs
+from tests.train.conftest import extract_config_for as _config
 
 
 def test_every_video_every_frame(synthetic_root, extracted):

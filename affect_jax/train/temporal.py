@@ -1,0 +1,331 @@
+"""The temporal model: segments of per-frame features -> per-frame VA / Expr / AU.
+
+  state, metrics = train_step(state, batch)              # jitted, sharded, state donated
+  preds = predict_videos(...)                             # windows -> overlap merge -> [T, K]
+  train_and_evaluate(config, workdir)                     # launch/train_temporal.py
+  cross_validate(config, workdir)                         # folds 0-4, mean +- std
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from affect_jax import losses, metrics, optim, sharding
+from affect_jax.data import affwild2, features, segments
+from affect_jax.models import temporal
+from affect_jax.train import loop
+
+OUT_DIMS = {"VA": 2, "EXPR": len(affwild2.EXPR_NAMES), "AU": len(affwild2.AU_NAMES)}
+MAIN_METRIC = {"VA": "mean", "EXPR": "f1", "AU": "f1"}
+
+
+# ---- Data ----
+
+
+def open_stores(config: ml_collections.ConfigDict) -> dict[str, features.FeatureStore]:
+  paths = {"visual": config.data.visual_features, "audio": config.data.audio_features}
+  stores = {}
+  for name in config.model.modalities:
+    if not paths.get(name):
+      raise ValueError(f"config.model.modalities has {name!r} but config.data.{name}_features is empty")
+    stores[name] = features.FeatureStore(paths[name])
+  return stores
+
+
+def load_labels(root: str, task: str, videos, with_test_labels: bool = False) -> dict[str, affwild2.VideoLabels]:
+  """Labels of named videos, from whichever split folder holds each (folds mix them)."""
+  where = {}
+  for split in affwild2.SPLITS:
+    for v in affwild2.list_videos(root, task, split):
+      where[v] = split
+  if with_test_labels:
+    try:
+      for v in affwild2.list_videos(root, task, affwild2.TEST_SET):
+        where.setdefault(v, affwild2.TEST_SET)
+    except FileNotFoundError:
+      pass
+  missing = [v for v in videos if v not in where]
+  if missing:
+    raise KeyError(f"{root}: no {task} annotation for videos {missing[:5]}")
+  return {v: affwild2.load_video(root, task, where[v], v, with_test_labels) for v in videos}
+
+
+def split_videos(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
+  """{'train', 'val'} of the config's fold, and 'test' when the dataset lists one."""
+  out = affwild2.fold_videos(config.data.root, config.task, config.fold)
+  try:
+    out["test"] = affwild2.list_videos(config.data.root, config.task, affwild2.TEST_SET)
+  except FileNotFoundError:
+    out["test"] = []
+  return out
+
+
+# ---- Model, loss, step ----
+
+
+def create_model(config: ml_collections.ConfigDict):
+  m = config.model
+  out = OUT_DIMS[config.task]
+  dtype = jnp.dtype(m.dtype)
+  if m.kind == "frame_mlp":
+    return temporal.FrameMLP(out, hidden=m.mlp_hidden, dropout=m.dropout,
+                             modalities=tuple(m.modalities), dtype=dtype)
+  if m.kind != "temporal":
+    raise ValueError(f"config.model.kind: unknown {m.kind!r} (temporal | frame_mlp)")
+  return temporal.make_temporal_model(
+      m.preset, out, {k: 1 for k in m.modalities}, modalities=tuple(m.modalities),
+      use_tcn=m.use_tcn, use_transformer=m.use_transformer, tcn_padding=m.tcn_padding,
+      norm_first=m.norm_first, positional=m.positional, activation=m.activation,
+      va_tanh=m.va_tanh, dropout=m.dropout, dtype=dtype)
+
+
+def task_loss(task: str, out, label, mask, class_weights=None, pos_weight=None):
+  if task == "VA":
+    return losses.ccc_loss(out, label, mask)
+  if task == "EXPR":
+    return losses.masked_cross_entropy(out, label, mask, class_weights=class_weights)
+  return losses.masked_bce_with_logits(out, label, mask, pos_weight=pos_weight)
+
+
+def frame_outputs(task: str, out):
+  """Model outputs -> what overlap merge averages: values (VA) or probabilities."""
+  if task == "EXPR":
+    return jax.nn.softmax(out, axis=-1)
+  if task == "AU":
+    return jax.nn.sigmoid(out)
+  return out
+
+
+def create_train_state(config, model, rng, mesh, schedule, input_dims: Mapping[str, int]):
+  tx = optim.make_optimizer(config.optim, schedule=schedule)
+  inputs, mask = temporal.example_inputs(input_dims, batch=1, length=config.data.segment_len)
+
+  def init(r):
+    variables = model.init({"params": r, "dropout": r}, inputs, mask, train=False)
+    return loop.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                                  batch_stats=variables.get("batch_stats", {}))
+
+  return loop.create_sharded_state(init, rng, mesh, sharding.rules_from_config(config.axis_rules))
+
+
+def train_step(state, batch, *, model, task, modalities, seed, schedule, class_weights, pos_weight):
+  rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  inputs = {m: batch[m] for m in modalities}
+
+  def loss_fn(params):
+    out, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, inputs,
+                               batch["frame_mask"], train=True, rngs={"dropout": rng},
+                               mutable=["batch_stats"])
+    loss = task_loss(task, out, batch["label"], batch["label_mask"], class_weights, pos_weight)
+    return loss, updates
+
+  (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads).replace(
+      batch_stats=updates.get("batch_stats", state.batch_stats))
+  return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step - 1)}
+
+
+# ---- Whole-video prediction and scores ----
+
+
+def make_predict_fn(model, task: str, mesh):
+  """jitted windows [N, L, D] (+ mask) -> per-frame outputs, eval mode."""
+  def fn(variables, inputs, mask):
+    return frame_outputs(task, model.apply(variables, inputs, mask, train=False))
+  return jax.jit(fn, out_shardings=sharding.replicated(mesh))
+
+
+def predict_videos(predict_fn, variables, stores: Mapping[str, features.FeatureStore],
+                   videos: Mapping[str, int], *, segment_len: int, stride: int, merge: str,
+                   batch_size: int, mesh) -> dict[str, np.ndarray]:
+  """{video: [T, K]}: every video cut into windows, all windows batched together, outputs
+  merged back to exactly one per frame."""
+  windows, masks, plan = {m: [] for m in stores}, [], []
+  for video, num_frames in videos.items():
+    feats = {m: np.asarray(s.read(video), np.float32) for m, s in stores.items()}
+    for m, f in feats.items():
+      if len(f) != num_frames:
+        raise ValueError(f"{video}: {m} features have {len(f)} frames, expected {num_frames}")
+    inputs, mask, starts = segments.predict_windows(feats, segment_len, stride)
+    for m in stores:
+      windows[m].append(inputs[m])
+    masks.append(mask)
+    plan.append((video, num_frames, starts, len(starts)))
+  if not plan:
+    return {}
+  all_inputs = {m: np.concatenate(w) for m, w in windows.items()}
+  all_mask = np.concatenate(masks)
+  n = len(all_mask)
+  div = sharding.batch_divisor(mesh)
+  bs = -(-min(batch_size, n) // div) * div
+  outs = []
+  for i in range(0, n, bs):
+    sl = slice(i, i + bs)
+    k = len(all_mask[sl])
+    pad = lambda x: np.concatenate([x, np.zeros((bs - k, *x.shape[1:]), x.dtype)])
+    batch = sharding.shard_batch({"mask": pad(all_mask[sl]),
+                                  **{m: pad(x[sl]) for m, x in all_inputs.items()}}, mesh)
+    mask = batch.pop("mask")
+    outs.append(np.asarray(predict_fn(variables, batch, mask))[:k])
+  out = np.concatenate(outs)
+  preds, at = {}, 0
+  for video, num_frames, starts, count in plan:
+    preds[video] = segments.merge(out[at:at + count], starts, num_frames, weighting=merge,
+                                  mask=all_mask[at:at + count])
+    at += count
+  return preds
+
+
+def decide(task: str, probs: np.ndarray, thresholds=0.5) -> np.ndarray:
+  """Merged outputs -> submitted values: VA clipped to [-1, 1], Expr class, AU 0/1."""
+  if task == "VA":
+    return np.clip(probs, -1.0, 1.0)
+  if task == "EXPR":
+    return probs.argmax(-1)
+  return (probs >= np.asarray(thresholds)).astype(np.int32)
+
+
+def score(task: str, preds: Mapping[str, np.ndarray], labels: Mapping[str, affwild2.VideoLabels],
+          au_thresholds=None) -> dict[str, float]:
+  """The task's metrics over all frames of all videos (invalid labels excluded)."""
+  names = sorted(preds)
+  prob = np.concatenate([preds[v] for v in names])
+  lab = np.concatenate([labels[v].labels for v in names])
+  if task == "VA":
+    return metrics.va_scores(decide(task, prob), lab)
+  if task == "EXPR":
+    return {"f1": metrics.expr_f1(decide(task, prob), lab)}
+  out = metrics.au_f1(decide(task, prob), lab)
+  res = {"f1": out["f1"], **{f"f1_{k}": v for k, v in out["per_au"].items()}}
+  if au_thresholds is not None:
+    res["f1_tuned"] = metrics.au_f1(decide(task, prob, au_thresholds), lab)["f1"]
+  return res
+
+
+def tune_thresholds(preds, labels) -> np.ndarray:
+  names = sorted(preds)
+  return metrics.tune_au_thresholds(np.concatenate([preds[v] for v in names]),
+                                    np.concatenate([labels[v].labels for v in names]))
+
+
+# ---- The loop ----
+
+
+def _variables(state) -> dict:
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains one fold, keeps the best state by the task's validation metric (whole videos,
+  after overlap merge), then scores validation and, where labels exist, test with it.
+  Writes `workdir/results.json`; returns it."""
+  os.makedirs(workdir, exist_ok=True)
+  task, root = config.task, config.data.root
+  stores = open_stores(config)
+  splits = split_videos(config)
+  labels = load_labels(root, task, splits["train"] + splits["val"])
+  train_labels = {v: labels[v].labels for v in splits["train"]}
+  source = segments.SegmentSource(stores, train_labels, task, segment_len=config.data.segment_len,
+                                  stride=config.data.stride)
+  mesh = sharding.make_mesh(config.mesh_shape)
+  if config.batch_size % sharding.batch_divisor(mesh) or config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} must divide over "
+                     f"{sharding.batch_divisor(mesh)} devices and {jax.process_count()} hosts")
+  steps_per_epoch = max(len(source) // config.batch_size, 1)
+  total = int(config.num_steps) if config.num_steps > 0 else int(config.num_epochs * steps_per_epoch)
+  warmup = int(round(total * config.warmup_epochs / max(config.num_epochs, 1e-9)))
+  schedule = optim.lr_schedule(config.optim, batch_size=config.batch_size, total_steps=total,
+                               warmup_steps=warmup)
+  model = create_model(config)
+  input_dims = {m: s.dim for m, s in stores.items()}
+  state, shardings = create_train_state(config, model, jax.random.key(config.seed), mesh,
+                                        schedule, input_dims)
+  cw = jnp.asarray(config.class_weights, jnp.float32) if len(config.class_weights) else None
+  pw = jnp.asarray(config.pos_weight, jnp.float32) if len(config.pos_weight) else None
+  step = functools.partial(train_step, model=model, task=task, modalities=tuple(stores),
+                           seed=config.seed, schedule=schedule, class_weights=cw, pos_weight=pw)
+  sample = source[0]
+  batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v) + 1) for k, v in sample.items()}
+  step_fn = jax.jit(step, in_shardings=(shardings, batch_sh),
+                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  predict_fn = make_predict_fn(model, task, mesh)
+  predict = functools.partial(predict_videos, predict_fn, stores=stores,
+                              segment_len=config.data.segment_len, stride=config.data.predict_stride,
+                              merge=config.data.merge, batch_size=max(config.batch_size, 32), mesh=mesh)
+  val_frames = {v: labels[v].num_frames for v in splits["val"]}
+
+  def evaluate(st):
+    return score(task, predict(_variables(st), videos=val_frames), labels)
+
+  data_iter = iter(segments.segment_dataset(
+      source, batch_size=config.batch_size // jax.process_count(), seed=config.seed, shuffle=True,
+      num_epochs=None, drop_remainder=True))
+  logging.info("%s %s fold %d: %d train videos (%d segments), %d val, %d steps of %d",
+               task, config.model.kind, config.fold, len(splits["train"]), len(source),
+               len(splits["val"]), total, config.batch_size)
+  eval_every = max(int(round(config.eval_every_epochs * steps_per_epoch)), 1)
+  state, history = loop.run(
+      config=config, workdir=workdir, state=state, step_fn=step_fn, data_iter=data_iter,
+      num_steps=total, mesh=mesh, items_per_step=config.batch_size * config.data.segment_len,
+      unit="frames", log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+      max_to_keep=config.max_to_keep, eval_fn=evaluate, eval_every=eval_every,
+      best_metric=MAIN_METRIC[task], best_mode="max",
+      early_stop_steps=int(config.early_stopping_epochs * steps_per_epoch))
+
+  best_state = loop.load_best(workdir, state)
+  val_preds = predict(_variables(best_state), videos=val_frames)
+  results = {"task": task, "fold": config.fold, "model": config.model.to_dict(),
+             "best_step": loop.read_best(workdir)["step"], "num_steps": total}
+  thresholds = tune_thresholds(val_preds, labels) if task == "AU" else None
+  results["val"] = score(task, val_preds, labels, thresholds)
+  if thresholds is not None:
+    results["au_thresholds"] = thresholds.tolist()
+  test_labels = {}
+  if splits["test"]:
+    try:
+      test_labels = load_labels(root, task, splits["test"], with_test_labels=True)
+    except (FileNotFoundError, KeyError):
+      test_labels = {}  # real ABAW: test labels are not public
+  if test_labels:
+    test_preds = predict(_variables(best_state), videos={v: l.num_frames for v, l in test_labels.items()})
+    results["test"] = score(task, test_preds, test_labels, thresholds)
+  path = os.path.join(workdir, "results.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(results, f, indent=1)
+  os.replace(path + ".tmp", path)
+  if hasattr(data_iter, "close"):
+    data_iter.close()
+  return {**results, "history": history}
+
+
+def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Folds 0-4 (each in workdir/fold_k); per-metric mean and std over folds."""
+  per_fold = []
+  for k in range(affwild2.NUM_FOLDS):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.fold = k
+    per_fold.append(train_and_evaluate(c, os.path.join(workdir, f"fold_{k}"))["val"])
+  keys = [k for k in per_fold[0] if not k.startswith("f1_AU")]
+  summary = {k: {"mean": float(np.mean([f[k] for f in per_fold])),
+                 "std": float(np.std([f[k] for f in per_fold]))} for k in keys}
+  table = ["| fold | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+  for i, f in enumerate(per_fold):
+    table.append(f"| {i} | " + " | ".join(f"{f[k]:.4f}" for k in keys) + " |")
+  table.append("| mean ± std | " + " | ".join(
+      f"{summary[k]['mean']:.4f} ± {summary[k]['std']:.4f}" for k in keys) + " |")
+  out = {"task": config.task, "folds": per_fold, "summary": summary, "table": "\n".join(table)}
+  with open(os.path.join(workdir, "cross_validation.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  with open(os.path.join(workdir, "cross_validation.md"), "w") as f:
+    f.write(out["table"] + "\n")
+  return out

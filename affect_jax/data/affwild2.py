@@ -412,3 +412,63 @@ def summarize(root: str | os.PathLike, with_test_labels: bool = False) -> dict:
           "without_image": sum(int((~v.has_image).sum()) for v in videos),
       }
   return out
+
+
+# ---- ABAW prediction files (one CSV per task) ----
+
+
+def prediction_header(task: str) -> str:
+  return "image_location," + ",".join(TASK_COLUMNS[task])
+
+
+def write_predictions(path: str | os.PathLike, task: str, predictions: dict[str, np.ndarray]) -> None:
+  """The ABAW submission CSV: one row per frame, `<video>/00001.jpg,<values>`; VA two floats,
+  Expr one class index, AU twelve 0/1. Written atomically."""
+  lines = [prediction_header(task)]
+  for video in sorted(predictions):
+    values = np.asarray(predictions[video])
+    for k, row in enumerate(values.reshape(len(values), -1)):
+      if task == "VA":
+        cells = ",".join(f"{x:.4f}" for x in row)
+      else:
+        cells = ",".join(str(int(x)) for x in row)
+      lines.append(f"{video}/{frame_name(k + 1)},{cells}")
+  write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def parse_predictions(path: str | os.PathLike, task: str) -> dict[str, np.ndarray]:
+  """Reads an ABAW prediction CSV back into {video: values}; frames must run 1..T in order.
+  Errors name the file and line."""
+  path = Path(path)
+  lines = [l for l in path.read_text().splitlines()]
+  if not lines or lines[0].strip() != prediction_header(task):
+    raise AnnotationError(path, 1, f"expected header '{prediction_header(task)}'")
+  width = TASK_WIDTH[task]
+  rows: dict[str, list] = {}
+  for n, line in enumerate(lines[1:], start=2):
+    if not line.strip():
+      continue
+    cells = line.split(",")
+    if len(cells) != width + 1:
+      raise AnnotationError(path, n, f"expected image_location and {width} value(s), found "
+                            f"{len(cells) - 1}")
+    video, _, frame = cells[0].rpartition("/")
+    if not video or not frame.endswith(FRAME_EXT) or not frame[: -len(FRAME_EXT)].isdigit():
+      raise AnnotationError(path, n, f"bad image_location '{cells[0]}' (expected <video>/00001.jpg)")
+    got = rows.setdefault(video, [])
+    if int(frame[: -len(FRAME_EXT)]) != len(got) + 1:
+      raise AnnotationError(path, n, f"{video}: frame {frame} out of order (expected "
+                            f"{frame_name(len(got) + 1)})")
+    try:
+      got.append([float(c) for c in cells[1:]])
+    except ValueError:
+      raise AnnotationError(path, n, f"non-numeric value in '{line.strip()}'") from None
+  out = {}
+  for video, values in rows.items():
+    arr = np.asarray(values)
+    bad = _check_values(task, arr)
+    if bad.size:
+      raise AnnotationError(path, None, f"{video}: {_range_rule(task)} (frame {int(bad[0]) + 1})")
+    out[video] = arr.astype(np.float32) if task == "VA" else (
+        arr[:, 0].astype(np.int32) if task == "EXPR" else arr.astype(np.int32))
+  return out

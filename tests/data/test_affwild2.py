@@ -235,3 +235,32 @@ def test_synthetic_folds_keep_pairs_together(synthetic_root):
     f = aw.fold_videos(synthetic_root, "VA", k)
     train_sources = {aw.source_video(v) for v in f["train"]}
     assert not train_sources & {aw.source_video(v) for v in f["val"]}
+
+
+def test_prediction_files_round_trip_and_errors(tmp_path):
+  rng = np.random.default_rng(0)
+  preds = {"a": np.round(rng.uniform(-1, 1, (4, 2)), 4), "b_left": np.round(rng.uniform(-1, 1, (2, 2)), 4)}
+  aw.write_predictions(tmp_path / "va.csv", "VA", preds)
+  lines = (tmp_path / "va.csv").read_text().splitlines()
+  assert lines[0] == "image_location,valence,arousal" and lines[1].startswith("a/00001.jpg,")
+  back = aw.parse_predictions(tmp_path / "va.csv", "VA")
+  for k in preds:
+    np.testing.assert_allclose(back[k], preds[k], atol=1e-6)
+  au = {"v": rng.integers(0, 2, (3, 12))}
+  aw.write_predictions(tmp_path / "au.csv", "AU", au)
+  np.testing.assert_array_equal(aw.parse_predictions(tmp_path / "au.csv", "AU")["v"], au["v"])
+  ex = {"v": np.array([0, 7, 3])}
+  aw.write_predictions(tmp_path / "ex.csv", "EXPR", ex)
+  assert (tmp_path / "ex.csv").read_text().splitlines()[0] == (
+      "image_location,Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other")
+  np.testing.assert_array_equal(aw.parse_predictions(tmp_path / "ex.csv", "EXPR")["v"], ex["v"])
+  bad = tmp_path / "bad.csv"
+  bad.write_text("image_location,valence,arousal\nv/00001.jpg,0.1,0.2\nv/00003.jpg,0.1,0.2\n")
+  with pytest.raises(aw.AnnotationError, match=re.escape(f"{bad}:3: ") + ".*out of order"):
+    aw.parse_predictions(bad, "VA")
+  bad.write_text("image_location,valence,arousal\nv/00001.jpg,0.1\n")
+  with pytest.raises(aw.AnnotationError, match=re.escape(f"{bad}:2: ")):
+    aw.parse_predictions(bad, "VA")
+  bad.write_text("frame,valence,arousal\n")
+  with pytest.raises(aw.AnnotationError, match="expected header"):
+    aw.parse_predictions(bad, "VA")

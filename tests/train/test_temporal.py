@@ -133,3 +133,20 @@ def test_cross_validation_table(synthetic_root, extracted, tmp_path):
   np.testing.assert_allclose(out["summary"]["f1"]["mean"], np.mean(f1s))
   np.testing.assert_allclose(out["summary"]["f1"]["std"], np.std(f1s))
   assert "mean ± std" in (tmp_path / "cross_validation.md").read_text()
+
+
+def test_submission_files_parse_back_with_the_data_layer(synthetic_root, va_run, tmp_path):
+  from affect_jax import predict
+  from affect_jax.data import affwild2
+  workdir, _ = va_run
+  paths = predict.write_submission(str(tmp_path), {"VA": str(workdir)}, affwild2.TEST_SET)
+  back = affwild2.parse_predictions(paths["VA"], "VA")
+  want = predict.split_frames(str(synthetic_root), "VA", affwild2.TEST_SET)
+  assert {v: len(p) for v, p in back.items()} == want
+  _, fn, _ = predict.load(str(workdir))
+  video = sorted(want)[0]
+  np.testing.assert_allclose(back[video], np.clip(fn({video: want[video]})[video], -1, 1), atol=1e-4)
+  assert open(paths["VA"]).readline().strip() == "image_location,valence,arousal"
+  png = tmp_path / "plot.png"
+  predict.plot_video(str(png), "VA", back[video], None, "t")
+  assert png.stat().st_size > 1000

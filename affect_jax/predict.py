@@ -1,0 +1,120 @@
+"""Per-frame predictions of trained temporal models: ABAW submission files and plots.
+
+  predictions = predict(workdir, split)            # {video: merged outputs [T, K]}
+  write_submission(out_dir, {task: workdir}, split)
+  plot_video(path, task, outputs, labels)          # predictions vs labels over time (PNG)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from affect_jax import checkpoint, sharding
+from affect_jax.data import affwild2
+from affect_jax.train import loop, temporal
+
+
+def load(workdir: str, stride: int | None = None):
+  """(config, predict function {video: T} -> {video: [T, K]}, AU thresholds or None) of the
+  best state of a temporal run."""
+  import orbax.checkpoint as ocp
+  config = ml_collections.ConfigDict(checkpoint.load_config(os.path.join(workdir, "checkpoints")))
+  best = loop.read_best(workdir)
+  if best is None:
+    raise FileNotFoundError(f"{workdir}: no best.json (not a finished temporal run?)")
+  with checkpoint.make_manager(os.path.join(workdir, loop.BEST_DIR), save_every=1) as manager:
+    state = manager.restore(best["step"], args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+  # Host arrays: the checkpoint remembers the training mesh, prediction runs on one device.
+  variables = jax.device_get({"params": state["params"], "batch_stats": state.get("batch_stats") or {}})
+  model = temporal.create_model(config)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  stores = temporal.open_stores(config)
+  fn = temporal.make_predict_fn(model, config.task, mesh)
+
+  def predict(videos: dict[str, int]) -> dict[str, np.ndarray]:
+    return temporal.predict_videos(
+        fn, variables, stores, videos, segment_len=config.data.segment_len,
+        stride=stride or config.data.predict_stride, merge=config.data.merge,
+        batch_size=64, mesh=mesh)
+
+  thresholds = None
+  results = os.path.join(workdir, "results.json")
+  if os.path.exists(results):
+    with open(results) as f:
+      thresholds = json.load(f).get("au_thresholds")
+  return config, predict, thresholds
+
+
+def split_frames(root: str, task: str, split: str) -> dict[str, int]:
+  """{video: num_frames} of a split (test videos: from their images)."""
+  return {v.video: v.num_frames for v in affwild2.load_split(root, task, split)}
+
+
+def write_submission(out_dir: str, workdirs: dict[str, str], split: str = affwild2.TEST_SET,
+                     stride: int | None = None) -> dict[str, str]:
+  """One ABAW CSV per task under out_dir; returns {task: path}."""
+  paths = {}
+  for task, workdir in workdirs.items():
+    config, predict, thresholds = load(workdir, stride)
+    outputs = predict(split_frames(config.data.root, task, split))
+    decisions = {v: temporal.decide(task, o, 0.5 if thresholds is None else thresholds)
+                 for v, o in outputs.items()}
+    path = os.path.join(out_dir, f"{affwild2.TASK_DIRS[task][0]}_{split}.csv")
+    affwild2.write_predictions(path, task, decisions)
+    paths[task] = path
+  return paths
+
+
+def plot_video(path: str, task: str, outputs: np.ndarray, labels: np.ndarray | None,
+               title: str = "", fps: float = 30.0) -> None:
+  """VA: predicted vs labelled valence and arousal over time; Expr: class over time; AU:
+  an activation raster (probabilities, labels outlined below)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  t = np.arange(len(outputs)) / fps
+  if task == "VA":
+    fig, axes = plt.subplots(2, 1, figsize=(10, 4.5), sharex=True)
+    for d, ax in enumerate(axes):
+      if labels is not None:
+        lab = np.where(labels[:, d] == affwild2.INVALID_VA, np.nan, labels[:, d])
+        ax.plot(t, lab, color="black", lw=1.2, label="label")
+      ax.plot(t, np.clip(outputs[:, d], -1, 1), color="tab:red", lw=1.0, label="prediction")
+      ax.set_ylim(-1.05, 1.05)
+      ax.set_ylabel(affwild2.VA_NAMES[d])
+    axes[0].legend(loc="upper right", fontsize=8)
+  elif task == "EXPR":
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    if labels is not None:
+      ax.plot(t, np.where(labels < 0, np.nan, labels), color="black", lw=2, label="label")
+    ax.plot(t, outputs.argmax(-1), color="tab:red", lw=1, label="prediction")
+    ax.set_yticks(range(len(affwild2.EXPR_NAMES)), affwild2.EXPR_NAMES)
+    ax.legend(loc="upper right", fontsize=8)
+  else:
+    rows = 2 if labels is not None else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(10, 2.2 * rows + 0.8), sharex=True, squeeze=False)
+    extent = (0, t[-1] if len(t) else 1, len(affwild2.AU_NAMES) - 0.5, -0.5)
+    axes[0, 0].imshow(outputs.T, aspect="auto", cmap="magma", vmin=0, vmax=1, extent=extent,
+                      interpolation="nearest")
+    axes[0, 0].set_title("predicted P(AU active)", fontsize=9)
+    if labels is not None:
+      axes[1, 0].imshow(np.where(labels < 0, np.nan, labels).T, aspect="auto", cmap="Greys",
+                        vmin=0, vmax=1, extent=extent, interpolation="nearest")
+      axes[1, 0].set_title("labels", fontsize=9)
+    for ax in axes[:, 0]:
+      ax.set_yticks(range(len(affwild2.AU_NAMES)), affwild2.AU_NAMES, fontsize=7)
+  plt.xlabel("time (s)")
+  if title:
+    plt.suptitle(title, fontsize=10)
+  plt.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}.png"
+  plt.savefig(tmp, dpi=90)
+  plt.close("all")
+  os.replace(tmp, path)

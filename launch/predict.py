@@ -1,0 +1,44 @@
+"""Per-frame predictions in the ABAW submission format, plus a plot for one video.
+
+  python launch/predict.py --out_dir=/tmp/sub --va=/tmp/va --expr=/tmp/expr --au=/tmp/au \
+      --split=Test_Set --plot_video=video5
+"""
+
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out_dir", None, "Where the CSVs (and plots) go.", required=True)
+_VA = flags.DEFINE_string("va", "", "Workdir of a trained VA temporal model.")
+_EXPR = flags.DEFINE_string("expr", "", "Workdir of a trained Expr temporal model.")
+_AU = flags.DEFINE_string("au", "", "Workdir of a trained AU temporal model.")
+_SPLIT = flags.DEFINE_enum("split", "Test_Set", ["Train_Set", "Validation_Set", "Test_Set"], "Split.")
+_STRIDE = flags.DEFINE_integer("stride", 0, "Window stride at prediction (0: the config's; "
+                               "the segment length reproduces the authors' no-overlap setting).")
+_PLOT = flags.DEFINE_string("plot_video", "", "Also plot predictions vs labels for this video.")
+
+
+def main(argv):
+  del argv
+  import os
+  from affect_jax import predict
+  from affect_jax.data import affwild2
+  from affect_jax.train import loop
+  loop.quiet_library_logs()
+  workdirs = {t: w for t, w in (("VA", _VA.value), ("EXPR", _EXPR.value), ("AU", _AU.value)) if w}
+  if not workdirs:
+    raise app.UsageError("give at least one of --va, --expr, --au")
+  for task, path in predict.write_submission(_OUT.value, workdirs, _SPLIT.value,
+                                             _STRIDE.value or None).items():
+    print(f"{task}: {path}")
+  if _PLOT.value:
+    for task, workdir in workdirs.items():
+      config, fn, _ = predict.load(workdir, _STRIDE.value or None)
+      video = affwild2.load_video(config.data.root, task, _SPLIT.value, _PLOT.value,
+                                  with_test_labels=True)
+      out = fn({video.video: video.num_frames})[video.video]
+      png = os.path.join(_OUT.value, f"{task}_{video.video}.png")
+      predict.plot_video(png, task, out, video.labels, f"{task} {video.video}", config.data.fps)
+      print(f"plot: {png}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,11 +1,14 @@
-"""The main job: the method end to end on the embedded synthetic dataset.
+"""The main job: the paper's method end to end on the embedded synthetic dataset.
 
-Each stage writes files under `out_dir` and is skipped when its outputs already exist for
-the same settings, so a rerun is fast and an interrupted run resumes. Stages so far:
+  data -> MAE pretraining -> expression fine-tuning (MAE init, and random init for the
+  ablation) -> visual + audio features -> temporal models for VA, Expr, AU (frame-wise
+  baseline, TCN+Transformer visual, TCN+Transformer visual+audio, and on the random-init
+  features) -> scores beside the oracle -> results.md / results.json / report/*.png
 
-  1. data      the synthetic Aff-Wild2 set (`out_dir/data`), read back through the data layer
-
-Later stages (MAE pretraining, fine-tuning, features, temporal model, report) join here.
+Every stage runs the real launchers' code (`affect_jax.train.*`) with the task configs at a
+small size. A stage records its settings and result in `out_dir/stages/<name>.json` when it
+finishes; a rerun with the same settings reuses it, so a second run is fast and an
+interrupted one resumes (training stages also resume from their own checkpoints).
 """
 
 from __future__ import annotations
@@ -13,18 +16,59 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Callable
+
+import ml_collections
 
 from affect_jax.data import affwild2, synthetic
 from affect_jax.data.synthetic.writer import MANIFEST, ORACLE
 
+# ABAW6 official baselines on the real Aff-Wild2 validation set: a reference point only.
+ABAW6_BASELINE = {"VA": 0.22, "EXPR": 0.25, "AU": 0.39}
+
 PRESETS = {
     # A handful of tiny videos: the CI end-to-end test.
-    "micro": synthetic.SyntheticConfig(num_videos=6, min_frames=60, max_frames=90, image_size=32),
-    # The demo-size set: about 30 videos x 300-900 frames at 112 px.
-    "default": synthetic.SyntheticConfig(),
+    "micro": dict(
+        data=synthetic.SyntheticConfig(num_videos=8, min_frames=60, max_frames=90, image_size=32, seed=5),
+        image_size=32, mae_steps=6, ft_steps=6, segment_len=32, stride=24, temporal_steps=12,
+        batch=16),
+    # The 2-core CPU demo.
+    "default": dict(
+        data=synthetic.SyntheticConfig(num_videos=24, min_frames=300, max_frames=600, image_size=64),
+        image_size=48, mae_steps=400, ft_steps=150, segment_len=64, stride=48, temporal_steps=300,
+        batch=64),
+    # The paper's sizes (ViT-B/16 at 224, 300/200 segments) for a machine that can take it.
+    "full": dict(
+        data=synthetic.SyntheticConfig(num_videos=60, min_frames=600, max_frames=3000, image_size=224),
+        image_size=224, mae_steps=20000, ft_steps=3000, segment_len=300, stride=200,
+        temporal_steps=0, batch=256),
 }
+
+VARIANTS = (  # (name, row label, encoder, model overrides)
+    ("frame_mlp", "frame-wise baseline (MLP, visual)", "mae", {"kind": "frame_mlp"}),
+    ("tcn_tf_v", "TCN+Transformer, visual", "mae", {}),
+    ("tcn_tf_va", "TCN+Transformer, visual+audio", "mae", {"modalities": ("visual", "audio")}),
+    ("tcn_tf_v_random", "TCN+Transformer, visual, random-init backbone", "random", {}),
+)
+
+
+def _stage(out_dir: str, name: str, settings: dict, fn: Callable[[], dict]) -> tuple[dict, bool]:
+  """Runs fn unless out_dir/stages/name.json records the same settings; (result, ran)."""
+  path = os.path.join(out_dir, "stages", f"{name}.json")
+  settings = json.loads(json.dumps(settings, default=str))
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved["settings"] == settings:
+      return saved["result"], False
+  result = fn()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"settings": settings, "result": result}, f, indent=1, default=float)
+  os.replace(path + ".tmp", path)
+  return result, True
 
 
 def make_data(root: str, config: synthetic.SyntheticConfig) -> bool:
@@ -53,33 +97,101 @@ def check_data(root: str) -> dict:
   return summary
 
 
-def format_data_table(summary: dict, oracle: dict) -> str:
-  lines = ["| task | split | videos | frames | valid | invalid | no image | oracle |",
-           "|---|---|---|---|---|---|---|---|"]
-  for task, splits in summary.items():
-    for split, s in splits.items():
-      o = oracle[task][split]
-      score = f"CCC {o['mean']:.3f}" if task == "VA" else f"F1 {o['f1']:.3f}"
-      lines.append(f"| {task} | {split} | {s['videos']} | {s['frames']} | {s['valid']} | "
-                   f"{s['invalid']} | {s['without_image']} | {score} |")
-  return "\n".join(lines)
+def _configs(p: dict, root: str, out_dir: str) -> dict[str, ml_collections.ConfigDict]:
+  from configs import common, expr_finetune, extract, mae_pretrain
+  tiny = p["image_size"] < 224
+  mae = mae_pretrain.get_config("tiny" if tiny else "base")
+  mae.data.root, mae.data.image_size, mae.batch_size = root, p["image_size"], p["batch"]
+  mae.data.index_cache = os.path.join(out_dir, "cache", "face_index")
+  mae.num_steps = p["mae_steps"]
+  mae.recon_every, mae.log_every = max(p["mae_steps"] // 2, 1), max(p["mae_steps"] // 10, 1)
+  ft = expr_finetune.get_config("tiny" if tiny else "base")
+  ft.data.root, ft.data.image_size, ft.batch_size = root, p["image_size"], p["batch"]
+  ft.num_steps, ft.log_every = p["ft_steps"], max(p["ft_steps"] // 10, 1)
+  ft.eval_every_epochs = 100.0  # evaluate once, at the end (the run is shorter than an epoch)
+  ft.init.mae_workdir = os.path.join(out_dir, "mae")
+  ext = extract.get_config()
+  ext.data.root = root
+  configs = {"mae": mae, "ft": ft, "extract": ext}
+  for task in affwild2.TASKS:
+    t = common.get_temporal_config(task, "tiny" if tiny else "paper")
+    t.data.root = root
+    t.data.segment_len, t.data.stride, t.data.predict_stride = p["segment_len"], p["stride"], p["stride"]
+    if p["temporal_steps"]:
+      t.num_steps = p["temporal_steps"]
+    t.log_every = max(t.num_steps // 10, 1) if t.num_steps > 0 else 50
+    configs[task] = t
+  return configs
 
 
 def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = print) -> dict:
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-  start = time.perf_counter()
-  data_root = os.path.join(out_dir, "data")
+  from affect_jax import report
+  from affect_jax.train import extract, finetune, pretrain, temporal
+  p = PRESETS[preset]
+  out_dir = os.path.abspath(out_dir)
+  root = os.path.join(out_dir, "data")
+  cfg = _configs(p, root, out_dir)
+  stages = 1 + 1 + 2 + 2 + len(VARIANTS) * len(affwild2.TASKS) + 1
+  start, done = time.perf_counter(), [0]
 
-  t0 = time.perf_counter()
-  wrote = make_data(data_root, PRESETS[preset])
-  summary = check_data(data_root)
-  log(f"[1/1] data: {'written' if wrote else 'reused'} {data_root} "
-      f"({time.perf_counter() - t0:.1f} s, elapsed {time.perf_counter() - start:.1f} s)")
+  def step(name, settings, fn):
+    t0 = time.perf_counter()
+    result, ran = _stage(out_dir, name, settings, fn)
+    done[0] += 1
+    elapsed = time.perf_counter() - start
+    eta = elapsed / done[0] * (stages - done[0])
+    log(f"[{done[0]:2d}/{stages}] {name:34s} {'ran' if ran else 'reused':6s} "
+        f"{time.perf_counter() - t0:6.1f} s | elapsed {elapsed:6.1f} s | ETA {eta:5.0f} s")
+    return result
 
-  with open(os.path.join(data_root, ORACLE)) as f:
+  def data_stage():
+    make_data(root, p["data"])
+    return {"summary": check_data(root)}
+
+  data = step("data", dataclasses.asdict(p["data"]), data_stage)
+  with open(os.path.join(root, ORACLE)) as f:
     oracle = json.load(f)
-  table = format_data_table(summary, oracle)
-  log("\nSynthetic Aff-Wild2, read back through affect_jax.data.affwild2 "
-      "(oracle = best score achievable against the written labels):\n" + table)
-  return {"data_root": data_root, "summary": summary, "oracle": oracle, "table": table}
+
+  step("mae_pretrain", cfg["mae"].to_dict(), lambda: {
+      "losses": [h["loss"] for h in pretrain.train_and_evaluate(cfg["mae"], os.path.join(out_dir, "mae"))["history"]]})
+
+  ft_scores = {}
+  for init in ("mae", "random"):
+    c = ml_collections.ConfigDict(cfg["ft"].to_dict())
+    c.init.kind = init
+    res = step(f"finetune_{init}_init", c.to_dict(), lambda c=c, init=init: {
+        "best": finetune.train_and_evaluate(c, os.path.join(out_dir, f"finetune_{init}"))["best"]})
+    ft_scores[init] = res["best"]["value"]
+
+  feats = {}
+  for init in ("mae", "random"):
+    c = ml_collections.ConfigDict(cfg["extract"].to_dict())
+    c.encoder_workdir = os.path.join(out_dir, f"finetune_{init}")
+    c.audio = init == "mae"  # audio features do not depend on the encoder
+    feats[init] = step(f"features_{init}_init", c.to_dict(), lambda c=c, init=init: extract.run(
+        c, os.path.join(out_dir, f"features_{init}"), log=lambda s: None))
+  feats["random"]["audio"] = feats["mae"]["audio"]
+
+  results: dict = {}
+  for task in affwild2.TASKS:
+    for name, label, encoder, overrides in VARIANTS:
+      c = ml_collections.ConfigDict(cfg[task].to_dict())
+      c.data.visual_features, c.data.audio_features = feats[encoder]["visual"], feats[encoder]["audio"]
+      for k, v in overrides.items():
+        c.model[k] = v
+      workdir = os.path.join(out_dir, "temporal", f"{task}_{name}")
+      res = step(f"{task.lower()}_{name}", c.to_dict(), lambda c=c, w=workdir: {
+          k: v for k, v in temporal.train_and_evaluate(c, w).items() if k != "history"})
+      results.setdefault(task, {})[name] = {"label": label, "workdir": workdir, **res}
+
+  summary = step("report", {"v": 1, "results": {t: {n: r.get("best_step") for n, r in v.items()}
+                                                 for t, v in results.items()}},
+                 lambda: report.write(out_dir, results, oracle, ft_scores, data["summary"]))
+  table = summary["table"]
+  log("\n" + table)
+  log(f"\nresults: {os.path.join(out_dir, 'results.md')}, report: {os.path.join(out_dir, 'report')}"
+      f" (total {time.perf_counter() - start:.0f} s)")
+  return {"data_root": root, "summary": data["summary"], "oracle": oracle, "results": results,
+          "finetune_f1": ft_scores, "table": table}

@@ -1,17 +1,22 @@
 """The main job (the README's first command): the method end to end on synthetic data.
 
-  python launch/demo.py --out_dir=/tmp/affect_jax/demo
+  python launch/demo.py --out_dir=/tmp/affect_jax/demo [--preset=default|micro|full]
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/affect_jax/demo", "Everything is written here.")
-_PRESET = flags.DEFINE_enum("preset", "default", ["micro", "default"], "Size of the run.")
+_PRESET = flags.DEFINE_enum("preset", "default", ["micro", "default", "full"], "Size of the run.")
 
 
 def main(argv):
   del argv
   from affect_jax import demo
+  from affect_jax.train import loop
+  loop.quiet_library_logs()
+  loop.enable_compilation_cache()
+  if logging.get_verbosity() <= logging.INFO and not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # one line per stage; --verbosity=0 for the rest
   demo.run(_OUT_DIR.value, _PRESET.value)
 
 

@@ -19,6 +19,7 @@ def main(argv):
   sharding.maybe_initialize_distributed()
   from affect_jax.train import extract, loop
   loop.quiet_library_logs()
+  loop.enable_compilation_cache()
   for kind, path in extract.run(_CONFIG.value, _WORKDIR.value).items():
     print(f"{kind} features: {path}")
 

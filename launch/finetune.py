@@ -18,6 +18,7 @@ def main(argv):
   sharding.maybe_initialize_distributed()
   from affect_jax.train import finetune, loop
   loop.quiet_library_logs()
+  loop.enable_compilation_cache()
   out = finetune.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   best = out["best"]
   print(f"best validation macro-F1 {best['value']:.4f} at step {best['step']} "

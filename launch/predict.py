@@ -23,6 +23,7 @@ def main(argv):
   from affect_jax.data import affwild2
   from affect_jax.train import loop
   loop.quiet_library_logs()
+  loop.enable_compilation_cache()
   workdirs = {t: w for t, w in (("VA", _VA.value), ("EXPR", _EXPR.value), ("AU", _AU.value)) if w}
   if not workdirs:
     raise app.UsageError("give at least one of --va, --expr, --au")

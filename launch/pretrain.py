@@ -18,6 +18,7 @@ def main(argv):
   sharding.maybe_initialize_distributed()
   from affect_jax.train import loop, pretrain  # after distributed init: they touch jax
   loop.quiet_library_logs()
+  loop.enable_compilation_cache()
   pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -21,6 +21,7 @@ def main(argv):
   sharding.maybe_initialize_distributed()
   from affect_jax.train import loop, temporal
   loop.quiet_library_logs()
+  loop.enable_compilation_cache()
   config = _CONFIG.value
   if config.cross_validate:
     print(temporal.cross_validate(config, _WORKDIR.value)["table"])

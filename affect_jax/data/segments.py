@@ -15,6 +15,7 @@ averaging all windows that cover it.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Mapping, Sequence
 
 import grain
@@ -191,6 +192,8 @@ class SegmentSource:
     for video in self.videos:
       self._check_features(video)
     self.video_index = {v: i for i, v in enumerate(self.videos)}
+    self._open: dict = {}
+    self._lock = threading.Lock()
     self.segments = make_segments([Video(v, len(self.labels[v])) for v in self.videos],
                                   segment_len, stride)
 
@@ -216,8 +219,8 @@ class SegmentSource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     video, start = self.segments[index]
     out = {}
-    for name, store in self.stores.items():
-      out[name] = cut(store.read(video), [start], self.segment_len)[0][0].astype(np.float32)
+    for name in self.stores:
+      out[name] = cut(self._features(name, video), [start], self.segment_len)[0][0].astype(np.float32)
     label, frame_mask = cut(self.labels[video], [start], self.segment_len, LABEL_PAD[self.task])
     label, frame_mask = label[0], frame_mask[0]
     out["label"] = label
@@ -226,6 +229,29 @@ class SegmentSource:
     out["video_index"] = np.int32(self.video_index[video])
     out["start"] = np.int32(start)
     return out
+
+  def _features(self, name: str, video: str) -> np.ndarray:
+    """The video's memory map, opened once per process. grain reads elements from several
+    threads, and opening is serialised: numpy parses .npy headers with ast.literal_eval,
+    which is not thread-safe in CPython 3.11 (it fails with 'AST constructor recursion
+    depth mismatch')."""
+    key = (name, video)
+    arr = self._open.get(key)
+    if arr is None:
+      with self._lock:
+        arr = self._open.get(key)
+        if arr is None:
+          arr = self._open[key] = self.stores[name].read(video)
+    return arr
+
+  def __getstate__(self):  # memory maps and locks stay behind when pickled to workers
+    state = dict(self.__dict__)
+    state["_open"], state["_lock"] = {}, None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
 
   def __repr__(self) -> str:
     return (f"SegmentSource(task={self.task}, modalities={list(self.stores)}, "

@@ -53,6 +53,13 @@ def quiet_library_logs() -> None:
     logger.addFilter(_QuietLibraries())
 
 
+def enable_compilation_cache(path: str = "~/.cache/affect_jax/xla") -> None:
+  """Persistent XLA compilation cache: a rerun (or a second stage with the same shapes)
+  loads compiled steps instead of compiling them again."""
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def format_seconds(s: float) -> str:
   s = int(max(s, 0))
   h, rem = divmod(s, 3600)

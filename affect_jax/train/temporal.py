@@ -167,7 +167,7 @@ def predict_videos(predict_fn, variables, stores: Mapping[str, features.FeatureS
   all_mask = np.concatenate(masks)
   n = len(all_mask)
   div = sharding.batch_divisor(mesh)
-  bs = -(-min(batch_size, n) // div) * div
+  bs = -(-batch_size // div) * div  # one shape for every call: compiled once
   outs = []
   for i in range(0, n, bs):
     sl = slice(i, i + bs)

@@ -328,3 +328,15 @@ def test_predict_windows_round_trip_through_merge():
   assert starts.tolist() == [0] and frame_mask.sum() == 5 and (inputs["visual"][0, 5:] == 0).all()
   with pytest.raises(ValueError, match="common length"):
     segments.predict_windows({"visual": np.zeros((5, 2)), "audio": np.zeros((6, 2))}, 8, 6)
+
+
+def test_source_pickles_without_open_memory_maps(tmp_path):
+  import pickle
+  store = FeatureStore.create(tmp_path / "v", kind="visual", dim=3, dtype="float32", model_hash="h")
+  store.write("a", np.arange(30, dtype=np.float32).reshape(10, 3))
+  src = segments.SegmentSource({"visual": store}, {"a": np.zeros(10, np.int32)}, "EXPR",
+                               segment_len=4, stride=2)
+  first = src[1]["visual"]
+  clone = pickle.loads(pickle.dumps(src))
+  assert clone._open == {}
+  np.testing.assert_array_equal(clone[1]["visual"], first)

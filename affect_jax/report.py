@@ -1,0 +1,101 @@
+"""The demo's report: results table (markdown + JSON) and pictures a person can open."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+from affect_jax.data import affwild2
+from affect_jax.train import loop
+
+METRIC_NAME = {"VA": "CCC", "EXPR": "F1", "AU": "F1"}
+MAIN = {"VA": "mean", "EXPR": "f1", "AU": "f1"}
+
+
+def results_table(results: dict, oracle: dict, baseline: dict, ft_scores: dict) -> str:
+  tasks = [t for t in affwild2.TASKS if t in results]
+  head = "| model | " + " | ".join(f"{t} {METRIC_NAME[t]} val | {t} {METRIC_NAME[t]} test" for t in tasks) + " |"
+  lines = [head, "|---|" + "---|---|" * len(tasks)]
+  names = list(next(iter(results.values())))
+  for name in names:
+    cells = []
+    for t in tasks:
+      r = results[t][name]
+      cells += [f"{r['val'][MAIN[t]]:.3f}", f"{r['test'][MAIN[t]]:.3f}" if "test" in r else "-"]
+    lines.append(f"| {results[tasks[0]][name]['label']} | " + " | ".join(cells) + " |")
+  cells = []
+  for t in tasks:
+    o = oracle[t]
+    cells += [f"{o[affwild2.VALIDATION_SET][MAIN[t]]:.3f}", f"{o[affwild2.TEST_SET][MAIN[t]]:.3f}"]
+  lines.append("| oracle (clean latent vs labels) | " + " | ".join(cells) + " |")
+  lines.append("| ABAW6 baseline (real Aff-Wild2, reference only) | " + " | ".join(
+      f"{baseline[t]:.2f} | -" for t in tasks) + " |")
+  au = results.get("AU", {}).get("tcn_tf_v")
+  extra = []
+  if au and "f1_tuned" in au["val"]:
+    extra.append(f"AU F1 with per-unit thresholds tuned on validation (TCN+Transformer, visual): "
+                 f"val {au['val']['f1_tuned']:.3f}" + (f", test {au['test']['f1_tuned']:.3f}" if "test" in au else ""))
+  extra.append("Frame fine-tuning, validation macro-F1 of the expression classifier: "
+               + ", ".join(f"{k}-init {v:.3f}" for k, v in ft_scores.items()))
+  return "\n".join(lines) + "\n\n" + "\n".join(f"- {e}" for e in extra)
+
+
+def _loss_curves(out_dir: str, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  runs = [("MAE pretraining", os.path.join(out_dir, "mae", "tb"))]
+  runs += [(f"fine-tune {i}-init", os.path.join(out_dir, f"finetune_{i}", "tb")) for i in ("mae", "random")]
+  tdir = os.path.join(out_dir, "temporal")
+  if os.path.isdir(tdir):
+    runs += [(name, os.path.join(tdir, name, "tb")) for name in sorted(os.listdir(tdir))]
+  runs = [(n, loop.read_metrics(d)) for n, d in runs]
+  runs = [(n, m) for n, m in runs if any("loss" in r for r in m)]
+  cols = 4
+  rows = -(-len(runs) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+  for ax, (name, m) in zip(axes.flat, runs):
+    pts = [(r["step"], r["loss"]) for r in m if "loss" in r]
+    ax.plot(*zip(*pts), lw=1)
+    ax.set_title(name, fontsize=8)
+    ax.tick_params(labelsize=7)
+  for ax in list(axes.flat)[len(runs):]:
+    ax.axis("off")
+  plt.tight_layout()
+  plt.savefig(path, dpi=80)
+  plt.close("all")
+
+
+def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summary: dict) -> dict:
+  """results.md, results.json and report/*.png under out_dir; returns {'table': markdown}."""
+  from affect_jax import predict
+  from affect_jax.demo import ABAW6_BASELINE
+  table = results_table(results, oracle, ABAW6_BASELINE, ft_scores)
+  report = os.path.join(out_dir, "report")
+  os.makedirs(report, exist_ok=True)
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write("# affect-jax demo results (synthetic Aff-Wild2)\n\n" + table + "\n")
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump({"results": {t: {n: {k: v for k, v in r.items() if k != "workdir"} for n, r in rs.items()}
+                           for t, rs in results.items()},
+               "oracle": oracle, "abaw6_baseline": ABAW6_BASELINE, "finetune_f1": ft_scores,
+               "data": data_summary}, f, indent=1)
+  recon = os.path.join(out_dir, "mae", "recon", "latest.png")
+  if os.path.exists(recon):
+    shutil.copyfile(recon, os.path.join(report, "mae_reconstruction.png"))
+  _loss_curves(out_dir, os.path.join(report, "loss_curves.png"))
+  for task in ("VA", "AU"):
+    run = results.get(task, {}).get("tcn_tf_v")
+    if not run:
+      continue
+    config, fn, thresholds = predict.load(run["workdir"])
+    video = affwild2.list_videos(config.data.root, task, affwild2.VALIDATION_SET)[0]
+    v = affwild2.load_video(config.data.root, task, affwild2.VALIDATION_SET, video)
+    out = fn({video: v.num_frames})[video]
+    name = "va_prediction.png" if task == "VA" else "au_raster.png"
+    predict.plot_video(os.path.join(report, name), task, out, v.labels,
+                       f"{task}, validation video {video} (TCN+Transformer, visual)", config.data.fps)
+  return {"table": table}

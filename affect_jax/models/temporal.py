@@ -29,23 +29,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from affect_jax.models import layers
-from affect_jax.models.tcn import TemporalConvNet
+from affect_jax.models.tcn import TemporalConvNet, keep_valid
 
 Dtype = Any
 
-MODALITIES = ("visual", "audio")
-
+# The released configs: MAE features only (768-d), everything else as in the paper.
+_PAPER = dict(tcn_channels=(768, 256, 128), kernel_size=5, d_model=512, num_layers=8,
+              num_heads=4, ff_dim=512, dropout=0.0, modalities=("visual",),
+              tcn_padding="causal", norm_first=False, positional="none", activation="relu",
+              va_tanh=False, use_tcn=True, use_transformer=True)
 PRESETS = {
-    # The released configs: MAE features only (768-d), everything else as in the paper.
-    "paper": dict(tcn_channels=(768, 256, 128), kernel_size=5, d_model=512, num_layers=8,
-                  num_heads=4, ff_dim=512, dropout=0.0, modalities=("visual",),
-                  tcn_padding="causal", norm_first=False, positional="none",
-                  activation="relu", va_tanh=False, use_tcn=True, use_transformer=True),
-    # Tests and the CPU demo.
-    "tiny": dict(tcn_channels=(32, 16), kernel_size=5, d_model=32, num_layers=2,
-                 num_heads=2, ff_dim=64, dropout=0.0, modalities=("visual",),
-                 tcn_padding="causal", norm_first=False, positional="none",
-                 activation="relu", va_tanh=False, use_tcn=True, use_transformer=True),
+    "paper": _PAPER,
+    # Tests and the CPU demo: the paper's structure at toy widths.
+    "tiny": {**_PAPER, "tcn_channels": (32, 16), "d_model": 32, "num_layers": 2,
+             "num_heads": 2, "ff_dim": 64},
 }
 
 # torch's default Linear/Conv kernel init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
@@ -120,6 +117,8 @@ class FeedForward(nn.Module):
     dense = functools.partial(layers.Dense, kernel_init=torch_linear_init, dtype=self.dtype,
                               param_dtype=self.param_dtype,
                               f32_accumulation=self.f32_accumulation)
+    if self.activation not in ("relu", "gelu"):
+      raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
     h = dense(self.ff_dim, ("embed", "mlp"), name="fc1")(x)  # [B, T, ff]
     # torch's "gelu" is the exact (erf) one.
     h = nn.relu(h) if self.activation == "relu" else nn.gelu(h, approximate=False)
@@ -188,7 +187,7 @@ class PredictionHead(nn.Module):
   BatchNorm as torch's BatchNorm1d over all frames of the batch (momentum 0.1 = flax 0.9,
   eps 1e-5), its training statistics over real frames only. One difference stays: torch
   tracks the unbiased variance in its running average, flax the biased one (a factor
-  n/(n-1) over thousands of frames).
+  n/(n-1) over thousands of frames). A training batch needs one real frame at least.
   """
   hidden: int
   out_dim: int
@@ -211,10 +210,10 @@ class PredictionHead(nn.Module):
     return dense(self.out_dim, ("mlp", "classes"), name="fc2")(h)  # [B, T, out]
 
 
-def _full_mask(inputs, modalities, mask):
+def _frame_mask(inputs, modalities, mask):
+  """[B, T] bool; no mask means every frame is real."""
   if mask is None:
-    shape = inputs[modalities[0]].shape[:2]
-    return jnp.ones(shape, bool)
+    return jnp.ones(inputs[modalities[0]].shape[:2], bool)
   return jnp.asarray(mask).astype(bool)
 
 
@@ -249,11 +248,11 @@ class TemporalModel(nn.Module):
   def __call__(self, inputs: Mapping[str, jax.Array], mask=None, train: bool = False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
               f32_accumulation=self.f32_accumulation)
-    mask = _full_mask(inputs, self.modalities, mask)  # [B, T] bool
+    mask = _frame_mask(inputs, self.modalities, mask)  # [B, T] bool
 
     streams = []
     for name in self.modalities:
-      x = inputs[name]  # [B, T, D_m]
+      x = keep_valid(inputs[name], mask)  # [B, T, D_m]; padding may hold anything, even NaN
       if self.use_tcn:
         x = TemporalConvNet(self.tcn_channels, self.kernel_size, self.tcn_padding,
                             self.dropout, name=f"tcn_{name}", **kw)(x, mask, train=train)

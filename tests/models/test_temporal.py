@@ -243,6 +243,7 @@ def test_padded_frames_do_not_leak_in_eval_or_training(overrides):
   mask[2, 4:] = 0
   changed = {m: np.where(mask[..., None] > 0, x, 1e3 * rng.normal(size=x.shape)).astype(
       np.float32) for m, x in inputs.items()}
+  changed["visual"][2, -1] = np.nan  # whatever padding holds
   variables = _init(model, inputs, mask)
   valid = mask.astype(bool)
 
@@ -331,6 +332,11 @@ def test_make_temporal_model_validates_its_arguments():
     temporal.make_temporal_model("tiny", 2, {"visual": 768}, layers=3)
   with pytest.raises(ValueError, match="audio"):
     temporal.make_temporal_model("tiny", 2, {"visual": 768}, modalities=("visual", "audio"))
+  for option, value in (("activation", "swish"), ("positional", "learned"),
+                        ("tcn_padding", "valid")):
+    model = temporal.make_temporal_model("tiny", 2, {"visual": 4}, **{option: value})
+    with pytest.raises(ValueError, match=option.split("_")[-1]):
+      jax.eval_shape(model.init, jax.random.key(0), *temporal.example_inputs({"visual": 4}))
   paper = temporal.PRESETS["paper"]
   assert (paper["tcn_channels"], paper["d_model"], paper["num_layers"], paper["num_heads"],
           paper["ff_dim"], paper["tcn_padding"]) == ((768, 256, 128), 512, 8, 4, 512, "causal")

@@ -8,6 +8,7 @@ reports it, and model FLOPs utilisation from XLA's cost analysis over a peak FLO
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -150,3 +151,70 @@ def bench_loader(batch: int, image_size: int, *, worker_count: int = 0, num_batc
   dt = time.perf_counter() - t0
   return {"what": "grain_loader", "batch": batch, "image_size": image_size,
           "worker_count": worker_count, "img_per_s": batch * num_batches / dt}
+
+
+def bench_temporal(preset: str = "paper", *, frames: int = 10_000, batch: int = 32,
+                   dtype: str = "float32", steps: int = 10, warmup: int = 2,
+                   repeats: int = 5) -> dict:
+  """The authors' temporal model: training frames/s (one jitted step on `batch` segments)
+  and the time to predict one `frames`-frame video with the VA, Expr and AU models (windows
+  of segment_len, stride = segment_len as the PyTorch reference, merged back)."""
+  import jax.numpy as jnp
+  import optax
+  from affect_jax import sharding
+  from affect_jax.data import segments
+  from affect_jax.train import temporal
+  from configs import common
+
+  mesh = sharding.make_mesh((-1, 1, 1))
+  rng = np.random.default_rng(0)
+  out: dict = {"what": "temporal", "preset": preset, "dtype": dtype, "frames": frames,
+               "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind}
+  models = {}
+  for task in ("VA", "EXPR", "AU"):
+    c = common.get_temporal_config(task, preset)
+    c.model.dtype = dtype
+    model = temporal.create_model(c)
+    state, shardings = temporal.create_train_state(c, model, jax.random.key(0), mesh,
+                                                   optax.constant_schedule(1e-5), {"visual": 768})
+    models[task] = (c, model, state, shardings)
+
+  # Prediction of one long video with the three task models.
+  length = models["VA"][0].data.segment_len
+  feats = {"visual": rng.normal(size=(frames, 768)).astype(np.float32)}
+  fns = {t: temporal.make_predict_fn(m, t, mesh) for t, (_, m, _, _) in models.items()}
+  variables = {t: {"params": s.params, "batch_stats": s.batch_stats} for t, (_, _, s, _) in models.items()}
+
+  # Windows are cut once, as the PyTorch reference does before its timed loop.
+  inputs, mask, starts = segments.predict_windows(feats, length, length)
+  inputs, mask_j = {"visual": jnp.asarray(inputs["visual"])}, jnp.asarray(mask)
+
+  def predict_once():
+    for task in models:
+      y = np.asarray(fns[task](variables[task], inputs, mask_j))
+      segments.merge(y, starts, frames, mask=mask)
+
+  ptimes = time_steps(predict_once, repeats, 1)
+  out["predict_s_all_heads"] = statistics.median(ptimes)
+  out["predict_s_all"] = ptimes
+  # Training throughput (VA model); after prediction, since the step donates the state.
+  c, model, state, shardings = models["VA"]
+  batch_arrays = {"visual": rng.normal(size=(batch, length, 768)).astype(np.float32),
+                  "label": rng.uniform(-1, 1, (batch, length, 2)).astype(np.float32),
+                  "frame_mask": np.ones((batch, length), np.float32),
+                  "label_mask": np.ones((batch, length), np.float32)}
+  step = jax.jit(functools.partial(
+      temporal.train_step, model=model, task="VA", modalities=("visual",), seed=0,
+      schedule=optax.constant_schedule(1e-5), class_weights=None, pos_weight=None),
+      donate_argnums=0)
+  sharded = sharding.shard_batch(batch_arrays, mesh)
+  holder = {"state": state}
+
+  def train_once():
+    holder["state"], m = step(holder["state"], sharded)
+    jax.block_until_ready(m["loss"])
+
+  times = time_steps(train_once, steps, warmup)
+  out["train_step_s"] = statistics.median(times)
+  out["train_frames_per_s"] = batch * length / out["train_step_s"]
+  return out

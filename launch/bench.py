@@ -2,13 +2,14 @@
 
   python launch/bench.py --what=mae --preset=base --batch=8 --dtype=bfloat16
   python launch/bench.py --what=loader --preset=tiny --batch=64 --worker_count=2
+  python launch/bench.py --what=temporal --preset=paper
 """
 
 import json
 
 from absl import app, flags
 
-_WHAT = flags.DEFINE_enum("what", "mae", ["mae", "loader", "mae+loader"], "What to time.")
+_WHAT = flags.DEFINE_enum("what", "mae", ["mae", "loader", "mae+loader", "temporal"], "What to time.")
 _PRESET = flags.DEFINE_string("preset", "tiny", "MAE size preset (configs/mae_pretrain.py).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
@@ -30,11 +31,15 @@ def main(argv):
     results.append(bench.bench_mae(_PRESET.value, _BATCH.value, dtype=_DTYPE.value,
                                    image_size=_IMAGE_SIZE.value or None, steps=_STEPS.value,
                                    warmup=_WARMUP.value, peak_tflops=_PEAK_TFLOPS.value or None))
+  if _WHAT.value == "temporal":
+    preset = _PRESET.value if _PRESET.value in ("paper", "tiny") else "paper"
+    results.append(bench.bench_temporal(preset, dtype=_DTYPE.value, steps=_STEPS.value,
+                                        warmup=_WARMUP.value))
   if "loader" in _WHAT.value.split("+"):
     size = _IMAGE_SIZE.value or mae_pretrain.get_config(_PRESET.value).data.image_size
     results.append(bench.bench_loader(_BATCH.value, size, worker_count=_WORKERS.value))
   for r in results:
-    print(json.dumps({k: v for k, v in r.items() if k != "step_s_all"}))
+    print(json.dumps({k: v for k, v in r.items() if not k.endswith("_all")}))
   print()
   for r in results:
     if r["what"] == "mae_train_step":
@@ -45,6 +50,10 @@ def main(argv):
             f"{r['devices']}x {r['device_kind']}: {r['img_per_s']:.2f} img/s, step "
             f"{1e3 * r['step_s']:.1f} ms (median of {len(r['step_s_all'])}), {tf} TFLOP/s, "
             f"MFU {mfu}, peak memory {mem}")
+    elif r["what"] == "temporal":
+      print(f"temporal {r['preset']} {r['dtype']} on {r['devices']}x {r['device_kind']}: training "
+            f"{r['train_frames_per_s']:.0f} frames/s (step {1e3 * r['train_step_s']:.0f} ms); "
+            f"predict one {r['frames']}-frame video with VA+Expr+AU: {r['predict_s_all_heads']:.2f} s")
     else:
       print(f"grain loader {r['image_size']}px batch {r['batch']} workers {r['worker_count']}: "
             f"{r['img_per_s']:.1f} img/s")

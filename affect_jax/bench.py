@@ -75,7 +75,7 @@ def bench_mae(preset: str, batch: int, *, dtype: str = "float32", image_size: in
               steps: int = 10, warmup: int = 2, peak_tflops: float | None = None,
               mesh_shape=(-1, 1, 1)) -> dict:
   """The jitted, sharded MAE train step of affect_jax.train.pretrain on random images."""
-  from affect_jax import sharding
+  from affect_jax import optim, sharding
   from affect_jax.train import pretrain
   from configs import mae_pretrain
 
@@ -87,7 +87,7 @@ def bench_mae(preset: str, batch: int, *, dtype: str = "float32", image_size: in
   size = config.data.image_size
   mesh = sharding.make_mesh(mesh_shape)
   model = pretrain.create_model(config)
-  schedule = pretrain.make_schedule(config, total_steps=1000)
+  schedule = optim.schedule_for(config, 1000)
   state, shardings = pretrain.create_train_state(config, model, jax.random.key(0), mesh, schedule)
   step = pretrain.jit_train_step(model, config, schedule, shardings, mesh)
   images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)

@@ -2,8 +2,8 @@
 
   data -> MAE pretraining -> expression fine-tuning (MAE init, and random init for the
   ablation) -> visual + audio features -> temporal models for VA, Expr, AU (frame-wise
-  baseline, TCN+Transformer visual, TCN+Transformer visual+audio, and on the random-init
-  features) -> scores beside the oracle -> results.md / results.json / report/*.png
+  baseline, TCN only, TCN+Transformer visual, TCN+Transformer visual+audio, and on the
+  random-init features) -> scores beside the oracle -> results.md / results.json / report/*.png
 
 Every stage runs the real launchers' code (`affect_jax.train.*`) with the task configs at a
 small size. A stage records its settings and result in `out_dir/stages/<name>.json` when it
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Callable
 
@@ -48,6 +47,7 @@ PRESETS = {
 
 VARIANTS = (  # (name, row label, encoder, model overrides)
     ("frame_mlp", "frame-wise baseline (MLP, visual)", "mae", {"kind": "frame_mlp"}),
+    ("tcn_v", "TCN only, visual", "mae", {"use_transformer": False}),
     ("tcn_tf_v", "TCN+Transformer, visual", "mae", {}),
     ("tcn_tf_va", "TCN+Transformer, visual+audio", "mae", {"modalities": ("visual", "audio")}),
     ("tcn_tf_v_random", "TCN+Transformer, visual, random-init backbone", "random", {}),

@@ -7,6 +7,8 @@ schedule ('cosine' | 'constant'), min_lr, init_lr, grad_clip (0 = off).
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import ml_collections
@@ -38,6 +40,21 @@ def lr_schedule(optim: ml_collections.ConfigDict, *, batch_size: int, total_step
     return main
   warm = optax.linear_schedule(init, peak, warmup_steps)
   return optax.join_schedules([warm, main], [warmup_steps])
+
+
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: float) -> int:
+  """config.num_steps when set (> 0), else num_epochs worth of steps."""
+  if config.num_steps > 0:
+    return int(config.num_steps)
+  return max(int(math.ceil(config.num_epochs * steps_per_epoch)), 1)
+
+
+def schedule_for(config: ml_collections.ConfigDict, total: int) -> optax.Schedule:
+  """The config's lr schedule over `total` steps, warming up for the same fraction of the
+  run as warmup_epochs / num_epochs (so a run shortened with num_steps keeps its shape)."""
+  warmup = int(round(total * config.warmup_epochs / max(config.num_epochs, 1e-9)))
+  return lr_schedule(config.optim, batch_size=config.batch_size, total_steps=total,
+                     warmup_steps=warmup)
 
 
 def decay_mask(params):

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 
-import numpy as np
 
 from affect_jax.data import affwild2
 from affect_jax.train import loop

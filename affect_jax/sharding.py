@@ -97,6 +97,13 @@ def batch_divisor(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  """A global batch must split evenly over the data-parallel devices and the hosts."""
+  if batch_size % batch_divisor(mesh) or batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={batch_size} must divide over the {batch_divisor(mesh)} "
+                     f"data-parallel devices and {jax.process_count()} hosts")
+
+
 def maybe_initialize_distributed(enable: bool | None = None) -> None:
   """Joins a multi-host job (TPU pod slice, SLURM, an explicit coordinator).
 

@@ -9,7 +9,7 @@ def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path):
   lines = []
   first = demo.run(str(tmp_path), "micro", log=lines.append)
   stage_lines = [l for l in lines if l.startswith("[")]
-  assert len(stage_lines) == 19 and all(" ran " in l for l in stage_lines)
+  assert len(stage_lines) == 22 and all(" ran " in l for l in stage_lines)
   for task in ("VA", "EXPR", "AU"):
     assert set(first["results"][task]) == {v[0] for v in demo.VARIANTS}
   table = (tmp_path / "results.md").read_text()

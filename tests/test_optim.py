@@ -79,3 +79,14 @@ def test_layerwise_decay_scales_updates_by_depth():
   assert float(upd["encoder"]["blocks_1"]["w"][0]) == 0.5
   assert float(upd["encoder"]["norm"]["scale"][0]) == 1.0
   assert float(upd["head"]["kernel"][0, 0]) == 1.0
+
+
+def test_total_steps_and_warmup_fraction():
+  c = ml_collections.ConfigDict(dict(optim=_cfg(lr=1.0, init_lr=0.0, min_lr=0.0), num_steps=-1,
+                                     num_epochs=10, warmup_epochs=2, batch_size=4))
+  assert optim.total_steps(c, steps_per_epoch=7.5) == 75
+  c.num_steps = 40  # a shortened run warms up for the same fifth of it
+  total = optim.total_steps(c, steps_per_epoch=7.5)
+  sched = optim.schedule_for(c, total)
+  assert total == 40
+  np.testing.assert_allclose([float(sched(4)), float(sched(8))], [0.5, 1.0], rtol=1e-6)

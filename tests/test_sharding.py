@@ -62,3 +62,10 @@ def test_rules_from_config_makes_tuples():
   rules = sharding.rules_from_config([["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["mlp", None]])
   assert rules == (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", None))
   hash(rules)
+
+
+def test_check_batch_size():
+  mesh = sharding.make_mesh((2, 2, 2))
+  sharding.check_batch_size(8, mesh)
+  with pytest.raises(ValueError, match="batch_size=6 must divide over the 4 data-parallel"):
+    sharding.check_batch_size(6, mesh)

@@ -1,6 +1,6 @@
 """The authors' temporal model (their `model.py`) and a frame-wise baseline, in Flax.
 
-    features of each modality [B, T, D_m] ─► TCN per modality ─► concat over channels (fusion)
+    features [B, T, D_m] per modality ─► TCN per modality ─► concat over channels (fusion)
       ─► 1x1 projection 128·M -> d_model ─► Transformer encoder (key-padding mask)
       ─► per-frame head Linear d -> d/2, BatchNorm, Linear d/2 -> out
 

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Any
 
@@ -147,18 +146,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
   os.makedirs(workdir, exist_ok=True)
   root = config.data.root
   mesh = sharding.make_mesh(config.mesh_shape)
-  if config.batch_size % sharding.batch_divisor(mesh) or config.batch_size % jax.process_count():
-    raise ValueError(f"config.batch_size={config.batch_size} must divide over "
-                     f"{sharding.batch_divisor(mesh)} devices and {jax.process_count()} hosts")
+  sharding.check_batch_size(config.batch_size, mesh)
   train = frame_records(root, affwild2.TRAIN_SET)
   val = frame_records(root, affwild2.VALIDATION_SET)
   train_labels = np.array([r["label"] for r in train])
   weights = class_weights(train_labels, config.class_weighting)
   steps_per_epoch = max(len(train) // config.batch_size, 1)
-  total = int(config.num_steps) if config.num_steps > 0 else int(config.num_epochs * steps_per_epoch)
-  warmup = int(round(total * config.warmup_epochs / max(config.num_epochs, 1e-9)))
-  schedule = optim.lr_schedule(config.optim, batch_size=config.batch_size, total_steps=total,
-                               warmup_steps=warmup)
+  total = optim.total_steps(config, steps_per_epoch)
+  schedule = optim.schedule_for(config, total)
   model = create_model(config)
   state, shardings = create_train_state(config, model, jax.random.key(config.seed), mesh, schedule,
                                         initial_encoder(config))

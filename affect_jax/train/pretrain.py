@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Any
 
@@ -38,20 +37,6 @@ def image_roots(config: ml_collections.ConfigDict) -> list[str]:
   if config.data.roots:
     return [r for r in config.data.roots.split(",") if r]
   return [os.path.join(config.data.root, affwild2.FRAMES_DIR)]
-
-
-def num_train_steps(config: ml_collections.ConfigDict, num_images: int) -> int:
-  if config.num_steps > 0:
-    return int(config.num_steps)
-  return max(int(math.ceil(config.num_epochs * num_images / config.batch_size)), 1)
-
-
-def make_schedule(config: ml_collections.ConfigDict, total_steps: int):
-  """Warmup over the same fraction of the run as warmup_epochs / num_epochs, then cosine
-  (so a run shortened with num_steps keeps the recipe's shape)."""
-  warmup = int(round(total_steps * config.warmup_epochs / max(config.num_epochs, 1e-9)))
-  return optim.lr_schedule(config.optim, batch_size=config.batch_size, total_steps=total_steps,
-                           warmup_steps=warmup)
 
 
 def create_train_state(config, model, rng, mesh, schedule):
@@ -148,12 +133,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise FileExistsError(f"{workdir}/checkpoints exists and config.resume=False: use a new "
                           "--workdir, or resume=True to continue it")
   mesh = sharding.make_mesh(config.mesh_shape)
-  if config.batch_size % sharding.batch_divisor(mesh) or config.batch_size % jax.process_count():
-    raise ValueError(f"config.batch_size={config.batch_size} must divide over the "
-                     f"{sharding.batch_divisor(mesh)} data-parallel devices and {jax.process_count()} hosts")
+  sharding.check_batch_size(config.batch_size, mesh)
   paths = faces.index_roots(image_roots(config), cache_dir=os.path.expanduser(config.data.index_cache))
-  total = num_train_steps(config, len(paths))
-  schedule = make_schedule(config, total)
+  total = optim.total_steps(config, len(paths) / config.batch_size)
+  schedule = optim.schedule_for(config, total)
   model = create_model(config)
   state, shardings = create_train_state(config, model, jax.random.key(config.seed), mesh, schedule)
   step_fn = jit_train_step(model, config, schedule, shardings, mesh)

@@ -238,14 +238,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   source = segments.SegmentSource(stores, train_labels, task, segment_len=config.data.segment_len,
                                   stride=config.data.stride)
   mesh = sharding.make_mesh(config.mesh_shape)
-  if config.batch_size % sharding.batch_divisor(mesh) or config.batch_size % jax.process_count():
-    raise ValueError(f"config.batch_size={config.batch_size} must divide over "
-                     f"{sharding.batch_divisor(mesh)} devices and {jax.process_count()} hosts")
+  sharding.check_batch_size(config.batch_size, mesh)
   steps_per_epoch = max(len(source) // config.batch_size, 1)
-  total = int(config.num_steps) if config.num_steps > 0 else int(config.num_epochs * steps_per_epoch)
-  warmup = int(round(total * config.warmup_epochs / max(config.num_epochs, 1e-9)))
-  schedule = optim.lr_schedule(config.optim, batch_size=config.batch_size, total_steps=total,
-                               warmup_steps=warmup)
+  total = optim.total_steps(config, steps_per_epoch)
+  schedule = optim.schedule_for(config, total)
   model = create_model(config)
   input_dims = {m: s.dim for m, s in stores.items()}
   state, shardings = create_train_state(config, model, jax.random.key(config.seed), mesh,

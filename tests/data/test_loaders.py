@@ -10,7 +10,6 @@ from affect_jax.data import faces, loaders
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory):
   root = tmp_path_factory.mktemp("faces")
-  rng = np.random.default_rng(0)
   for v in range(3):
     d = root / f"video{v}"
     d.mkdir()

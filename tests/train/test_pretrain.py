@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from affect_jax import sharding
+from affect_jax import optim, sharding
 from affect_jax.train import loop, pretrain
 from configs import mae_pretrain
 
@@ -39,7 +39,7 @@ def _two_steps(mesh_shape, devices):
   config = _config()
   mesh = sharding.make_mesh(mesh_shape, devices)
   model = pretrain.create_model(config)
-  schedule = pretrain.make_schedule(config, total_steps=10)
+  schedule = optim.schedule_for(config, 10)
   state, shardings = pretrain.create_train_state(config, model, jax.random.key(0), mesh, schedule)
   step = pretrain.jit_train_step(model, config, schedule, shardings, mesh)
   losses = []
@@ -75,7 +75,7 @@ def _init_params():
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   model = pretrain.create_model(config)
   state, _ = pretrain.create_train_state(config, model, jax.random.key(0), mesh,
-                                         pretrain.make_schedule(config, 10))
+                                         optim.schedule_for(config, 10))
   return state.params
 
 
@@ -84,7 +84,7 @@ def test_params_and_moments_sharded_by_rules():
   mesh = sharding.make_mesh((2, 4, 1))
   model = pretrain.create_model(config)
   state, _ = pretrain.create_train_state(config, model, jax.random.key(0), mesh,
-                                         pretrain.make_schedule(config, 10))
+                                         optim.schedule_for(config, 10))
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
           for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
   mlp_in = next(v for k, v in flat.items() if "encoder" in k and k.endswith("kernel") and v.shape == (128, 512))
@@ -104,7 +104,6 @@ def test_params_and_moments_sharded_by_rules():
 @pytest.fixture(scope="module")
 def face_root(tmp_path_factory):
   root = tmp_path_factory.mktemp("faces")
-  rng = np.random.default_rng(0)
   for v in range(2):
     os.makedirs(root / f"v{v}")
     for i in range(24):

@@ -33,9 +33,10 @@ PRESETS = {
         data=synthetic.SyntheticConfig(num_videos=8, min_frames=60, max_frames=90, image_size=32, seed=5),
         image_size=32, mae_steps=6, ft_steps=6, segment_len=32, stride=24, temporal_steps=12,
         batch=16),
-    # The 2-core CPU demo.
+    # The 2-core CPU demo. Many short videos rather than a few long ones: with few identities
+    # the encoder memorises the training faces (24 videos: 0.69 train vs 0.19 val accuracy).
     "default": dict(
-        data=synthetic.SyntheticConfig(num_videos=24, min_frames=300, max_frames=600, image_size=64),
+        data=synthetic.SyntheticConfig(num_videos=60, min_frames=120, max_frames=240, image_size=64),
         image_size=48, mae_steps=400, ft_steps=150, segment_len=64, stride=48, temporal_steps=300,
         batch=64),
     # The paper's sizes (ViT-B/16 at 224, 300/200 segments) for a machine that can take it.

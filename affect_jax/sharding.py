@@ -97,6 +97,13 @@ def batch_divisor(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  """Zero rows appended up to `rows`: a short last batch keeps the compiled shape and
+  splits evenly over the devices; callers drop the padded outputs."""
+  x = np.asarray(x)
+  return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)])
+
+
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   """A global batch must split evenly over the data-parallel devices and the hosts."""
   if batch_size % batch_divisor(mesh) or batch_size % jax.process_count():

@@ -69,3 +69,11 @@ def test_check_batch_size():
   sharding.check_batch_size(8, mesh)
   with pytest.raises(ValueError, match="batch_size=6 must divide over the 4 data-parallel"):
     sharding.check_batch_size(6, mesh)
+
+
+def test_pad_rows_appends_zero_rows():
+  x = np.arange(6, dtype=np.uint8).reshape(3, 2) + 1
+  got = sharding.pad_rows(x, 5)
+  assert got.dtype == np.uint8 and got.shape == (5, 2)
+  np.testing.assert_array_equal(got[:3], x)
+  assert not got[3:].any()

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from affect_jax.models import layers
+from affect_jax.models import layers, vit
 from affect_jax.models.tcn import TemporalConvNet, keep_valid
 
 Dtype = Any
@@ -50,12 +50,7 @@ torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 def layer_norm(name, param_dtype):
-  # torch's LayerNorm eps; statistics and output in float32 whatever the compute dtype.
-  return nn.LayerNorm(
-      epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-      name=name)
+  return vit.layer_norm(name, param_dtype, epsilon=1e-5)  # torch's LayerNorm eps
 
 
 def sincos_positions(length: int, width: int) -> np.ndarray:

@@ -136,7 +136,7 @@ def extract_visual(config: ml_collections.ConfigDict, out_dir: str, videos: dict
   for batch in loaders.eval_dataset(records, image_size=size, batch_size=batch_size,
                                     shard_index=0, shard_count=1):
     n = batch["image"].shape[0]
-    images = np.concatenate([batch["image"], np.zeros((batch_size - n, *batch["image"].shape[1:]), np.uint8)])
+    images = sharding.pad_rows(batch["image"], batch_size)
     out = np.asarray(forward(params, sharding.shard_batch({"x": images}, mesh)["x"]))[:n]
     for row, v, f in zip(out, batch["video"], batch["frame"]):
       flush(int(v))  # records arrive in order: earlier videos are complete

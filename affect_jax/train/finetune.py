@@ -134,7 +134,7 @@ def predict_logits(model, params, records, *, image_size: int, batch_size: int, 
                                     shard_index=0, shard_count=1):
     n = batch["image"].shape[0]
     padded = -(-n // div) * div  # a whole number of rows per device; padding is dropped
-    images = np.concatenate([batch["image"], np.zeros((padded - n, *batch["image"].shape[1:]), np.uint8)])
+    images = sharding.pad_rows(batch["image"], padded)
     outs.append(np.asarray(fn(params, sharding.shard_batch({"x": images}, mesh)["x"]))[:n])
     labels.append(batch["label"])
   return np.concatenate(outs), np.concatenate(labels)

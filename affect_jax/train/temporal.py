@@ -172,9 +172,9 @@ def predict_videos(predict_fn, variables, stores: Mapping[str, features.FeatureS
   for i in range(0, n, bs):
     sl = slice(i, i + bs)
     k = len(all_mask[sl])
-    pad = lambda x: np.concatenate([x, np.zeros((bs - k, *x.shape[1:]), x.dtype)])
-    batch = sharding.shard_batch({"mask": pad(all_mask[sl]),
-                                  **{m: pad(x[sl]) for m, x in all_inputs.items()}}, mesh)
+    batch = sharding.shard_batch({"mask": sharding.pad_rows(all_mask[sl], bs),
+                                  **{m: sharding.pad_rows(x[sl], bs) for m, x in all_inputs.items()}},
+                                 mesh)
     mask = batch.pop("mask")
     outs.append(np.asarray(predict_fn(variables, batch, mask))[:k])
   out = np.concatenate(outs)

@@ -128,13 +128,13 @@ def _configs(p: dict, root: str, out_dir: str) -> dict[str, ml_collections.Confi
 def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = print) -> dict:
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-  from affect_jax import report
+  from affect_jax import predict, report
   from affect_jax.train import extract, finetune, pretrain, temporal
   p = PRESETS[preset]
   out_dir = os.path.abspath(out_dir)
   root = os.path.join(out_dir, "data")
   cfg = _configs(p, root, out_dir)
-  stages = 1 + 1 + 2 + 2 + len(VARIANTS) * len(affwild2.TASKS) + 1
+  stages = 1 + 1 + 2 + 2 + len(VARIANTS) * len(affwild2.TASKS) + 2
   start, done = time.perf_counter(), [0]
 
   def step(name, settings, fn):
@@ -187,9 +187,18 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
           k: v for k, v in temporal.train_and_evaluate(c, w).items() if k != "history"})
       results.setdefault(task, {})[name] = {"label": label, "workdir": workdir, **res}
 
-  summary = step("report", {"v": 1, "results": {t: {n: r.get("best_step") for n, r in v.items()}
-                                                 for t, v in results.items()}},
-                 lambda: report.write(out_dir, results, oracle, ft_scores, data["summary"]))
+  # The authors predict with disjoint windows (stride = segment length); ours overlaps them
+  # at the training stride and averages. Same trained models, both ways.
+  compare = [p["stride"], p["segment_len"]]
+  strides = step("prediction_strides", {
+      "strides": compare, "runs": {t: results[t]["tcn_tf_va"].get("best_step") for t in results}},
+      lambda: {t: predict.compare_strides(results[t]["tcn_tf_va"]["workdir"], compare)
+               for t in results})
+
+  summary = step("report", {"v": 2, "results": {t: {n: r.get("best_step") for n, r in v.items()}
+                                                 for t, v in results.items()}, "strides": strides},
+                 lambda: report.write(out_dir, results, oracle, ft_scores, data["summary"],
+                                      strides, p["segment_len"]))
   table = summary["table"]
   log("\n" + table)
   log(f"\nresults: {os.path.join(out_dir, 'results.md')}, report: {os.path.join(out_dir, 'report')}"

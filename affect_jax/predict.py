@@ -2,6 +2,7 @@
 
   predictions = predict(workdir, split)            # {video: merged outputs [T, K]}
   write_submission(out_dir, {task: workdir}, split)
+  compare_strides(workdir, [200, 300])             # the task metric per split and stride
   plot_video(path, task, outputs, labels)          # predictions vs labels over time (PNG)
 """
 
@@ -69,6 +70,26 @@ def write_submission(out_dir: str, workdirs: dict[str, str], split: str = affwil
     affwild2.write_predictions(path, task, decisions)
     paths[task] = path
   return paths
+
+
+def compare_strides(workdir: str, strides, splits=(affwild2.VALIDATION_SET, affwild2.TEST_SET)
+                    ) -> dict[int, dict[str, dict[str, float]]]:
+  """{stride: {split: scores}} of one trained model predicted with each window stride.
+
+  A stride below the segment length overlaps windows and averages them (ours); a stride equal
+  to it cuts the video into disjoint windows (the authors' prediction setting). Test-split
+  scores need labels, which only the synthetic set ships (`test_labels/`).
+  """
+  out: dict[int, dict[str, dict[str, float]]] = {}
+  for stride in strides:
+    config, predict, thresholds = load(workdir, int(stride))
+    out[int(stride)] = {}
+    for split in splits:
+      labels = {v.video: v for v in affwild2.load_split(config.data.root, config.task, split,
+                                                        with_test_labels=True)}
+      preds = predict({v: l.num_frames for v, l in labels.items()})
+      out[int(stride)][split] = temporal.score(config.task, preds, labels, thresholds)
+  return out
 
 
 def plot_video(path: str, task: str, outputs: np.ndarray, labels: np.ndarray | None,

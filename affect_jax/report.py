@@ -14,6 +14,27 @@ METRIC_NAME = {"VA": "CCC", "EXPR": "F1", "AU": "F1"}
 MAIN = {"VA": "mean", "EXPR": "f1", "AU": "f1"}
 
 
+def stride_table(strides: dict, segment_len: int) -> str:
+  """Markdown: one model per task predicted with overlapping vs disjoint windows.
+
+  strides: {task: {stride: {split: scores}}} as `affect_jax.predict.compare_strides` gives.
+  """
+  tasks = [t for t in affwild2.TASKS if t in strides]
+  lines = ["| prediction windows (TCN+Transformer, visual+audio) | " + " | ".join(
+      f"{t} {METRIC_NAME[t]} val | {t} {METRIC_NAME[t]} test" for t in tasks) + " |",
+           "|---|" + "---|---|" * len(tasks)]
+  for stride in sorted({int(s) for t in tasks for s in strides[t]}):
+    kind = ("disjoint (the authors')" if stride == segment_len
+            else "overlapping, averaged (ours)")
+    cells = []
+    for t in tasks:
+      r = strides[t].get(stride) or strides[t].get(str(stride))
+      cells += [f"{r[sp][MAIN[t]]:.3f}" if r and sp in r else "-"
+                for sp in (affwild2.VALIDATION_SET, affwild2.TEST_SET)]
+    lines.append(f"| stride {stride} of {segment_len}, {kind} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def results_table(results: dict, oracle: dict, baseline: dict, ft_scores: dict) -> str:
   tasks = [t for t in affwild2.TASKS if t in results]
   head = "| model | " + " | ".join(f"{t} {METRIC_NAME[t]} val | {t} {METRIC_NAME[t]} test" for t in tasks) + " |"
@@ -68,11 +89,14 @@ def _loss_curves(out_dir: str, path: str) -> None:
   plt.close("all")
 
 
-def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summary: dict) -> dict:
+def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summary: dict,
+          strides: dict | None = None, segment_len: int | None = None) -> dict:
   """results.md, results.json and report/*.png under out_dir; returns {'table': markdown}."""
   from affect_jax import predict
   from affect_jax.demo import ABAW6_BASELINE
   table = results_table(results, oracle, ABAW6_BASELINE, ft_scores)
+  if strides:
+    table += "\n\n" + stride_table(strides, segment_len)
   report = os.path.join(out_dir, "report")
   os.makedirs(report, exist_ok=True)
   with open(os.path.join(out_dir, "results.md"), "w") as f:
@@ -81,7 +105,7 @@ def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summa
     json.dump({"results": {t: {n: {k: v for k, v in r.items() if k != "workdir"} for n, r in rs.items()}
                            for t, rs in results.items()},
                "oracle": oracle, "abaw6_baseline": ABAW6_BASELINE, "finetune_f1": ft_scores,
-               "data": data_summary}, f, indent=1)
+               "data": data_summary, "prediction_strides": strides or {}}, f, indent=1)
   recon = os.path.join(out_dir, "mae", "recon", "latest.png")
   if os.path.exists(recon):
     shutil.copyfile(recon, os.path.join(report, "mae_reconstruction.png"))

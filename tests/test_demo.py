@@ -2,20 +2,33 @@
 
 import json
 
+import pytest
+
 from affect_jax import demo
+from affect_jax.data import affwild2
 
 
 def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path):
   lines = []
   first = demo.run(str(tmp_path), "micro", log=lines.append)
   stage_lines = [l for l in lines if l.startswith("[")]
-  assert len(stage_lines) == 22 and all(" ran " in l for l in stage_lines)
+  assert len(stage_lines) == 23 and all(" ran " in l for l in stage_lines)
   for task in ("VA", "EXPR", "AU"):
     assert set(first["results"][task]) == {v[0] for v in demo.VARIANTS}
   table = (tmp_path / "results.md").read_text()
   assert "oracle (clean latent vs labels)" in table and "TCN+Transformer, visual+audio" in table
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["oracle"] == first["oracle"]
+  # Prediction strides: the training stride re-scored through predict.load must give what the
+  # training run's own evaluation reported for its best state; the authors' disjoint windows
+  # are the second row.
+  p = demo.PRESETS["micro"]
+  assert "disjoint (the authors')" in table and f"stride {p['stride']} of {p['segment_len']}" in table
+  for task, main in (("VA", "mean"), ("EXPR", "f1"), ("AU", "f1")):
+    by_stride = saved["prediction_strides"][task]
+    assert set(by_stride) == {str(p["stride"]), str(p["segment_len"])}
+    own = first["results"][task]["tcn_tf_va"]["val"][main]
+    assert by_stride[str(p["stride"])][affwild2.VALIDATION_SET][main] == pytest.approx(own, abs=1e-6)
   for png in ("mae_reconstruction.png", "loss_curves.png", "va_prediction.png", "au_raster.png"):
     assert (tmp_path / "report" / png).stat().st_size > 2000, png
   lines.clear()

@@ -128,13 +128,13 @@ def _configs(p: dict, root: str, out_dir: str) -> dict[str, ml_collections.Confi
 def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = print) -> dict:
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-  from affect_jax import predict, report
+  from affect_jax import pixel_baseline, predict, report
   from affect_jax.train import extract, finetune, pretrain, temporal
   p = PRESETS[preset]
   out_dir = os.path.abspath(out_dir)
   root = os.path.join(out_dir, "data")
   cfg = _configs(p, root, out_dir)
-  stages = 1 + 1 + 2 + 2 + len(VARIANTS) * len(affwild2.TASKS) + 2
+  stages = 1 + 1 + 1 + 2 + 2 + len(VARIANTS) * len(affwild2.TASKS) + 2
   start, done = time.perf_counter(), [0]
 
   def step(name, settings, fn):
@@ -154,6 +154,11 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
   data = step("data", dataclasses.asdict(p["data"]), data_stage)
   with open(os.path.join(root, ORACLE)) as f:
     oracle = json.load(f)
+
+  # Headroom reference: a per-frame linear model on raw downsampled pixels (regularisation
+  # chosen on validation, then scored on test) tells what the learned features must beat.
+  pixels = step("pixel_baseline", {"size": 12, "v": 1}, lambda: pixel_baseline.evaluate(
+      root, affwild2.VALIDATION_SET, size=12, report_split=affwild2.TEST_SET))
 
   step("mae_pretrain", cfg["mae"].to_dict(), lambda: {
       "losses": [h["loss"] for h in pretrain.train_and_evaluate(cfg["mae"], os.path.join(out_dir, "mae"))["history"]]})
@@ -196,9 +201,10 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
                for t in results})
 
   summary = step("report", {"v": 2, "results": {t: {n: r.get("best_step") for n, r in v.items()}
-                                                 for t, v in results.items()}, "strides": strides},
+                                                 for t, v in results.items()}, "strides": strides,
+                           "pixels": pixels},
                  lambda: report.write(out_dir, results, oracle, ft_scores, data["summary"],
-                                      strides, p["segment_len"]))
+                                      strides, p["segment_len"], pixels))
   table = summary["table"]
   log("\n" + table)
   log(f"\nresults: {os.path.join(out_dir, 'results.md')}, report: {os.path.join(out_dir, 'report')}"

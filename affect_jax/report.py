@@ -35,7 +35,11 @@ def stride_table(strides: dict, segment_len: int) -> str:
   return "\n".join(lines)
 
 
-def results_table(results: dict, oracle: dict, baseline: dict, ft_scores: dict) -> str:
+PIXEL_ROW = "linear model on 12x12 pixels, per frame (no learned features)"
+
+
+def results_table(results: dict, oracle: dict, baseline: dict, ft_scores: dict,
+                  pixels: dict | None = None) -> str:
   tasks = [t for t in affwild2.TASKS if t in results]
   head = "| model | " + " | ".join(f"{t} {METRIC_NAME[t]} val | {t} {METRIC_NAME[t]} test" for t in tasks) + " |"
   lines = [head, "|---|" + "---|---|" * len(tasks)]
@@ -46,6 +50,13 @@ def results_table(results: dict, oracle: dict, baseline: dict, ft_scores: dict) 
       r = results[t][name]
       cells += [f"{r['val'][MAIN[t]]:.3f}", f"{r['test'][MAIN[t]]:.3f}" if "test" in r else "-"]
     lines.append(f"| {results[tasks[0]][name]['label']} | " + " | ".join(cells) + " |")
+  if pixels:
+    cells = []
+    for t in tasks:
+      r = pixels.get(t, {})
+      cells += [f"{r[MAIN[t]]:.3f}" if MAIN[t] in r else "-",
+                f"{r[affwild2.TEST_SET][MAIN[t]]:.3f}" if affwild2.TEST_SET in r else "-"]
+    lines.append(f"| {PIXEL_ROW} | " + " | ".join(cells) + " |")
   cells = []
   for t in tasks:
     o = oracle[t]
@@ -90,11 +101,12 @@ def _loss_curves(out_dir: str, path: str) -> None:
 
 
 def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summary: dict,
-          strides: dict | None = None, segment_len: int | None = None) -> dict:
+          strides: dict | None = None, segment_len: int | None = None,
+          pixels: dict | None = None) -> dict:
   """results.md, results.json and report/*.png under out_dir; returns {'table': markdown}."""
   from affect_jax import predict
   from affect_jax.demo import ABAW6_BASELINE
-  table = results_table(results, oracle, ABAW6_BASELINE, ft_scores)
+  table = results_table(results, oracle, ABAW6_BASELINE, ft_scores, pixels)
   if strides:
     table += "\n\n" + stride_table(strides, segment_len)
   report = os.path.join(out_dir, "report")
@@ -105,7 +117,8 @@ def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summa
     json.dump({"results": {t: {n: {k: v for k, v in r.items() if k != "workdir"} for n, r in rs.items()}
                            for t, rs in results.items()},
                "oracle": oracle, "abaw6_baseline": ABAW6_BASELINE, "finetune_f1": ft_scores,
-               "data": data_summary, "prediction_strides": strides or {}}, f, indent=1)
+               "data": data_summary, "prediction_strides": strides or {},
+               "pixel_baseline": pixels or {}}, f, indent=1)
   recon = os.path.join(out_dir, "mae", "recon", "latest.png")
   if os.path.exists(recon):
     shutil.copyfile(recon, os.path.join(report, "mae_reconstruction.png"))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from affect_jax import demo
+from affect_jax import demo, report
 from affect_jax.data import affwild2
 
 
@@ -12,13 +12,16 @@ def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path):
   lines = []
   first = demo.run(str(tmp_path), "micro", log=lines.append)
   stage_lines = [l for l in lines if l.startswith("[")]
-  assert len(stage_lines) == 23 and all(" ran " in l for l in stage_lines)
+  assert len(stage_lines) == 24 and all(" ran " in l for l in stage_lines)
   for task in ("VA", "EXPR", "AU"):
     assert set(first["results"][task]) == {v[0] for v in demo.VARIANTS}
   table = (tmp_path / "results.md").read_text()
   assert "oracle (clean latent vs labels)" in table and "TCN+Transformer, visual+audio" in table
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["oracle"] == first["oracle"]
+  assert report.PIXEL_ROW in table
+  for task in ("VA", "EXPR", "AU"):
+    assert affwild2.TEST_SET in saved["pixel_baseline"][task]
   # Prediction strides: the training stride re-scored through predict.load must give what the
   # training run's own evaluation reported for its best state; the authors' disjoint windows
   # are the second row.

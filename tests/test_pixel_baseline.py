@@ -27,3 +27,33 @@ def test_logistic_agrees_with_sklearn_and_ignores_masked_rows():
   ref = LogisticRegression(C=1e3, max_iter=2000).fit(x[40:], y[40:])
   agree = np.mean(np.argmax(x @ w + b, -1) == ref.predict(x))
   assert agree > 0.97
+
+
+def test_evaluate_picks_l2_on_validation_and_scores_that_model_on_test(synthetic_root):
+  from affect_jax import metrics
+  from affect_jax.data import affwild2 as aw
+  out = pixel_baseline.evaluate(synthetic_root, aw.VALIDATION_SET, size=6, tasks=("VA",),
+                                report_split=aw.TEST_SET)["VA"]
+  assert out["l2"] in pixel_baseline.RIDGE_L2
+
+  def arrays(split):  # an independent read of the pixels and labels, valid frames only
+    xs, ys = [], []
+    for v in aw.load_split(synthetic_root, "VA", split, with_test_labels=True):
+      xs.append(pixel_baseline.frame_pixels(synthetic_root, v.video, v.num_frames, v.has_image, 6))
+      ys.append(v.labels)
+    return np.concatenate(xs), np.concatenate(ys)
+
+  (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = map(arrays, (aw.TRAIN_SET, aw.VALIDATION_SET,
+                                                           aw.TEST_SET))
+  mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-3
+  ok = aw.valid_frames("VA", y_tr)
+  val_scores = {}
+  for l2 in pixel_baseline.RIDGE_L2:
+    ref = Ridge(alpha=l2).fit(((x_tr - mu) / sd)[ok], y_tr[ok])
+    val = metrics.va_scores(np.clip(ref.predict((x_va - mu) / sd), -1, 1), y_va)
+    test = metrics.va_scores(np.clip(ref.predict((x_te - mu) / sd), -1, 1), y_te)
+    val_scores[l2] = (val["mean"], test["mean"])
+  best = max(val_scores, key=lambda k: val_scores[k][0])
+  assert out["l2"] == best
+  np.testing.assert_allclose(out["mean"], val_scores[best][0], atol=1e-4)
+  np.testing.assert_allclose(out[aw.TEST_SET]["mean"], val_scores[best][1], atol=1e-4)

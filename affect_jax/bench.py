@@ -43,15 +43,20 @@ def peak_flops(device: jax.Device, override_tflops: float | None = None) -> floa
   return None
 
 
-def compiled_flops(compiled) -> float | None:
-  """FLOPs of one call of a compiled jitted function, from XLA's cost analysis."""
+def compiled_flops(compiled, num_devices: int = 1) -> float | None:
+  """FLOPs of one call of a compiled jitted function, from XLA's cost analysis.
+
+  The analysis is of the per-device (SPMD-partitioned) program; `num_devices` sums it over
+  the mesh, so work replicated on every device (e.g. a data-parallel optimizer update) is
+  counted on each.
+  """
   try:
     cost = compiled.cost_analysis()
   except Exception:  # noqa: BLE001 - some backends do not implement it
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and "flops" in cost else None
+  return float(cost["flops"]) * num_devices if cost and "flops" in cost else None
 
 
 def peak_memory_bytes(device: jax.Device) -> int | None:
@@ -93,7 +98,7 @@ def bench_mae(preset: str, batch: int, *, dtype: str = "float32", image_size: in
   images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
   batch_arrays = sharding.shard_batch({"image": images}, mesh)
   compiled = step.lower(state, batch_arrays).compile()
-  flops = compiled_flops(compiled)
+  flops = compiled_flops(compiled, mesh.size)
   holder = {"state": state}
 
   def run():
@@ -111,9 +116,28 @@ def bench_mae(preset: str, batch: int, *, dtype: str = "float32", image_size: in
       "params": int(n_params), "step_s": med, "step_s_all": times, "img_per_s": batch / med,
       "flops_per_step": flops,
       "tflops_per_s": flops / med / 1e12 if flops else None,
-      "mfu": flops / med / (peak * jax.device_count()) if flops and peak else None,
+      "mfu": flops / med / (peak * mesh.size) if flops and peak else None,
       "peak_memory_bytes": peak_memory_bytes(device),
   }
+
+
+def bench_matmul(n: int = 2048, repeats: int = 10) -> dict:
+  """This machine's XLA matmul rate (GFLOP/s) on one n^3 product: float32, and bfloat16
+  operands accumulating into float32 (the fast bf16 path on CPUs with avx512_bf16).
+
+  The ceiling for a matmul-bound step: its XLA FLOPs over this rate is the least time it
+  can take here, whatever the framework.
+  """
+  import jax.numpy as jnp
+  out = {"what": "matmul", "n": n, "device_kind": jax.devices()[0].device_kind}
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  for name, x, y in (("float32", a, b),
+                     ("bfloat16_f32acc", a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))):
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    med = statistics.median(time_steps(lambda: f(x, y).block_until_ready(), repeats, 2))
+    out[f"{name}_gflops"] = 2 * n ** 3 / med / 1e9
+  return out
 
 
 def write_fake_faces(root: str, count: int, size: int, seed: int = 0) -> list[str]:
@@ -197,6 +221,10 @@ def bench_temporal(preset: str = "paper", *, frames: int = 10_000, batch: int = 
   ptimes = time_steps(predict_once, repeats, 1)
   out["predict_s_all_heads"] = statistics.median(ptimes)
   out["predict_s_all"] = ptimes
+  flops = [compiled_flops(fns[t].lower(variables[t], inputs, mask_j).compile()) for t in models]
+  out["predict_flops"] = sum(flops) if all(flops) else None
+  out["predict_tflops_per_s"] = (out["predict_flops"] / out["predict_s_all_heads"] / 1e12
+                                 if out["predict_flops"] else None)
   # Training throughput (VA model); after prediction, since the step donates the state.
   c, model, state, shardings = models["VA"]
   batch_arrays = {"visual": rng.normal(size=(batch, length, 768)).astype(np.float32),

@@ -3,13 +3,14 @@
   python launch/bench.py --what=mae --preset=base --batch=8 --dtype=bfloat16
   python launch/bench.py --what=loader --preset=tiny --batch=64 --worker_count=2
   python launch/bench.py --what=temporal --preset=paper
+  python launch/bench.py --what=matmul        # this machine's XLA matmul GFLOP/s (the ceiling)
 """
 
 import json
 
 from absl import app, flags
 
-_WHAT = flags.DEFINE_enum("what", "mae", ["mae", "loader", "mae+loader", "temporal"], "What to time.")
+_WHAT = flags.DEFINE_enum("what", "mae", ["mae", "loader", "mae+loader", "temporal", "matmul"], "What to time.")
 _PRESET = flags.DEFINE_string("preset", "tiny", "MAE size preset (configs/mae_pretrain.py).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
@@ -35,6 +36,8 @@ def main(argv):
     preset = _PRESET.value if _PRESET.value in ("paper", "tiny") else "paper"
     results.append(bench.bench_temporal(preset, dtype=_DTYPE.value, steps=_STEPS.value,
                                         warmup=_WARMUP.value))
+  if _WHAT.value == "matmul":
+    results.append(bench.bench_matmul())
   if "loader" in _WHAT.value.split("+"):
     size = _IMAGE_SIZE.value or mae_pretrain.get_config(_PRESET.value).data.image_size
     results.append(bench.bench_loader(_BATCH.value, size, worker_count=_WORKERS.value))
@@ -51,9 +54,15 @@ def main(argv):
             f"{1e3 * r['step_s']:.1f} ms (median of {len(r['step_s_all'])}), {tf} TFLOP/s, "
             f"MFU {mfu}, peak memory {mem}")
     elif r["what"] == "temporal":
+      tf = f"{r['predict_tflops_per_s']:.2f}" if r["predict_tflops_per_s"] else "n/a"
       print(f"temporal {r['preset']} {r['dtype']} on {r['devices']}x {r['device_kind']}: training "
             f"{r['train_frames_per_s']:.0f} frames/s (step {1e3 * r['train_step_s']:.0f} ms); "
-            f"predict one {r['frames']}-frame video with VA+Expr+AU: {r['predict_s_all_heads']:.2f} s")
+            f"predict one {r['frames']}-frame video with VA+Expr+AU: {r['predict_s_all_heads']:.2f} s "
+            f"({tf} TFLOP/s)")
+    elif r["what"] == "matmul":
+      print(f"XLA matmul {r['n']}^3 on {r['device_kind']}: float32 {r['float32_gflops']:.0f} "
+            f"GFLOP/s, bfloat16 operands with float32 accumulation "
+            f"{r['bfloat16_f32acc_gflops']:.0f} GFLOP/s")
     else:
       print(f"grain loader {r['image_size']}px batch {r['batch']} workers {r['worker_count']}: "
             f"{r['img_per_s']:.1f} img/s")

@@ -77,3 +77,37 @@ def test_short_run_exports_best_and_loads_back(synthetic_root, tmp_path):
   from affect_jax import metrics
   np.testing.assert_allclose(metrics.expr_f1(logits.argmax(-1), labels), out["best"]["value"],
                              atol=1e-6)
+
+
+def test_converted_timm_checkpoint_initialises_fine_tuning(synthetic_root, tmp_path):
+  """launch/convert_weights.py output (a public MAE ViT in timm layout) -> init.kind='converted'."""
+  import safetensors.numpy
+  from affect_jax.models import convert, vit
+  from tests.models.test_convert import _blocks
+  t = vit.VARIANTS["tiny"]
+  d, p, grid = t["width"], t["patch_size"], IMAGE // t["patch_size"]
+  rng = np.random.default_rng(3)
+  state = {"cls_token": 0.02 * rng.normal(size=(1, 1, d)),
+           "pos_embed": vit.sincos_pos_embed_2d(d, (grid, grid))[None],
+           "patch_embed.proj.weight": rng.normal(size=(d, 3, p, p)) / (3 * p * p) ** 0.5,
+           "patch_embed.proj.bias": 0.1 * rng.normal(size=d),
+           "norm.weight": np.ones(d), "norm.bias": np.zeros(d),
+           **_blocks(rng, "blocks", t["depth"], d, t["mlp_dim"])}
+  state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+  safetensors.numpy.save_file(state, str(tmp_path / "mae_vit.safetensors"))
+  convert.save_params(convert.convert_checkpoint(str(tmp_path / "mae_vit.safetensors"), "vit",
+                                                 "tiny"), str(tmp_path / "converted"))
+
+  c = _ft_config(synthetic_root, num_steps=2, log_every=1, eval_every_epochs=100.0)
+  c.init.kind, c.init.params_path = "converted", str(tmp_path / "converted")
+  model = finetune.create_model(c)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  ft_state, _ = finetune.create_train_state(c, model, jax.random.key(1), mesh,
+                                            lambda s: 1e-3, finetune.initial_encoder(c))
+  qkv = np.asarray(ft_state.params["encoder"]["blocks_1"]["attn"]["qkv"]["kernel"])
+  heads = t["num_heads"]
+  np.testing.assert_array_equal(
+      qkv, state["blocks.1.attn.qkv.weight"].T.reshape(d, 3, heads, d // heads))
+  np.testing.assert_array_equal(np.asarray(ft_state.params["cls_token"]), state["cls_token"])
+  out = finetune.train_and_evaluate(c, str(tmp_path / "ft"))
+  assert np.isfinite([h["loss"] for h in out["history"] if "loss" in h]).all()

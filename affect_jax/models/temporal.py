@@ -62,42 +62,6 @@ def sincos_positions(length: int, width: int) -> np.ndarray:
   return pos.astype(np.float32)
 
 
-class MaskedSelfAttention(nn.Module):
-  """torch's MultiheadAttention on one sequence: fused q/k/v projection, per-head scaled
-  dot-product attention with a key-padding mask and dropout on the weights, out projection.
-
-  The qkv kernel is [D, 3, H, hd] (torch's in_proj_weight [3D, D] transposed and split) so
-  that sharding 'heads' gives every device whole heads of q, k and v alike.
-  """
-  num_heads: int
-  dropout: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
-
-  @nn.compact
-  def __call__(self, x, mask, *, train: bool = False):  # [B, T, D], [B, T] bool
-    width = x.shape[-1]
-    head_dim = width // self.num_heads
-    dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-                              f32_accumulation=self.f32_accumulation)
-    einsum = functools.partial(layers.einsum, f32_accumulation=self.f32_accumulation)
-
-    qkv = dense((3, self.num_heads, head_dim), ("embed", "qkv", "heads", "kv"),
-                name="qkv")(x)  # [B, T, 3, H, hd]
-    q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))  # [B, H, T, hd]
-    logits = einsum("bhqd,bhkd->bhqk", q * head_dim ** -0.5, k,
-                    out_dtype=jnp.float32)  # [B, H, T, T]
-    # A finite floor rather than -inf: a segment with no real frame gets uniform weights
-    # (its outputs are all padding) instead of NaNs that would reach the gradients.
-    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = nn.Dropout(self.dropout, deterministic=not train)(probs).astype(v.dtype)
-    out = jnp.swapaxes(einsum("bhqk,bhkd->bhqd", probs, v), 1, 2)  # [B, T, H, hd]
-    return dense(width, ("heads", "kv", "embed"), in_axes=2, kernel_init=torch_linear_init,
-                 name="out")(out)  # [B, T, D]
-
-
 class FeedForward(nn.Module):
   """Linear(d, ff) -> activation -> dropout -> Linear(ff, d), torch's layer order."""
   ff_dim: int
@@ -138,7 +102,8 @@ class TransformerEncoderLayer(nn.Module):
   def __call__(self, x, mask, *, train: bool = False):  # [B, T, D] float32, [B, T] bool
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
               f32_accumulation=self.f32_accumulation)
-    attn = MaskedSelfAttention(self.num_heads, self.dropout, name="attn", **kw)
+    attn = vit.MultiHeadSelfAttention(self.num_heads, self.dropout, out_name="out",
+                                      out_init=torch_linear_init, name="attn", **kw)
     ff = FeedForward(self.ff_dim, self.activation, self.dropout, name="ff", **kw)
     norm1, norm2 = layer_norm("norm1", self.param_dtype), layer_norm("norm2", self.param_dtype)
     drop = nn.Dropout(self.dropout, deterministic=not train)

@@ -10,7 +10,7 @@ Every parameter carries logical axis names ('embed', 'mlp', 'heads', 'kv', 'qkv'
 """
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import einops
 import flax.linen as nn
@@ -141,18 +141,25 @@ class DropPath(nn.Module):
 
 
 class MultiHeadSelfAttention(nn.Module):
-  """timm's Attention: one fused qkv projection, softmax(q k^T / sqrt(hd)) v, out projection.
+  """timm's Attention (and torch's MultiheadAttention on one sequence): one fused qkv
+  projection, softmax(q k^T / sqrt(hd)) v per head, an output projection.
 
   The qkv kernel is [D, 3, H, hd] rather than timm's flat [D, 3D] so that sharding 'heads'
-  over the model axis gives every device whole heads of q, k and v alike.
+  over the model axis gives every device whole heads of q, k and v alike. `mask` [B, N] bool
+  (True = a real token) removes padded keys; `dropout` acts on the attention weights when
+  training. The temporal model names the output projection 'out' and starts it with torch's
+  Linear init; the ViT calls it 'proj' (timm).
   """
   num_heads: int
+  dropout: float = 0.0
+  out_name: str = "proj"
+  out_init: Callable[..., Any] = nn.initializers.xavier_uniform()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   f32_accumulation: bool = True
 
   @nn.compact
-  def __call__(self, x):  # [B, N, D]
+  def __call__(self, x, mask=None, *, train: bool = False):  # [B, N, D], [B, N] bool
     width = x.shape[-1]
     head_dim = width // self.num_heads
     dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -167,10 +174,17 @@ class MultiHeadSelfAttention(nn.Module):
     # Logits and softmax in float32 whatever the compute dtype.
     logits = einsum("bhqd,bhkd->bhqk", q * head_dim ** -0.5, k,
                     out_dtype=jnp.float32)  # [B, H, N, N]
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = einsum("bhqk,bhkd->bhqd", probs, v)  # [B, H, N, hd]
+    if mask is not None:
+      # A finite floor rather than -inf: a sequence with no real token gets uniform weights
+      # (its outputs are all padding) instead of NaNs that would reach the gradients.
+      logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if self.dropout:
+      probs = nn.Dropout(self.dropout, deterministic=not train)(probs)
+    out = einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)  # [B, H, N, hd]
     out = einops.rearrange(out, "b h n d -> b n h d")
-    return dense(width, ("heads", "kv", "embed"), in_axes=2, name="proj")(out)
+    return dense(width, ("heads", "kv", "embed"), in_axes=2, kernel_init=self.out_init,
+                 name=self.out_name)(out)
 
 
 class MlpBlock(nn.Module):

@@ -38,3 +38,16 @@ def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path):
   second = demo.run(str(tmp_path), "micro", log=lines.append)
   assert all(" reused " in l for l in lines if l.startswith("["))
   assert second["table"] == first["table"]
+
+
+def test_full_preset_configures_the_paper_sizes(tmp_path):
+  """--preset=full is for an accelerator host (never run in CI): check what it would run."""
+  p = demo.PRESETS["full"]
+  cfg = demo._configs(p, str(tmp_path / "data"), str(tmp_path))
+  assert cfg["mae"].model.variant == "base" and cfg["mae"].data.image_size == 224
+  assert cfg["ft"].model.variant == "base" and cfg["ft"].init.mae_workdir == str(tmp_path / "mae")
+  for task in ("VA", "EXPR", "AU"):
+    t = cfg[task]
+    assert (t.data.segment_len, t.data.stride, t.data.predict_stride) == (300, 200, 200)
+    assert t.model.preset == "paper"  # the authors' model, checked against torch elsewhere
+    assert t.num_steps <= 0 and t.num_epochs == {"VA": 40, "EXPR": 10, "AU": 30}[task]

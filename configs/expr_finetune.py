@@ -44,6 +44,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.num_steps = -1  # > 0 overrides num_epochs
   c.warmup_epochs = 1
   c.label_smoothing = 0.1
+  # Mixup / CutMix (Beta alphas; 0 = off) as in the MAE fine-tuning recipe (0.8 / 1.0, one
+  # of the two per batch with probability mix_switch_prob for CutMix).
+  c.mixup = 0.8
+  c.cutmix = 1.0
+  c.mix_switch_prob = 0.5
   c.class_weighting = "none"  # 'none' | 'inverse' | 'sqrt_inverse' (train-set frequencies)
   c.layer_decay = 0.65
   c.optim = ml_collections.ConfigDict(dict(
@@ -65,6 +70,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.num_epochs = 3
     c.optim.lr = 1e-3
     c.layer_decay = 0.75
+    c.mixup = c.cutmix = 0.0  # a few hundred steps on CPU: no room for heavy regularisation
     c.log_every = 20
     c.checkpoint_every = 200
   elif preset not in ("base", "large", "huge"):

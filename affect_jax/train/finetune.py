@@ -21,7 +21,7 @@ import optax
 from absl import logging
 
 from affect_jax import losses, metrics, optim, sharding
-from affect_jax.data import affwild2, loaders
+from affect_jax.data import affwild2, loaders, mixing
 from affect_jax.models import vit
 from affect_jax.train import loop, pretrain
 
@@ -106,16 +106,22 @@ def create_train_state(config, model, rng, mesh, schedule, pretrained: dict | No
   return loop.create_sharded_state(init, rng, mesh, sharding.rules_from_config(config.axis_rules))
 
 
-def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing):
-  """One step of masked (class-weighted, label-smoothed) cross-entropy."""
+def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing,
+               mixup_alpha=0.0, cutmix_alpha=0.0, mix_switch_prob=0.5):
+  """One step of masked (class-weighted, label-smoothed) cross-entropy, on Mixup/CutMix
+  batches when their alphas are > 0 (`affect_jax.data.mixing`)."""
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
-  images = loaders.normalize_images(batch["image"])
+  drop_rng, mix_rng = rng, jax.random.fold_in(rng, 1)
+  images, partner, lam = mixing.mix_batch(
+      mix_rng, loaders.normalize_images(batch["image"]), mixup_alpha=mixup_alpha,
+      cutmix_alpha=cutmix_alpha, switch_prob=mix_switch_prob)
   mask = jnp.ones(batch["label"].shape, jnp.float32)
 
   def loss_fn(params):
-    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
-    loss = losses.masked_cross_entropy(logits, batch["label"], mask, class_weights=weights,
-                                       label_smoothing=label_smoothing)
+    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": drop_rng})
+    ce = functools.partial(losses.masked_cross_entropy, logits, mask=mask,
+                           class_weights=weights, label_smoothing=label_smoothing)
+    loss = lam * ce(batch["label"]) + (1.0 - lam) * ce(batch["label"][partner])
     return loss, logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -159,7 +165,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
                                         initial_encoder(config))
   step = functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
                            weights=None if weights is None else jnp.asarray(weights),
-                           label_smoothing=config.label_smoothing)
+                           label_smoothing=config.label_smoothing,
+                           mixup_alpha=config.get("mixup", 0.0),
+                           cutmix_alpha=config.get("cutmix", 0.0),
+                           mix_switch_prob=config.get("mix_switch_prob", 0.5))
   batch_sh = {"image": sharding.batch_sharding(mesh, 4), "label": sharding.batch_sharding(mesh, 1)}
   step_fn = jax.jit(step, in_shardings=(shardings, batch_sh),
                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

@@ -111,3 +111,12 @@ def test_converted_timm_checkpoint_initialises_fine_tuning(synthetic_root, tmp_p
   np.testing.assert_array_equal(np.asarray(ft_state.params["cls_token"]), state["cls_token"])
   out = finetune.train_and_evaluate(c, str(tmp_path / "ft"))
   assert np.isfinite([h["loss"] for h in out["history"] if "loss" in h]).all()
+
+
+def test_mixup_cutmix_run_on_the_sharded_step(synthetic_root, tmp_path):
+  c = _ft_config(synthetic_root, num_steps=3, log_every=1, eval_every_epochs=100.0,
+                 mixup=0.8, cutmix=1.0)
+  c.init.kind = "random"
+  out = finetune.train_and_evaluate(c, str(tmp_path / "ft"))
+  losses = [h["loss"] for h in out["history"] if "loss" in h]
+  assert len(losses) == 3 and np.isfinite(losses).all()

@@ -3,8 +3,8 @@
   python launch/finetune.py --config=configs/expr_finetune.py:tiny --workdir=/tmp/ft \
       --config.init.mae_workdir=/tmp/mae --config.data.root=/tmp/affect_jax/demo/data
 
-The MAE fine-tuning recipe (layer-wise lr decay, drop-path, label smoothing, warmup +
-cosine); the authors: ViT-B/16, batch 256, lr 1e-4. `init.kind`: 'mae' (a pretraining
+The MAE fine-tuning recipe (layer-wise lr decay, drop-path, label smoothing, Mixup/CutMix,
+warmup + cosine); the authors: ViT-B/16, batch 256, lr 1e-4. `init.kind`: 'mae' (a pretraining
 workdir), 'converted' (params from launch/convert_weights.py), 'random' (the ablation).
 """
 

@@ -111,18 +111,21 @@ def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing,
   """One step of masked (class-weighted, label-smoothed) cross-entropy, on Mixup/CutMix
   batches when their alphas are > 0 (`affect_jax.data.mixing`)."""
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
-  drop_rng, mix_rng = rng, jax.random.fold_in(rng, 1)
-  images, partner, lam = mixing.mix_batch(
-      mix_rng, loaders.normalize_images(batch["image"]), mixup_alpha=mixup_alpha,
-      cutmix_alpha=cutmix_alpha, switch_prob=mix_switch_prob)
+  images = loaders.normalize_images(batch["image"])
+  mixed = mixup_alpha > 0 or cutmix_alpha > 0
+  if mixed:
+    images, partner, lam = mixing.mix_batch(
+        jax.random.fold_in(rng, 1), images, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+        switch_prob=mix_switch_prob)
   mask = jnp.ones(batch["label"].shape, jnp.float32)
 
   def loss_fn(params):
-    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": drop_rng})
+    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
     ce = functools.partial(losses.masked_cross_entropy, logits, mask=mask,
                            class_weights=weights, label_smoothing=label_smoothing)
-    loss = lam * ce(batch["label"]) + (1.0 - lam) * ce(batch["label"][partner])
-    return loss, logits
+    if not mixed:
+      return ce(batch["label"]), logits
+    return lam * ce(batch["label"]) + (1.0 - lam) * ce(batch["label"][partner]), logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])

@@ -18,6 +18,8 @@ from affect_jax.data.affwild2 import (
 
 NUM_EXPR = len(EXPR_NAMES)
 NUM_AU = len(AU_NAMES)
+# The key of each task's headline score: VA mean CCC, Expr macro-F1, AU mean F1.
+MAIN_METRIC = {"VA": "mean", "EXPR": "f1", "AU": "f1"}
 AU_THRESHOLD_GRID = np.linspace(0.05, 0.95, 19)
 
 

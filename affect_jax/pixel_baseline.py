@@ -99,9 +99,6 @@ def _fit_predict(task: str, x_tr, y_tr, x_evs, l2: float) -> list[dict]:
   return [metrics.au_f1((x @ w + b > 0).astype(np.int32), y) for x, y in x_evs]
 
 
-MAIN_METRIC = {"VA": "mean", "EXPR": "f1", "AU": "f1"}
-
-
 def evaluate(root: str | os.PathLike, split: str = aw.VALIDATION_SET, size: int = 12,
              tasks=aw.TASKS, report_split: str | None = None) -> dict:
   """Fits on Train_Set and scores `split` (whole videos, valid frames) per task, with the
@@ -123,6 +120,6 @@ def evaluate(root: str | os.PathLike, split: str = aw.VALIDATION_SET, size: int 
       result = {**scores[0], "l2": l2}
       if report_split:
         result[report_split] = scores[1]
-      candidates.append((scores[0][MAIN_METRIC[task]], result))
+      candidates.append((scores[0][metrics.MAIN_METRIC[task]], result))
     out[task] = max(candidates, key=lambda c: c[0])[1]
   return out

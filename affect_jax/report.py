@@ -6,12 +6,12 @@ import json
 import os
 import shutil
 
-
+from affect_jax import metrics
 from affect_jax.data import affwild2
 from affect_jax.train import loop
 
 METRIC_NAME = {"VA": "CCC", "EXPR": "F1", "AU": "F1"}
-MAIN = {"VA": "mean", "EXPR": "f1", "AU": "f1"}
+MAIN = metrics.MAIN_METRIC
 
 
 def stride_table(strides: dict, segment_len: int) -> str:

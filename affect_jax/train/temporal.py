@@ -26,7 +26,7 @@ from affect_jax.models import temporal
 from affect_jax.train import loop
 
 OUT_DIMS = {"VA": 2, "EXPR": len(affwild2.EXPR_NAMES), "AU": len(affwild2.AU_NAMES)}
-MAIN_METRIC = {"VA": "mean", "EXPR": "f1", "AU": "f1"}
+MAIN_METRIC = metrics.MAIN_METRIC
 
 
 # ---- Data ----

@@ -65,10 +65,8 @@ def _stage(out_dir: str, name: str, settings: dict, fn: Callable[[], dict]) -> t
     if saved["settings"] == settings:
       return saved["result"], False
   result = fn()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump({"settings": settings, "result": result}, f, indent=1, default=float)
-  os.replace(path + ".tmp", path)
+  affwild2.write_text_atomic(path, json.dumps({"settings": settings, "result": result},
+                                              indent=1, default=float))
   return result, True
 
 

@@ -22,7 +22,8 @@ from affect_jax.train import loop, temporal
 
 def load(workdir: str, stride: int | None = None):
   """(config, predict function {video: T} -> {video: [T, K]}, AU thresholds or None) of the
-  best state of a temporal run."""
+  best state of a temporal run. The function predicts with windows every `stride` frames
+  (default: the run's predict_stride), or every `stride=` frames given at the call."""
   import orbax.checkpoint as ocp
   config = ml_collections.ConfigDict(checkpoint.load_config(os.path.join(workdir, "checkpoints")))
   best = loop.read_best(workdir)
@@ -38,7 +39,7 @@ def load(workdir: str, stride: int | None = None):
   stores = temporal.open_stores(config)
   fn = temporal.make_predict_fn(model, config.task, mesh)
 
-  def predict(videos: dict[str, int]) -> dict[str, np.ndarray]:
+  def predict(videos: dict[str, int], stride: int | None = stride) -> dict[str, np.ndarray]:
     return temporal.predict_videos(
         fn, variables, stores, videos, segment_len=config.data.segment_len,
         stride=stride or config.data.predict_stride, merge=config.data.merge,
@@ -80,16 +81,13 @@ def compare_strides(workdir: str, strides, splits=(affwild2.VALIDATION_SET, affw
   to it cuts the video into disjoint windows (the authors' prediction setting). Test-split
   scores need labels, which only the synthetic set ships (`test_labels/`).
   """
-  out: dict[int, dict[str, dict[str, float]]] = {}
-  for stride in strides:
-    config, predict, thresholds = load(workdir, int(stride))
-    out[int(stride)] = {}
-    for split in splits:
-      labels = {v.video: v for v in affwild2.load_split(config.data.root, config.task, split,
-                                                        with_test_labels=True)}
-      preds = predict({v: l.num_frames for v, l in labels.items()})
-      out[int(stride)][split] = temporal.score(config.task, preds, labels, thresholds)
-  return out
+  config, predict, thresholds = load(workdir)
+  labels = {split: {v.video: v for v in affwild2.load_split(config.data.root, config.task, split,
+                                                            with_test_labels=True)}
+            for split in splits}
+  return {int(stride): {split: temporal.score(config.task, predict(
+      {v: l.num_frames for v, l in labels[split].items()}, stride=int(stride)), labels[split],
+      thresholds) for split in splits} for stride in strides}
 
 
 def plot_video(path: str, task: str, outputs: np.ndarray, labels: np.ndarray | None,

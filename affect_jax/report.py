@@ -111,14 +111,14 @@ def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summa
     table += "\n\n" + stride_table(strides, segment_len)
   report = os.path.join(out_dir, "report")
   os.makedirs(report, exist_ok=True)
-  with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write("# affect-jax demo results (synthetic Aff-Wild2)\n\n" + table + "\n")
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump({"results": {t: {n: {k: v for k, v in r.items() if k != "workdir"} for n, r in rs.items()}
-                           for t, rs in results.items()},
-               "oracle": oracle, "abaw6_baseline": ABAW6_BASELINE, "finetune_f1": ft_scores,
-               "data": data_summary, "prediction_strides": strides or {},
-               "pixel_baseline": pixels or {}}, f, indent=1)
+  affwild2.write_text_atomic(os.path.join(out_dir, "results.md"),
+                             "# affect-jax demo results (synthetic Aff-Wild2)\n\n" + table + "\n")
+  affwild2.write_text_atomic(os.path.join(out_dir, "results.json"), json.dumps(
+      {"results": {t: {n: {k: v for k, v in r.items() if k != "workdir"} for n, r in rs.items()}
+                   for t, rs in results.items()},
+       "oracle": oracle, "abaw6_baseline": ABAW6_BASELINE, "finetune_f1": ft_scores,
+       "data": data_summary, "prediction_strides": strides or {}, "pixel_baseline": pixels or {}},
+      indent=1))
   recon = os.path.join(out_dir, "mae", "recon", "latest.png")
   if os.path.exists(recon):
     shutil.copyfile(recon, os.path.join(report, "mae_reconstruction.png"))

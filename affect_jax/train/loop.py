@@ -21,6 +21,7 @@ from absl import logging
 from flax.training import train_state
 
 from affect_jax import checkpoint, sharding
+from affect_jax.data import affwild2
 
 
 class TrainState(train_state.TrainState):
@@ -135,10 +136,8 @@ def maybe_save_best(workdir: str, step: int, state, scores: dict, metric: str, m
   with checkpoint.make_manager(os.path.join(workdir, BEST_DIR), save_every=1, max_to_keep=1) as m:
     checkpoint.save(m, step, state, force=True)
     m.wait_until_finished()
-  tmp = os.path.join(workdir, f".{BEST_FILE}.tmp{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump({"step": step, "metric": metric, "value": value, "scores": scores}, f, indent=1)
-  os.replace(tmp, os.path.join(workdir, BEST_FILE))
+  affwild2.write_text_atomic(os.path.join(workdir, BEST_FILE), json.dumps(
+      {"step": step, "metric": metric, "value": value, "scores": scores}, indent=1))
   return True
 
 
@@ -181,16 +180,14 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
   history: list[dict] = []
   t_start = time.perf_counter()
   t_last, step_last = t_start, start
-  def stale() -> bool:
-    best = read_best(workdir) if early_stop_steps and best_metric else None
-    return best is not None and state_step - best["step"] >= early_stop_steps
-
+  best = read_best(workdir) if early_stop_steps and best_metric else None
+  best_step = None if best is None else best["step"]
   state_step = start
   try:
     for step in range(start, num_steps):
-      if stale():
+      if best_step is not None and state_step - best_step >= early_stop_steps:
         logging.info("early stop at step %d: no better eval/%s since step %d", state_step,
-                     best_metric, read_best(workdir)["step"])
+                     best_metric, best_step)
         if manager.latest_step() != state_step:  # a rerun then stops here too
           checkpoint.save(manager, state_step, state, data_iter=grain_iter, config=config, force=True)
         break
@@ -218,8 +215,9 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
           history[-1].update(scores)
         else:
           history.append({"step": done, **scores})
-        if best_metric:
-          maybe_save_best(workdir, done, state, scores, f"eval/{best_metric}", best_mode)
+        if best_metric and maybe_save_best(workdir, done, state, scores, f"eval/{best_metric}",
+                                           best_mode) and early_stop_steps:
+          best_step = done
       if done % checkpoint_every == 0 or done == num_steps:
         checkpoint.save(manager, done, state, data_iter=grain_iter, config=config, force=True)
       if history and history[-1]["step"] == done:

@@ -295,10 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if test_labels:
     test_preds = predict(_variables(best_state), videos={v: l.num_frames for v, l in test_labels.items()})
     results["test"] = score(task, test_preds, test_labels, thresholds)
-  path = os.path.join(workdir, "results.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(results, f, indent=1)
-  os.replace(path + ".tmp", path)
+  affwild2.write_text_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1))
   if hasattr(data_iter, "close"):
     data_iter.close()
   return {**results, "history": history}
@@ -320,8 +317,6 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   table.append("| mean ± std | " + " | ".join(
       f"{summary[k]['mean']:.4f} ± {summary[k]['std']:.4f}" for k in keys) + " |")
   out = {"task": config.task, "folds": per_fold, "summary": summary, "table": "\n".join(table)}
-  with open(os.path.join(workdir, "cross_validation.json"), "w") as f:
-    json.dump(out, f, indent=1)
-  with open(os.path.join(workdir, "cross_validation.md"), "w") as f:
-    f.write(out["table"] + "\n")
+  affwild2.write_text_atomic(os.path.join(workdir, "cross_validation.json"), json.dumps(out, indent=1))
+  affwild2.write_text_atomic(os.path.join(workdir, "cross_validation.md"), out["table"] + "\n")
   return out

@@ -69,3 +69,22 @@ def test_resume_continues_from_latest_checkpoint(tmp_path):
                            items_per_step=2, checkpoint_every=2, log_every=1)
   assert [h["step"] for h in hist] == [3, 4]
   np.testing.assert_allclose(np.asarray(resumed.params["w"]), np.asarray(full.params["w"]))
+
+
+def test_early_stopping_stops_when_the_best_is_old_and_a_rerun_stops_there_too(tmp_path):
+  mesh, state, step, batches = _setup()
+  # Evaluated every step; the best is at step 3 (0.9), nothing beats it afterwards.
+  by_step = {1: 0.2, 2: 0.5, 3: 0.9, 4: 0.8, 5: 0.7, 6: 0.95, 7: 0.1}
+
+  def eval_fn(st):
+    return {"f1": by_step[int(st.step)]}
+
+  kw = dict(config=ml_collections.ConfigDict(), workdir=str(tmp_path), step_fn=step, mesh=mesh,
+            items_per_step=2, log_every=1, checkpoint_every=100, num_steps=7, eval_fn=eval_fn,
+            eval_every=1, best_metric="f1", early_stop_steps=2)
+  final, history = loop.run(state=state, data_iter=batches, **kw)
+  # Steps 4 and 5 do not improve on step 3: the run stops before step 6 (which would have won).
+  assert [h["step"] for h in history if "eval/f1" in h] == [1, 2, 3, 4, 5]
+  assert int(final.step) == 5 and loop.read_best(str(tmp_path))["step"] == 3
+  again, history = loop.run(state=state, data_iter=batches, **kw)
+  assert history == [] and int(again.step) == 5

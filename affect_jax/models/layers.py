@@ -139,6 +139,7 @@ class Dense(nn.Module):
   kernel_axes: tuple[str | None, ...]
   in_axes: int = 1
   kernel_init: Callable[..., Any] = nn.initializers.xavier_uniform()
+  bias_init: Callable[..., Any] = nn.initializers.zeros
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   f32_accumulation: bool = True
@@ -156,8 +157,7 @@ class Dense(nn.Module):
         "kernel", nn.with_logical_partitioning(kernel_init, self.kernel_axes),
         in_dims + features, self.param_dtype)
     bias = self.param(
-        "bias", nn.with_logical_partitioning(nn.initializers.zeros,
-                                             self.kernel_axes[self.in_axes:]),
+        "bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[self.in_axes:]),
         features, self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
 

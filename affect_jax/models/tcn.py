@@ -164,27 +164,6 @@ class WeightNormConv(nn.Module):
     return dilated_conv(x, kernel, self.dilation, pad, self.f32_accumulation) + bias
 
 
-class PointwiseConv(nn.Module):
-  """A 1x1 Conv1d (the residual `downsample`): kernel [C_in, C_out], N(0, 0.01) init."""
-  features: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
-
-  @nn.compact
-  def __call__(self, x):  # [B, T, C_in]
-    kernel = self.param(
-        "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.01),
-                                               ("channels_in", "channels")),
-        (x.shape[-1], self.features), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(torch_bias_init(x.shape[-1]),
-                                                           ("channels",)),
-                      (self.features,), self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = layers.einsum("btc,co->bto", x, kernel, f32_accumulation=self.f32_accumulation)
-    return y + bias
-
-
 def keep_valid(x, mask):
   """Zeros padded frames so a convolution sees there what it sees past a sequence's end.
 
@@ -218,8 +197,10 @@ class TemporalBlock(nn.Module):
     y = drop(prelu(name="prelu1")(conv(name="conv1")(x)))  # [B, T, C_out]
     # With 'same' padding conv2 looks ahead: padded frames must be zeros again.
     y = drop(prelu(name="prelu2")(conv(name="conv2")(keep_valid(y, mask))))
-    residual = x if x.shape[-1] == self.features else PointwiseConv(
-        self.features, name="downsample", **kw)(x)
+    # The 1x1 Conv1d `downsample`: kernel [C_in, C_out] ~ N(0, 0.01), torch's bias init.
+    residual = x if x.shape[-1] == self.features else layers.Dense(
+        self.features, ("channels_in", "channels"), kernel_init=nn.initializers.normal(0.01),
+        bias_init=torch_bias_init(x.shape[-1]), name="downsample", **kw)(x)
     return prelu(name="prelu_out")(y + residual)  # [B, T, C_out]
 
 

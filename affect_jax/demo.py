@@ -21,6 +21,7 @@ from typing import Callable
 
 import ml_collections
 
+from affect_jax import fileio
 from affect_jax.data import affwild2, synthetic
 from affect_jax.data.synthetic.writer import MANIFEST, ORACLE
 
@@ -65,7 +66,7 @@ def _stage(out_dir: str, name: str, settings: dict, fn: Callable[[], dict]) -> t
     if saved["settings"] == settings:
       return saved["result"], False
   result = fn()
-  affwild2.write_text_atomic(path, json.dumps({"settings": settings, "result": result},
+  fileio.write_text_atomic(path, json.dumps({"settings": settings, "result": result},
                                               indent=1, default=float))
   return result, True
 

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from affect_jax import checkpoint, sharding
+from affect_jax import checkpoint, fileio, sharding
 from affect_jax.data import affwild2
 from affect_jax.train import loop, temporal
 
@@ -132,8 +132,4 @@ def plot_video(path: str, task: str, outputs: np.ndarray, labels: np.ndarray | N
   if title:
     plt.suptitle(title, fontsize=10)
   plt.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}.png"
-  plt.savefig(tmp, dpi=90)
-  plt.close("all")
-  os.replace(tmp, path)
+  fileio.save_figure_atomic(path, dpi=90)

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 
-from affect_jax import metrics
+from affect_jax import fileio, metrics
 from affect_jax.data import affwild2
 from affect_jax.train import loop
 
@@ -96,8 +96,7 @@ def _loss_curves(out_dir: str, path: str) -> None:
   for ax in list(axes.flat)[len(runs):]:
     ax.axis("off")
   plt.tight_layout()
-  plt.savefig(path, dpi=80)
-  plt.close("all")
+  fileio.save_figure_atomic(path, dpi=80)
 
 
 def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summary: dict,
@@ -111,9 +110,9 @@ def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summa
     table += "\n\n" + stride_table(strides, segment_len)
   report = os.path.join(out_dir, "report")
   os.makedirs(report, exist_ok=True)
-  affwild2.write_text_atomic(os.path.join(out_dir, "results.md"),
+  fileio.write_text_atomic(os.path.join(out_dir, "results.md"),
                              "# affect-jax demo results (synthetic Aff-Wild2)\n\n" + table + "\n")
-  affwild2.write_text_atomic(os.path.join(out_dir, "results.json"), json.dumps(
+  fileio.write_text_atomic(os.path.join(out_dir, "results.json"), json.dumps(
       {"results": {t: {n: {k: v for k, v in r.items() if k != "workdir"} for n, r in rs.items()}
                    for t, rs in results.items()},
        "oracle": oracle, "abaw6_baseline": ABAW6_BASELINE, "finetune_f1": ft_scores,

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from affect_jax.fileio import write_text_atomic
+
 # ---- Constants of the format (shared by the reader, the synthetic writer, predict) ----
 
 TASKS = ("VA", "EXPR", "AU")
@@ -190,14 +192,6 @@ def write_annotation(path: str | os.PathLike, task: str, labels: np.ndarray) -> 
   else:
     body = [",".join(str(int(x)) for x in row) for row in labels.reshape(-1, len(AU_NAMES))]
   write_text_atomic(path, "\n".join([_header_line(task), *body]) + "\n")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 # ---- Videos, frames, splits ----

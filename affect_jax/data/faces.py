@@ -14,6 +14,8 @@ from typing import Sequence
 
 from absl import logging
 
+from affect_jax import fileio
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 DEFAULT_CACHE_DIR = os.path.expanduser("~/.cache/affect_jax/face_index")
 
@@ -54,10 +56,7 @@ def index_images(root: str | os.PathLike, cache_dir: str | os.PathLike | None = 
   if not rel:
     raise FileNotFoundError(f"{root}: no {'/'.join(IMAGE_EXTS)} images found")
   if cache is not None:
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    tmp.write_text("\n".join(rel) + "\n")
-    os.replace(tmp, cache)
+    fileio.write_text_atomic(cache, "\n".join(rel) + "\n")
   logging.info("indexed %d images under %s", len(rel), root)
   return [str(root / r) for r in rel]
 

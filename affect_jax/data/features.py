@@ -18,24 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from affect_jax import fileio
+
 STORE_FILE = "store.json"
 VIDEOS_DIR = "videos"
 FORMAT_VERSION = 1
 
 
-def _write_atomic(path: Path, write) -> None:
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-
-
 def _write_json(path: Path, obj) -> None:
-  _write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()))
+  fileio.write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 class FeatureStore:
@@ -118,7 +109,7 @@ class FeatureStore:
     if not np.isfinite(features).all():
       raise ValueError(f"{video}: non-finite features")
     arr = features.astype(self.dtype)
-    _write_atomic(self._array_path(video), lambda f: np.save(f, arr))
+    fileio.atomic_write(self._array_path(video), lambda tmp: np.save(tmp, arr))
     _write_json(self._meta_path(video), {"num_frames": int(arr.shape[0]), **meta})
 
   def read(self, video: str, mmap: bool = True) -> np.ndarray:

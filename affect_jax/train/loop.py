@@ -20,8 +20,7 @@ import numpy as np
 from absl import logging
 from flax.training import train_state
 
-from affect_jax import checkpoint, sharding
-from affect_jax.data import affwild2
+from affect_jax import checkpoint, fileio, sharding
 
 
 class TrainState(train_state.TrainState):
@@ -136,7 +135,7 @@ def maybe_save_best(workdir: str, step: int, state, scores: dict, metric: str, m
   with checkpoint.make_manager(os.path.join(workdir, BEST_DIR), save_every=1, max_to_keep=1) as m:
     checkpoint.save(m, step, state, force=True)
     m.wait_until_finished()
-  affwild2.write_text_atomic(os.path.join(workdir, BEST_FILE), json.dumps(
+  fileio.write_text_atomic(os.path.join(workdir, BEST_FILE), json.dumps(
       {"step": step, "metric": metric, "value": value, "scores": scores}, indent=1))
   return True
 

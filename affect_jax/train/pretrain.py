@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from PIL import Image
 
-from affect_jax import optim, sharding
+from affect_jax import fileio, optim, sharding
 from affect_jax.data import affwild2, faces, loaders
 from affect_jax.models import mae, vit
 from affect_jax.train import loop
@@ -111,10 +111,7 @@ def reconstruction_grid(images: np.ndarray, masked: np.ndarray, recon: np.ndarra
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}.png"
-  Image.fromarray(image).save(tmp)
-  os.replace(tmp, path)
+  fileio.atomic_write(path, Image.fromarray(image).save)
 
 
 # ---- The loop ----

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from affect_jax import losses, metrics, optim, sharding
+from affect_jax import fileio, losses, metrics, optim, sharding
 from affect_jax.data import affwild2, features, segments
 from affect_jax.models import temporal
 from affect_jax.train import loop
@@ -295,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if test_labels:
     test_preds = predict(_variables(best_state), videos={v: l.num_frames for v, l in test_labels.items()})
     results["test"] = score(task, test_preds, test_labels, thresholds)
-  affwild2.write_text_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1))
+  fileio.write_text_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1))
   if hasattr(data_iter, "close"):
     data_iter.close()
   return {**results, "history": history}
@@ -317,6 +317,6 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   table.append("| mean ± std | " + " | ".join(
       f"{summary[k]['mean']:.4f} ± {summary[k]['std']:.4f}" for k in keys) + " |")
   out = {"task": config.task, "folds": per_fold, "summary": summary, "table": "\n".join(table)}
-  affwild2.write_text_atomic(os.path.join(workdir, "cross_validation.json"), json.dumps(out, indent=1))
-  affwild2.write_text_atomic(os.path.join(workdir, "cross_validation.md"), out["table"] + "\n")
+  fileio.write_text_atomic(os.path.join(workdir, "cross_validation.json"), json.dumps(out, indent=1))
+  fileio.write_text_atomic(os.path.join(workdir, "cross_validation.md"), out["table"] + "\n")
   return out

@@ -54,8 +54,9 @@ def test_crash_mid_write_leaves_nothing_visible(tmp_path, monkeypatch):
   store = _store(tmp_path)
   store.write("done", np.ones((2, 4)))
 
-  def boom(f, arr):
-    f.write(b"\x93NUMPY partial")
+  def boom(path, arr):
+    with open(path, "wb") as f:
+      f.write(b"\x93NUMPY partial")
     raise RuntimeError("killed")
 
   monkeypatch.setattr(np, "save", boom)

@@ -22,7 +22,8 @@ import numpy as np
 from affect_jax import metrics
 from affect_jax.data.affwild2 import (
     AUDIO_DIR, AUDIO_RATE, FRAMES_DIR, TASK_DIRS, TASKS, TEST_LABELS_DIR, TEST_SET, TRAIN_SET,
-    VALIDATION_SET, frame_name, task_test_list, write_annotation, write_text_atomic)
+    VALIDATION_SET, frame_name, task_test_list, write_annotation)
+from affect_jax.fileio import write_text_atomic
 from affect_jax.data.synthetic import audio, dynamics, render
 
 MANIFEST = "synthetic_manifest.json"

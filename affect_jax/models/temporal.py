@@ -170,8 +170,16 @@ class PredictionHead(nn.Module):
     return dense(self.out_dim, ("mlp", "classes"), name="fc2")(h)  # [B, T, out]
 
 
+def _check_inputs(inputs: Mapping[str, jax.Array], modalities: Sequence[str]) -> None:
+  missing = [m for m in modalities if m not in inputs]
+  if missing:
+    raise ValueError(f"the model's modalities {missing} are missing from its inputs "
+                     f"(got {sorted(inputs)})")
+
+
 def _frame_mask(inputs, modalities, mask):
   """[B, T] bool; no mask means every frame is real."""
+  _check_inputs(inputs, modalities)
   if mask is None:
     return jnp.ones(inputs[modalities[0]].shape[:2], bool)
   return jnp.asarray(mask).astype(bool)
@@ -251,6 +259,7 @@ class FrameMLP(nn.Module):
   @nn.compact
   def __call__(self, inputs: Mapping[str, jax.Array], mask=None, train: bool = False):
     del mask
+    _check_inputs(inputs, self.modalities)
     dense = functools.partial(layers.Dense, kernel_init=torch_linear_init, dtype=self.dtype,
                               param_dtype=self.param_dtype,
                               f32_accumulation=self.f32_accumulation)
@@ -260,13 +269,9 @@ class FrameMLP(nn.Module):
     return dense(self.out_dim, ("mlp", "classes"), name="fc2")(h).astype(jnp.float32)
 
 
-def make_temporal_model(preset: str, out_dim: int, input_dims: Mapping[str, int],
-                        **overrides) -> TemporalModel:
-  """`TemporalModel` of a preset with `overrides`, e.g. ("tiny", 2, {"visual": 768}).
-
-  `input_dims` (modality -> feature width) must cover the model's modalities; the widths
-  themselves come from the inputs at init.
-  """
+def make_temporal_model(preset: str, out_dim: int, **overrides) -> TemporalModel:
+  """`TemporalModel` of a preset with `overrides`, e.g. ("tiny", 2, dropout=0.1). Feature
+  widths come from the inputs at init."""
   if preset not in PRESETS:
     raise ValueError(f"Unknown temporal preset {preset!r}; known: {sorted(PRESETS)}")
   config = {**PRESETS[preset], **overrides}
@@ -275,9 +280,6 @@ def make_temporal_model(preset: str, out_dim: int, input_dims: Mapping[str, int]
     raise ValueError(f"Unknown TemporalModel options {sorted(unknown)}")
   config["modalities"] = tuple(config["modalities"])
   config["tcn_channels"] = tuple(config["tcn_channels"])
-  missing = [m for m in config["modalities"] if m not in input_dims]
-  if missing:
-    raise ValueError(f"modalities {missing} have no input width in {dict(input_dims)}")
   return TemporalModel(out_dim=out_dim, **config)
 
 

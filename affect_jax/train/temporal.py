@@ -83,7 +83,7 @@ def create_model(config: ml_collections.ConfigDict):
   if m.kind != "temporal":
     raise ValueError(f"config.model.kind: unknown {m.kind!r} (temporal | frame_mlp)")
   return temporal.make_temporal_model(
-      m.preset, out, {k: 1 for k in m.modalities}, modalities=tuple(m.modalities),
+      m.preset, out, modalities=tuple(m.modalities),
       use_tcn=m.use_tcn, use_transformer=m.use_transformer, tcn_padding=m.tcn_padding,
       norm_first=m.norm_first, positional=m.positional, activation=m.activation,
       va_tanh=m.va_tanh, dropout=m.dropout, dtype=dtype)

@@ -199,7 +199,7 @@ def test_params_from_torch_state_dict_gives_the_reference_function():
   s = _torch_like_state_dict(rng, D_IN, SMALL["tcn_channels"], 5, SMALL["d_model"],
                              SMALL["num_layers"], SMALL["ff_dim"], 3)
   variables = temporal.params_from_torch_state_dict(s, num_heads=SMALL["num_heads"])
-  model = temporal.make_temporal_model("tiny", 3, {"visual": D_IN}, **SMALL)
+  model = temporal.make_temporal_model("tiny", 3, **SMALL)
   init = jax.eval_shape(model.init, jax.random.key(0), *temporal.example_inputs({"visual": D_IN}))
   assert _shapes(variables) == _shapes(init)
 
@@ -218,7 +218,7 @@ def test_params_from_torch_state_dict_gives_the_reference_function():
 
 
 def test_paper_preset_has_the_reference_parameter_count():
-  model = temporal.make_temporal_model("paper", 2, {"visual": 768})
+  model = temporal.make_temporal_model("paper", 2)
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), *temporal.example_inputs({"visual": 768})))
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(variables["params"])))
@@ -235,7 +235,7 @@ LEAK_CASES = [dict(), dict(tcn_padding="same", positional="sincos", norm_first=T
 @pytest.mark.parametrize("overrides", LEAK_CASES)
 def test_padded_frames_do_not_leak_in_eval_or_training(overrides):
   dims = {"visual": D_IN, "audio": 3}
-  model = temporal.make_temporal_model("tiny", 2, dims, dropout=0.1, **overrides)
+  model = temporal.make_temporal_model("tiny", 2, dropout=0.1, **overrides)
   rng = np.random.default_rng(2)
   inputs = {m: rng.normal(size=(3, T, d)).astype(np.float32) for m, d in dims.items()}
   mask = np.ones((3, T), np.float32)
@@ -286,12 +286,11 @@ def test_batchnorm_statistics_are_over_real_frames_only():
 def test_no_positional_encoding_means_order_free_without_the_tcn():
   # Without TCN and positions the model is permutation-equivariant over frames; sin-cos
   # positions break that. A check that 'none' really adds nothing.
-  dims = {"visual": D_IN}
   rng = np.random.default_rng(5)
   x = rng.normal(size=(1, T, D_IN)).astype(np.float32)
   perm = rng.permutation(T)
   for positional, equivariant in (("none", True), ("sincos", False)):
-    model = temporal.make_temporal_model("tiny", 2, dims, use_tcn=False, positional=positional)
+    model = temporal.make_temporal_model("tiny", 2, use_tcn=False, positional=positional)
     variables = _init(model, {"visual": x})
     apply = jax.jit(lambda x: model.apply(variables, {"visual": x}))
     y, y_perm = np.asarray(apply(x)), np.asarray(apply(x[:, perm]))
@@ -305,7 +304,7 @@ def test_ablation_switches_fusion_and_va_tanh():
             for m, x in inputs.items()}
 
   def params(**overrides):
-    model = temporal.make_temporal_model("tiny", 2, dims, **overrides)
+    model = temporal.make_temporal_model("tiny", 2, **overrides)
     return model, nn.unbox(jax.eval_shape(model.init, jax.random.key(0), inputs, mask))[
         "params"]
 
@@ -316,7 +315,7 @@ def test_ablation_switches_fusion_and_va_tanh():
   assert not any(k.startswith("tcn_") for k in p) and p["proj"]["kernel"].shape == (D_IN, 32)
   _, p = params(use_transformer=False)
   assert "encoder" not in p and "tcn_visual" in p
-  plain, squashed = (temporal.make_temporal_model("tiny", 2, dims, va_tanh=t)
+  plain, squashed = (temporal.make_temporal_model("tiny", 2, va_tanh=t)
                      for t in (False, True))
   variables = _init(plain, inputs, mask)
   y_plain = jax.jit(plain.apply)(variables, inputs, mask)
@@ -327,14 +326,17 @@ def test_ablation_switches_fusion_and_va_tanh():
 
 def test_make_temporal_model_validates_its_arguments():
   with pytest.raises(ValueError, match="preset"):
-    temporal.make_temporal_model("huge", 2, {"visual": 768})
+    temporal.make_temporal_model("huge", 2)
   with pytest.raises(ValueError, match="options"):
-    temporal.make_temporal_model("tiny", 2, {"visual": 768}, layers=3)
-  with pytest.raises(ValueError, match="audio"):
-    temporal.make_temporal_model("tiny", 2, {"visual": 768}, modalities=("visual", "audio"))
+    temporal.make_temporal_model("tiny", 2, layers=3)
+  two = temporal.make_temporal_model("tiny", 2, modalities=("visual", "audio"))
+  frame = temporal.FrameMLP(2, modalities=("visual", "audio"))
+  for model in (two, frame):
+    with pytest.raises(ValueError, match=r"\['audio'\] are missing from its inputs"):
+      jax.eval_shape(model.init, jax.random.key(0), *temporal.example_inputs({"visual": 4}))
   for option, value in (("activation", "swish"), ("positional", "learned"),
                         ("tcn_padding", "valid")):
-    model = temporal.make_temporal_model("tiny", 2, {"visual": 4}, **{option: value})
+    model = temporal.make_temporal_model("tiny", 2, **{option: value})
     with pytest.raises(ValueError, match=option.split("_")[-1]):
       jax.eval_shape(model.init, jax.random.key(0), *temporal.example_inputs({"visual": 4}))
   paper = temporal.PRESETS["paper"]
@@ -344,7 +346,7 @@ def test_make_temporal_model_validates_its_arguments():
 
 def test_logical_axis_names_map_onto_the_mesh():
   dims = {"visual": D_IN}
-  model = temporal.make_temporal_model("tiny", 12, dims)
+  model = temporal.make_temporal_model("tiny", 12)
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                *temporal.example_inputs(dims, batch=8)))
   specs = jax.tree.map(lambda s: tuple(s.spec), sharding.logical_shardings(
@@ -359,8 +361,7 @@ def test_logical_axis_names_map_onto_the_mesh():
 
 
 def test_training_gradients_are_finite_and_reach_the_tcn():
-  dims = {"visual": D_IN}
-  model = temporal.make_temporal_model("tiny", 12, dims, num_layers=1)
+  model = temporal.make_temporal_model("tiny", 12, num_layers=1)
   inputs = {"visual": jnp.asarray(np.random.default_rng(9).normal(size=(3, T, D_IN)),
                                   jnp.float32)}
   mask = jnp.ones((3, T)).at[2, 5:].set(0)
@@ -400,9 +401,9 @@ def test_bf16_compute_stays_close_and_returns_float32():
   inputs, mask = temporal.example_inputs(dims, batch=2, length=T)
   inputs = {"visual": jnp.asarray(np.random.default_rng(8).normal(size=(2, T, D_IN)),
                                   jnp.float32)}
-  f32 = temporal.make_temporal_model("tiny", 2, dims)
+  f32 = temporal.make_temporal_model("tiny", 2)
   variables = _init(f32, inputs, mask)
-  bf16 = temporal.make_temporal_model("tiny", 2, dims, dtype=jnp.bfloat16)
+  bf16 = temporal.make_temporal_model("tiny", 2, dtype=jnp.bfloat16)
   y32 = jax.jit(f32.apply)(variables, inputs, mask)
   y16 = jax.jit(bf16.apply)(variables, inputs, mask)
   assert y16.dtype == jnp.float32

@@ -156,8 +156,9 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
 
   # Headroom reference: a per-frame linear model on raw downsampled pixels (regularisation
   # chosen on validation, then scored on test) tells what the learned features must beat.
-  pixels = step("pixel_baseline", {"size": 12, "v": 1}, lambda: pixel_baseline.evaluate(
-      root, affwild2.VALIDATION_SET, size=12, report_split=affwild2.TEST_SET))
+  pixels = step("pixel_baseline", {"size": 12, "v": 2}, lambda: pixel_baseline.evaluate(
+      root, affwild2.VALIDATION_SET, size=12, report_split=affwild2.TEST_SET,
+      bootstrap_samples=cfg["VA"].bootstrap_samples))
 
   step("mae_pretrain", cfg["mae"].to_dict(), lambda: {
       "losses": [h["loss"] for h in pretrain.train_and_evaluate(cfg["mae"], os.path.join(out_dir, "mae"))["history"]]})
@@ -199,7 +200,7 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
       lambda: {t: predict.compare_strides(results[t]["tcn_tf_va"]["workdir"], compare)
                for t in results})
 
-  summary = step("report", {"v": 2, "results": {t: {n: r.get("best_step") for n, r in v.items()}
+  summary = step("report", {"v": 3, "results": {t: {n: r.get("best_step") for n, r in v.items()}
                                                  for t, v in results.items()}, "strides": strides,
                            "pixels": pixels},
                  lambda: report.write(out_dir, results, oracle, ft_scores, data["summary"],

@@ -11,6 +11,8 @@ over the 8 expressions, like ABAW's `f1_score(average='macro', labels=range(8))`
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import numpy as np
 
 from affect_jax.data.affwild2 import (
@@ -180,3 +182,42 @@ def tune_au_thresholds(
     best = np.lexsort((grid, closeness, -f1))[0]
     thresholds[k] = grid[best]
   return thresholds
+
+
+# ---- Uncertainty over videos ----
+
+
+def main_score(task: str, pred: np.ndarray, label: np.ndarray) -> float:
+  """The task's headline score (`MAIN_METRIC`) of decided predictions: VA values, Expr
+  class indices, AU 0/1."""
+  if task == "VA":
+    return va_scores(pred, label)["mean"]
+  if task == "EXPR":
+    return expr_f1(pred, label)
+  if task == "AU":
+    return au_f1(pred, label)["f1"]
+  raise ValueError(f"unknown task {task!r}")
+
+
+def video_bootstrap(score_fn: Callable[[np.ndarray, np.ndarray], float],
+                    preds: Sequence[np.ndarray], labels: Sequence[np.ndarray], *,
+                    num_samples: int = 1000, level: float = 0.9,
+                    seed: int = 0) -> tuple[float, float]:
+  """Percentile interval of a whole-split score when its videos are resampled.
+
+  Frames of one video are strongly correlated, so the unit of resampling is the video:
+  each of `num_samples` draws takes len(preds) videos with replacement, concatenates them
+  and scores them with `score_fn(pred, label)`. Returns the (1 - level) / 2 and
+  (1 + level) / 2 quantiles. The draws depend only on the seed and the number of videos,
+  so models scored on the same videos in the same order are resampled alike.
+  """
+  if len(preds) != len(labels) or not len(preds):
+    raise ValueError(f"need the same non-zero number of prediction and label arrays, got "
+                     f"{len(preds)} and {len(labels)}")
+  if not 0.0 < level < 1.0:
+    raise ValueError(f"level must be in (0, 1), got {level}")
+  draws = np.random.default_rng(seed).integers(0, len(preds), (num_samples, len(preds)))
+  scores = [score_fn(np.concatenate([preds[i] for i in d]), np.concatenate([labels[i] for i in d]))
+            for d in draws]
+  low, high = np.quantile(scores, [(1.0 - level) / 2, (1.0 + level) / 2])
+  return float(low), float(high)

@@ -9,6 +9,7 @@ numbers are optimistic for a linear pixel model: a ceiling for it, not an estima
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -38,11 +39,12 @@ def frame_pixels(root: str | os.PathLike, video: str, num_frames: int, has_image
 
 
 def _split_arrays(root, task, split, size):
+  """(pixels [N, F], labels [N, ...], frames per video) of a split's videos in name order."""
   xs, ys = [], []
   for v in aw.load_split(root, task, split, with_test_labels=(split == aw.TEST_SET)):
     xs.append(frame_pixels(root, v.video, v.num_frames, v.has_image, size))
     ys.append(v.labels)
-  return np.concatenate(xs), np.concatenate(ys)
+  return np.concatenate(xs), np.concatenate(ys), [len(y) for y in ys]
 
 
 def fit_ridge(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray]:
@@ -84,42 +86,61 @@ RIDGE_L2 = (1e1, 1e2, 1e3, 1e4)
 LOGISTIC_L2 = (1e-4, 1e-3, 1e-2)
 
 
-def _fit_predict(task: str, x_tr, y_tr, x_evs, l2: float) -> list[dict]:
-  """Fits one linear model on (x_tr, y_tr) and scores it on each (x, y) of x_evs."""
+def _fit_predict(task: str, x_tr, y_tr, x_evs, l2: float) -> list[np.ndarray]:
+  """Fits one linear model on (x_tr, y_tr); its decided predictions (VA values, Expr
+  classes, AU 0/1) for each x of x_evs."""
   valid = aw.valid_frames(task, y_tr)
   if task == "VA":
     w, b = fit_ridge(x_tr[valid], y_tr[valid], l2)
-    return [metrics.va_scores(np.clip(x @ w + b, -1, 1), y) for x, y in x_evs]
+    return [np.clip(x @ w + b, -1, 1) for x in x_evs]
   if task == "EXPR":
     w, b = fit_logistic(x_tr, np.maximum(y_tr, 0), valid, multiclass=True,
                         num_outputs=len(aw.EXPR_NAMES), l2=l2)
-    return [{"f1": metrics.expr_f1(np.argmax(x @ w + b, -1), y)} for x, y in x_evs]
+    return [np.argmax(x @ w + b, -1) for x in x_evs]
   w, b = fit_logistic(x_tr, np.maximum(y_tr, 0).astype(np.float32), valid,
                       multiclass=False, num_outputs=len(aw.AU_NAMES), l2=l2)
-  return [metrics.au_f1((x @ w + b > 0).astype(np.int32), y) for x, y in x_evs]
+  return [(x @ w + b > 0).astype(np.int32) for x in x_evs]
+
+
+def _scores(task: str, pred: np.ndarray, label: np.ndarray) -> dict:
+  if task == "VA":
+    return metrics.va_scores(pred, label)
+  if task == "EXPR":
+    return {"f1": metrics.expr_f1(pred, label)}
+  return metrics.au_f1(pred, label)
 
 
 def evaluate(root: str | os.PathLike, split: str = aw.VALIDATION_SET, size: int = 12,
-             tasks=aw.TASKS, report_split: str | None = None) -> dict:
+             tasks=aw.TASKS, report_split: str | None = None, bootstrap_samples: int = 0) -> dict:
   """Fits on Train_Set and scores `split` (whole videos, valid frames) per task, with the
   regularisation that scores best on `split`; each task's result carries the chosen 'l2'.
 
   With `report_split` (e.g. Test_Set, labelled in the synthetic set) the model chosen on
   `split` is also scored there, under the key `report_split`: an honest held-out figure.
+  With `bootstrap_samples` > 0, 'intervals' holds the 90% `metrics.video_bootstrap`
+  interval of the headline score on each scored split, as the temporal runs report it.
   """
   out = {}
   for task in tasks:
-    x_tr, y_tr = _split_arrays(root, task, aw.TRAIN_SET, size)
+    x_tr, y_tr, _ = _split_arrays(root, task, aw.TRAIN_SET, size)
     evs = [_split_arrays(root, task, s, size) for s in (split, report_split) if s]
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-3
     x_tr = (x_tr - mu) / sd
-    evs = [((x - mu) / sd, y) for x, y in evs]
     candidates = []
     for l2 in RIDGE_L2 if task == "VA" else LOGISTIC_L2:
-      scores = _fit_predict(task, x_tr, y_tr, evs, l2)
+      preds = _fit_predict(task, x_tr, y_tr, [(x - mu) / sd for x, _, _ in evs], l2)
+      scores = [_scores(task, p, y) for p, (_, y, _) in zip(preds, evs)]
       result = {**scores[0], "l2": l2}
       if report_split:
         result[report_split] = scores[1]
-      candidates.append((scores[0][metrics.MAIN_METRIC[task]], result))
-    out[task] = max(candidates, key=lambda c: c[0])[1]
+      candidates.append((scores[0][metrics.MAIN_METRIC[task]], result, preds))
+    _, out[task], preds = max(candidates, key=lambda c: c[0])
+    if bootstrap_samples:
+      out[task]["intervals"] = {"metric": metrics.MAIN_METRIC[task], "level": 0.9,
+                                "samples": bootstrap_samples}
+      for s, p, (_, y, lengths) in zip((split, report_split), preds, evs):
+        cuts = np.cumsum(lengths)[:-1]
+        out[task]["intervals"][s] = list(metrics.video_bootstrap(
+            functools.partial(metrics.main_score, task), np.split(p, cuts), np.split(y, cuts),
+            num_samples=bootstrap_samples))
   return out

@@ -74,6 +74,32 @@ def results_table(results: dict, oracle: dict, baseline: dict, ft_scores: dict,
   return "\n".join(lines) + "\n\n" + "\n".join(f"- {e}" for e in extra)
 
 
+def interval_table(results: dict, pixels: dict | None = None) -> str:
+  """Markdown: the 90% video-bootstrap interval of every row's headline score ('' when no
+  run recorded one). With 9 or so videos per split these are wide; differences between
+  rows inside them are not evidence of anything."""
+  tasks = [t for t in affwild2.TASKS if t in results]
+  rows = []  # (label, {task: {split key: [low, high]}})
+  for name in next(iter(results.values())):
+    rows.append((results[tasks[0]][name]["label"],
+                 {t: results[t][name].get("intervals", {}) for t in tasks}))
+  if pixels:
+    rows.append((PIXEL_ROW, {t: {"val": pixels.get(t, {}).get("intervals", {}).get(affwild2.VALIDATION_SET),
+                                 "test": pixels.get(t, {}).get("intervals", {}).get(affwild2.TEST_SET)}
+                             for t in tasks}))
+  samples = {r[t]["samples"] for _, r in rows[:1] for t in tasks if "samples" in r[t]}
+  if not samples:
+    return ""
+  lines = [f"| 90% interval, videos resampled ({samples.pop()} draws) | " + " | ".join(
+      f"{t} {METRIC_NAME[t]} val | {t} {METRIC_NAME[t]} test" for t in tasks) + " |",
+           "|---|" + "---|---|" * len(tasks)]
+  for label, by_task in rows:
+    cells = [f"{iv[0]:.2f} to {iv[1]:.2f}" if iv else "-"
+             for t in tasks for iv in (by_task[t].get("val"), by_task[t].get("test"))]
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def _loss_curves(out_dir: str, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -106,6 +132,9 @@ def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summa
   from affect_jax import predict
   from affect_jax.demo import ABAW6_BASELINE
   table = results_table(results, oracle, ABAW6_BASELINE, ft_scores, pixels)
+  intervals = interval_table(results, pixels)
+  if intervals:
+    table += "\n\n" + intervals
   if strides:
     table += "\n\n" + stride_table(strides, segment_len)
   report = os.path.join(out_dir, "report")

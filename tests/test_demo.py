@@ -20,6 +20,10 @@ def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path):
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["oracle"] == first["oracle"]
   assert report.PIXEL_ROW in table
+  # Every row, the pixel one included, has its video-bootstrap interval on both splits.
+  intervals = table.split("| 90% interval, videos resampled")[1].split("\n\n")[0].splitlines()[2:]
+  assert len(intervals) == len(demo.VARIANTS) + 1
+  assert all(l.count(" to ") == 6 for l in intervals), intervals
   for task in ("VA", "EXPR", "AU"):
     assert affwild2.TEST_SET in saved["pixel_baseline"][task]
   # Prediction strides: the training stride re-scored through predict.load must give what the

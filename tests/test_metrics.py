@@ -271,3 +271,56 @@ def test_tune_au_thresholds_matches_brute_force(seed):
     best = [g for g, f in zip(grid, f1) if np.isclose(f, f1.max(), rtol=1e-12, atol=0)]
     expected.append(min(best, key=lambda g: (round(abs(g - 0.5), 9), g)))
   np.testing.assert_allclose(metrics.tune_au_thresholds(prob, label, grid), expected)
+
+
+# ---- Video bootstrap ----
+
+
+def test_video_bootstrap_of_a_mean_matches_the_normal_interval():
+  # Videos of equal length whose frames all equal the video's value: the whole-split
+  # mean is the mean of V video values, so resampling videos gives the plug-in standard
+  # error std(values) / sqrt(V) and, for large V, the normal 90% interval.
+  rng = np.random.default_rng(0)
+  values = rng.normal(2.0, 1.5, 60)
+  preds = [np.full(7, v) for v in values]
+  labels = [np.zeros(7) for _ in values]
+  low, high = metrics.video_bootstrap(lambda p, l: float(p.mean()), preds, labels,
+                                      num_samples=4000, seed=1)
+  se = values.std() / np.sqrt(len(values))
+  np.testing.assert_allclose([low, high], values.mean() + np.array([-1.645, 1.645]) * se,
+                             atol=0.12 * se)
+
+
+def test_video_bootstrap_units_are_videos_not_frames():
+  # Identical videos: every draw is the same split, so the interval is the point score,
+  # however noisy the frames inside a video are.
+  rng = np.random.default_rng(2)
+  pred, label = rng.normal(size=(50, 2)), rng.normal(size=(50, 2))
+  score = lambda p, l: metrics.va_scores(p, l)["mean"]  # noqa: E731
+  low, high = metrics.video_bootstrap(score, [pred] * 5, [label] * 5, num_samples=50)
+  np.testing.assert_allclose([low, high], score(pred, label), rtol=1e-12)
+
+
+def test_video_bootstrap_is_seeded_and_checks_its_arguments():
+  rng = np.random.default_rng(3)
+  preds = [rng.integers(0, 8, n) for n in (5, 9, 13, 4)]
+  labels = [rng.integers(0, 8, n) for n in (5, 9, 13, 4)]
+  a = metrics.video_bootstrap(metrics.expr_f1, preds, labels, num_samples=100, seed=4)
+  assert a == metrics.video_bootstrap(metrics.expr_f1, preds, labels, num_samples=100, seed=4)
+  assert a[0] <= metrics.expr_f1(np.concatenate(preds), np.concatenate(labels)) <= a[1]
+  with pytest.raises(ValueError, match="same non-zero number"):
+    metrics.video_bootstrap(metrics.expr_f1, preds, labels[:2])
+  with pytest.raises(ValueError, match="level"):
+    metrics.video_bootstrap(metrics.expr_f1, preds, labels, level=90)
+
+
+def test_main_score_is_each_tasks_headline_metric():
+  rng = np.random.default_rng(5)
+  va_p, va_l = rng.uniform(-1, 1, (30, 2)), rng.uniform(-1, 1, (30, 2))
+  ex_p, ex_l = rng.integers(0, 8, 30), rng.integers(0, 8, 30)
+  au_p, au_l = rng.integers(0, 2, (30, 12)), rng.integers(0, 2, (30, 12))
+  assert metrics.main_score("VA", va_p, va_l) == metrics.va_scores(va_p, va_l)["mean"]
+  assert metrics.main_score("EXPR", ex_p, ex_l) == metrics.expr_f1(ex_p, ex_l)
+  assert metrics.main_score("AU", au_p, au_l) == metrics.au_f1(au_p, au_l)["f1"]
+  with pytest.raises(ValueError, match="task"):
+    metrics.main_score("VAD", va_p, va_l)

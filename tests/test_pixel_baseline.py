@@ -33,14 +33,17 @@ def test_evaluate_picks_l2_on_validation_and_scores_that_model_on_test(synthetic
   from affect_jax import metrics
   from affect_jax.data import affwild2 as aw
   out = pixel_baseline.evaluate(synthetic_root, aw.VALIDATION_SET, size=6, tasks=("VA",),
-                                report_split=aw.TEST_SET)["VA"]
+                                report_split=aw.TEST_SET, bootstrap_samples=200)["VA"]
   assert out["l2"] in pixel_baseline.RIDGE_L2
+
+  lengths = {}
 
   def arrays(split):  # an independent read of the pixels and labels, valid frames only
     xs, ys = [], []
     for v in aw.load_split(synthetic_root, "VA", split, with_test_labels=True):
       xs.append(pixel_baseline.frame_pixels(synthetic_root, v.video, v.num_frames, v.has_image, 6))
       ys.append(v.labels)
+    lengths[split] = [len(y) for y in ys]
     return np.concatenate(xs), np.concatenate(ys)
 
   (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = map(arrays, (aw.TRAIN_SET, aw.VALIDATION_SET,
@@ -57,3 +60,12 @@ def test_evaluate_picks_l2_on_validation_and_scores_that_model_on_test(synthetic
   assert out["l2"] == best
   np.testing.assert_allclose(out["mean"], val_scores[best][0], atol=1e-4)
   np.testing.assert_allclose(out[aw.TEST_SET]["mean"], val_scores[best][1], atol=1e-4)
+  # The intervals resample whole videos of the chosen model's predictions.
+  ref = Ridge(alpha=best).fit(((x_tr - mu) / sd)[ok], y_tr[ok])
+  for split, x, y in ((aw.VALIDATION_SET, x_va, y_va), (aw.TEST_SET, x_te, y_te)):
+    cuts = np.cumsum(lengths[split])[:-1]
+    pred = np.clip(ref.predict((x - mu) / sd), -1, 1)
+    want = metrics.video_bootstrap(lambda p, l: metrics.va_scores(p, l)["mean"],
+                                   np.split(pred, cuts), np.split(y, cuts), num_samples=200)
+    np.testing.assert_allclose(out["intervals"][split], want, atol=1e-4)
+  assert out["intervals"]["metric"] == "mean" and out["intervals"]["samples"] == 200

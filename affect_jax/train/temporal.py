@@ -212,6 +212,18 @@ def score(task: str, preds: Mapping[str, np.ndarray], labels: Mapping[str, affwi
   return res
 
 
+def score_interval(task: str, preds: Mapping[str, np.ndarray],
+                   labels: Mapping[str, affwild2.VideoLabels], num_samples: int,
+                   level: float = 0.9) -> list[float]:
+  """[low, high]: `metrics.video_bootstrap` interval of the task's headline score (AU at the
+  0.5 threshold), videos in name order."""
+  names = sorted(preds)
+  low, high = metrics.video_bootstrap(
+      functools.partial(metrics.main_score, task), [decide(task, preds[v]) for v in names],
+      [labels[v].labels for v in names], num_samples=num_samples, level=level)
+  return [low, high]
+
+
 def tune_thresholds(preds, labels) -> np.ndarray:
   names = sorted(preds)
   return metrics.tune_au_thresholds(np.concatenate([preds[v] for v in names]),
@@ -295,6 +307,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if test_labels:
     test_preds = predict(_variables(best_state), videos={v: l.num_frames for v, l in test_labels.items()})
     results["test"] = score(task, test_preds, test_labels, thresholds)
+  if config.get("bootstrap_samples", 0):
+    n = config.bootstrap_samples
+    results["intervals"] = {"metric": MAIN_METRIC[task], "level": 0.9, "samples": n,
+                            "val": score_interval(task, val_preds, labels, n)}
+    if test_labels:
+      results["intervals"]["test"] = score_interval(task, test_preds, test_labels, n)
   fileio.write_text_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1))
   if hasattr(data_iter, "close"):
     data_iter.close()

@@ -83,7 +83,7 @@ def test_fold_run_reports_best_state_scores(synthetic_root, extracted, va_run):
   store = features.FeatureStore(paths["visual"])
   labels = temporal.load_labels(str(synthetic_root), "VA", temporal.split_videos(c)["val"])
   preds, labs = [], []
-  for video, lab in labels.items():
+  for video, lab in sorted(labels.items()):
     x = np.asarray(store.read(video), np.float32)
     total, count = np.zeros((len(x), 2)), np.zeros(len(x))
     for s in temporal.segments.segment_starts(len(x), 32, 24):
@@ -102,6 +102,11 @@ def test_fold_run_reports_best_state_scores(synthetic_root, extracted, va_run):
   ok = (l != -5).all(-1)
   want = np.mean([metrics.ccc(p[ok, d], l[ok, d]) for d in range(2)])
   np.testing.assert_allclose(out["val"]["mean"], want, atol=2e-4)
+  # Its interval resamples those videos (in name order, as every run does).
+  assert out["intervals"]["samples"] == c.bootstrap_samples > 0 and "test" in out["intervals"]
+  np.testing.assert_allclose(out["intervals"]["val"], metrics.video_bootstrap(
+      functools.partial(metrics.main_score, "VA"), preds, labs,
+      num_samples=c.bootstrap_samples), atol=2e-4)
 
 
 @pytest.mark.parametrize("task,kw", [

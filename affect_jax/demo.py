@@ -56,6 +56,11 @@ VARIANTS = (  # (name, row label, encoder, model overrides)
 )
 
 
+# Paired comparisons (first minus second) on the same videos: the claim that temporal
+# context beats the frame-wise model, with and without audio.
+PAIRS = (("tcn_tf_va", "frame_mlp"), ("tcn_tf_v", "frame_mlp"))
+
+
 def _stage(out_dir: str, name: str, settings: dict, fn: Callable[[], dict]) -> tuple[dict, bool]:
   """Runs fn unless out_dir/stages/name.json records the same settings; (result, ran)."""
   path = os.path.join(out_dir, "stages", f"{name}.json")
@@ -133,7 +138,7 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
   out_dir = os.path.abspath(out_dir)
   root = os.path.join(out_dir, "data")
   cfg = _configs(p, root, out_dir)
-  stages = 1 + 1 + 1 + 2 + 2 + len(VARIANTS) * len(affwild2.TASKS) + 2
+  stages = 1 + 1 + 1 + 2 + 2 + len(VARIANTS) * len(affwild2.TASKS) + 3
   start, done = time.perf_counter(), [0]
 
   def step(name, settings, fn):
@@ -200,11 +205,19 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
       lambda: {t: predict.compare_strides(results[t]["tcn_tf_va"]["workdir"], compare)
                for t in results})
 
-  summary = step("report", {"v": 3, "results": {t: {n: r.get("best_step") for n, r in v.items()}
+  samples = cfg["VA"].bootstrap_samples
+  pairs = step("paired_differences", {
+      "pairs": PAIRS, "samples": samples,
+      "runs": {t: {n: results[t][n].get("best_step") for pair in PAIRS for n in pair} for t in results}},
+      lambda: {t: {f"{a}-{b}": predict.compare_models(
+          results[t][a]["workdir"], results[t][b]["workdir"], num_samples=samples)
+                   for a, b in PAIRS} for t in results})
+
+  summary = step("report", {"v": 4, "results": {t: {n: r.get("best_step") for n, r in v.items()}
                                                  for t, v in results.items()}, "strides": strides,
-                           "pixels": pixels},
+                           "pixels": pixels, "pairs": pairs},
                  lambda: report.write(out_dir, results, oracle, ft_scores, data["summary"],
-                                      strides, p["segment_len"], pixels))
+                                      strides, p["segment_len"], pixels, pairs))
   table = summary["table"]
   log("\n" + table)
   log(f"\nresults: {os.path.join(out_dir, 'results.md')}, report: {os.path.join(out_dir, 'report')}"

@@ -199,25 +199,34 @@ def main_score(task: str, pred: np.ndarray, label: np.ndarray) -> float:
   raise ValueError(f"unknown task {task!r}")
 
 
-def video_bootstrap(score_fn: Callable[[np.ndarray, np.ndarray], float],
-                    preds: Sequence[np.ndarray], labels: Sequence[np.ndarray], *,
-                    num_samples: int = 1000, level: float = 0.9,
-                    seed: int = 0) -> tuple[float, float]:
-  """Percentile interval of a whole-split score when its videos are resampled.
+def video_bootstrap_draws(score_fn: Callable[..., float], *per_video: Sequence[np.ndarray],
+                          num_samples: int = 1000, seed: int = 0) -> np.ndarray:
+  """[num_samples] scores of a whole split whose videos are resampled with replacement.
 
   Frames of one video are strongly correlated, so the unit of resampling is the video:
-  each of `num_samples` draws takes len(preds) videos with replacement, concatenates them
-  and scores them with `score_fn(pred, label)`. Returns the (1 - level) / 2 and
-  (1 + level) / 2 quantiles. The draws depend only on the seed and the number of videos,
-  so models scored on the same videos in the same order are resampled alike.
+  `per_video` are parallel lists with one array per video (predictions, labels, or the
+  predictions of a second model for a paired comparison); each draw takes as many videos
+  as there are, with replacement, concatenates every list over the drawn videos and calls
+  `score_fn(*concatenated)`. The draws depend only on the seed and the number of videos, so
+  models scored on the same videos in the same order are resampled alike.
   """
-  if len(preds) != len(labels) or not len(preds):
-    raise ValueError(f"need the same non-zero number of prediction and label arrays, got "
-                     f"{len(preds)} and {len(labels)}")
+  counts = {len(x) for x in per_video}
+  if len(counts) != 1 or 0 in counts or not per_video:
+    raise ValueError(f"need parallel non-empty per-video lists, got lengths "
+                     f"{[len(x) for x in per_video]}")
+  n = counts.pop()
+  draws = np.random.default_rng(seed).integers(0, n, (num_samples, n))
+  return np.array([score_fn(*(np.concatenate([x[i] for i in d]) for x in per_video))
+                   for d in draws], np.float64)
+
+
+def video_bootstrap(score_fn: Callable[..., float], *per_video: Sequence[np.ndarray],
+                    num_samples: int = 1000, level: float = 0.9,
+                    seed: int = 0) -> tuple[float, float]:
+  """Percentile interval (the (1 - level) / 2 and (1 + level) / 2 quantiles) of
+  `video_bootstrap_draws`, e.g. `video_bootstrap(metrics.expr_f1, preds, labels)`."""
   if not 0.0 < level < 1.0:
     raise ValueError(f"level must be in (0, 1), got {level}")
-  draws = np.random.default_rng(seed).integers(0, len(preds), (num_samples, len(preds)))
-  scores = [score_fn(np.concatenate([preds[i] for i in d]), np.concatenate([labels[i] for i in d]))
-            for d in draws]
+  scores = video_bootstrap_draws(score_fn, *per_video, num_samples=num_samples, seed=seed)
   low, high = np.quantile(scores, [(1.0 - level) / 2, (1.0 + level) / 2])
   return float(low), float(high)

@@ -3,11 +3,13 @@
   predictions = predict(workdir, split)            # {video: merged outputs [T, K]}
   write_submission(out_dir, {task: workdir}, split)
   compare_strides(workdir, [200, 300])             # the task metric per split and stride
+  compare_models(workdir_a, workdir_b)             # paired difference over resampled videos
   plot_video(path, task, outputs, labels)          # predictions vs labels over time (PNG)
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -15,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from affect_jax import checkpoint, fileio, sharding
+from affect_jax import checkpoint, fileio, metrics, sharding
 from affect_jax.data import affwild2
 from affect_jax.train import loop, temporal
 
@@ -88,6 +90,38 @@ def compare_strides(workdir: str, strides, splits=(affwild2.VALIDATION_SET, affw
   return {int(stride): {split: temporal.score(config.task, predict(
       {v: l.num_frames for v, l in labels[split].items()}, stride=int(stride)), labels[split],
       thresholds) for split in splits} for stride in strides}
+
+
+def compare_models(workdir_a: str, workdir_b: str,
+                   splits=(affwild2.VALIDATION_SET, affwild2.TEST_SET), *,
+                   num_samples: int = 1000, level: float = 0.9) -> dict[str, dict]:
+  """Paired comparison of two trained models of one task on the same videos.
+
+  Per split: both headline scores (AU at the 0.5 threshold), their difference a - b, its
+  `level` interval when the videos are resampled (the same draws for both models, so what
+  the videos share cancels) and the share of draws in which a scores higher.
+  """
+  (config_a, predict_a, _), (config_b, predict_b, _) = load(workdir_a), load(workdir_b)
+  task = config_a.task
+  if (config_b.task, config_b.data.root) != (task, config_a.data.root):
+    raise ValueError(f"{workdir_a} ({task}, {config_a.data.root}) and {workdir_b} "
+                     f"({config_b.task}, {config_b.data.root}) are not the same task and data")
+  score = functools.partial(metrics.main_score, task)
+  out = {}
+  for split in splits:
+    videos = affwild2.load_split(config_a.data.root, task, split, with_test_labels=True)
+    frames = {v.video: v.num_frames for v in videos}
+    pa, pb = predict_a(frames), predict_b(frames)
+    a = [temporal.decide(task, pa[v.video]) for v in videos]
+    b = [temporal.decide(task, pb[v.video]) for v in videos]
+    labels = [v.labels for v in videos]
+    draws = metrics.video_bootstrap_draws(
+        lambda x, y, l: score(x, l) - score(y, l), a, b, labels, num_samples=num_samples)
+    sa, sb = score(np.concatenate(a), np.concatenate(labels)), score(np.concatenate(b), np.concatenate(labels))
+    low, high = np.quantile(draws, [(1.0 - level) / 2, (1.0 + level) / 2])
+    out[split] = {"a": sa, "b": sb, "difference": sa - sb, "interval": [float(low), float(high)],
+                  "level": level, "p_a_better": float(np.mean(draws > 0))}
+  return out
 
 
 def plot_video(path: str, task: str, outputs: np.ndarray, labels: np.ndarray | None,

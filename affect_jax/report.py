@@ -100,6 +100,29 @@ def interval_table(results: dict, pixels: dict | None = None) -> str:
   return "\n".join(lines)
 
 
+def difference_table(pairs: dict, results: dict) -> str:
+  """Markdown: paired differences of headline scores, first model minus second.
+
+  pairs: {task: {"a-b": {split: compare_models' record}}} as the demo's paired stage gives.
+  """
+  tasks = [t for t in affwild2.TASKS if t in pairs]
+  lines = ["| paired difference, first minus second (90% interval; share of draws the first "
+           "wins) | " + " | ".join(f"{t} {METRIC_NAME[t]} val | {t} {METRIC_NAME[t]} test"
+                                  for t in tasks) + " |",
+           "|---|" + "---|---|" * len(tasks)]
+  for key in pairs[tasks[0]]:
+    a, b = key.split("-")
+    cells = []
+    for t in tasks:
+      for split in (affwild2.VALIDATION_SET, affwild2.TEST_SET):
+        r = pairs[t][key].get(split)
+        cells.append(f"{r['difference']:+.3f} ({r['interval'][0]:+.2f} to {r['interval'][1]:+.2f}; "
+                     f"{r['p_a_better']:.0%})" if r else "-")
+    lines.append(f"| {results[tasks[0]][a]['label']} minus {results[tasks[0]][b]['label']} | "
+                 + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def _loss_curves(out_dir: str, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -127,7 +150,7 @@ def _loss_curves(out_dir: str, path: str) -> None:
 
 def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summary: dict,
           strides: dict | None = None, segment_len: int | None = None,
-          pixels: dict | None = None) -> dict:
+          pixels: dict | None = None, pairs: dict | None = None) -> dict:
   """results.md, results.json and report/*.png under out_dir; returns {'table': markdown}."""
   from affect_jax import predict
   from affect_jax.demo import ABAW6_BASELINE
@@ -135,6 +158,8 @@ def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summa
   intervals = interval_table(results, pixels)
   if intervals:
     table += "\n\n" + intervals
+  if pairs:
+    table += "\n\n" + difference_table(pairs, results)
   if strides:
     table += "\n\n" + stride_table(strides, segment_len)
   report = os.path.join(out_dir, "report")
@@ -145,7 +170,8 @@ def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summa
       {"results": {t: {n: {k: v for k, v in r.items() if k != "workdir"} for n, r in rs.items()}
                    for t, rs in results.items()},
        "oracle": oracle, "abaw6_baseline": ABAW6_BASELINE, "finetune_f1": ft_scores,
-       "data": data_summary, "prediction_strides": strides or {}, "pixel_baseline": pixels or {}},
+       "data": data_summary, "prediction_strides": strides or {}, "pixel_baseline": pixels or {},
+       "paired_differences": pairs or {}},
       indent=1))
   recon = os.path.join(out_dir, "mae", "recon", "latest.png")
   if os.path.exists(recon):

@@ -12,7 +12,7 @@ def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path):
   lines = []
   first = demo.run(str(tmp_path), "micro", log=lines.append)
   stage_lines = [l for l in lines if l.startswith("[")]
-  assert len(stage_lines) == 24 and all(" ran " in l for l in stage_lines)
+  assert len(stage_lines) == 25 and all(" ran " in l for l in stage_lines)
   for task in ("VA", "EXPR", "AU"):
     assert set(first["results"][task]) == {v[0] for v in demo.VARIANTS}
   table = (tmp_path / "results.md").read_text()
@@ -24,6 +24,13 @@ def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path):
   intervals = table.split("| 90% interval, videos resampled")[1].split("\n\n")[0].splitlines()[2:]
   assert len(intervals) == len(demo.VARIANTS) + 1
   assert all(l.count(" to ") == 6 for l in intervals), intervals
+  # Paired differences: TCN+Transformer (visual+audio, visual) minus the frame-wise model.
+  for task in ("VA", "EXPR", "AU"):
+    for pair in ("tcn_tf_va-frame_mlp", "tcn_tf_v-frame_mlp"):
+      r = saved["paired_differences"][task][pair][affwild2.TEST_SET]
+      main = "mean" if task == "VA" else "f1"
+      assert r["a"] == pytest.approx(first["results"][task][pair.split("-")[0]]["test"][main], abs=1e-6)
+  assert "| TCN+Transformer, visual+audio minus frame-wise baseline (MLP, visual) |" in table
   for task in ("VA", "EXPR", "AU"):
     assert affwild2.TEST_SET in saved["pixel_baseline"][task]
   # Prediction strides: the training stride re-scored through predict.load must give what the

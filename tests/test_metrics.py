@@ -308,7 +308,7 @@ def test_video_bootstrap_is_seeded_and_checks_its_arguments():
   a = metrics.video_bootstrap(metrics.expr_f1, preds, labels, num_samples=100, seed=4)
   assert a == metrics.video_bootstrap(metrics.expr_f1, preds, labels, num_samples=100, seed=4)
   assert a[0] <= metrics.expr_f1(np.concatenate(preds), np.concatenate(labels)) <= a[1]
-  with pytest.raises(ValueError, match="same non-zero number"):
+  with pytest.raises(ValueError, match="parallel non-empty"):
     metrics.video_bootstrap(metrics.expr_f1, preds, labels[:2])
   with pytest.raises(ValueError, match="level"):
     metrics.video_bootstrap(metrics.expr_f1, preds, labels, level=90)
@@ -324,3 +324,16 @@ def test_main_score_is_each_tasks_headline_metric():
   assert metrics.main_score("AU", au_p, au_l) == metrics.au_f1(au_p, au_l)["f1"]
   with pytest.raises(ValueError, match="task"):
     metrics.main_score("VAD", va_p, va_l)
+
+
+def test_paired_video_bootstrap_of_a_difference():
+  # Model b = model a plus a constant 0.1 on every frame: the difference of their means is
+  # 0.1 in every draw, whatever the videos drawn (a pairing check: unpaired resampling of
+  # the two would scatter it).
+  rng = np.random.default_rng(6)
+  a = [rng.normal(size=n) for n in (4, 8, 3, 9, 5)]
+  b = [x + 0.1 for x in a]
+  labels = [np.zeros(len(x)) for x in a]
+  diffs = metrics.video_bootstrap_draws(lambda p, q, l: float(q.mean() - p.mean()), a, b, labels,
+                                        num_samples=200)
+  np.testing.assert_allclose(diffs, 0.1, atol=1e-12)

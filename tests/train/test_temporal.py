@@ -155,3 +155,28 @@ def test_submission_files_parse_back_with_the_data_layer(synthetic_root, va_run,
   png = tmp_path / "plot.png"
   predict.plot_video(str(png), "VA", back[video], None, "t")
   assert png.stat().st_size > 1000
+
+
+def test_paired_comparison_of_two_runs(synthetic_root, extracted, va_run, tmp_path):
+  from affect_jax import predict
+  from affect_jax.data import affwild2
+  _, paths, _ = extracted
+  workdir, out = va_run
+  c = _config("VA", synthetic_root, paths, num_steps=8, eval_every_epochs=100.0)
+  c.model.kind = "frame_mlp"
+  other = temporal.train_and_evaluate(c, str(tmp_path / "mlp"))
+  cmp = predict.compare_models(str(workdir), str(tmp_path / "mlp"), num_samples=300)
+  # Each side's score is what its own training run reported for its best state.
+  for split, key in ((affwild2.VALIDATION_SET, "val"), (affwild2.TEST_SET, "test")):
+    r = cmp[split]
+    np.testing.assert_allclose([r["a"], r["b"]], [out[key]["mean"], other[key]["mean"]], atol=2e-4)
+    assert r["difference"] == pytest.approx(r["a"] - r["b"])
+    assert r["interval"][0] <= r["interval"][1] and 0.0 <= r["p_a_better"] <= 1.0
+  # A model against itself: zero in every draw.
+  same = predict.compare_models(str(workdir), str(workdir), num_samples=50)
+  for r in same.values():
+    assert r["difference"] == 0.0 and r["interval"] == [0.0, 0.0] and r["p_a_better"] == 0.0
+  au = _config("AU", synthetic_root, paths, num_steps=2, eval_every_epochs=100.0)
+  temporal.train_and_evaluate(au, str(tmp_path / "au"))
+  with pytest.raises(ValueError, match="not the same task"):
+    predict.compare_models(str(workdir), str(tmp_path / "au"))

@@ -72,7 +72,7 @@ def _stage(out_dir: str, name: str, settings: dict, fn: Callable[[], dict]) -> t
       return saved["result"], False
   result = fn()
   fileio.write_text_atomic(path, json.dumps({"settings": settings, "result": result},
-                                              indent=1, default=float))
+                                            indent=1, default=float))
   return result, True
 
 

@@ -165,7 +165,7 @@ def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summa
   report = os.path.join(out_dir, "report")
   os.makedirs(report, exist_ok=True)
   fileio.write_text_atomic(os.path.join(out_dir, "results.md"),
-                             "# affect-jax demo results (synthetic Aff-Wild2)\n\n" + table + "\n")
+                           "# affect-jax demo results (synthetic Aff-Wild2)\n\n" + table + "\n")
   fileio.write_text_atomic(os.path.join(out_dir, "results.json"), json.dumps(
       {"results": {t: {n: {k: v for k, v in r.items() if k != "workdir"} for n, r in rs.items()}
                    for t, rs in results.items()},

@@ -99,7 +99,8 @@ def compare_models(workdir_a: str, workdir_b: str,
 
   Per split: both headline scores (AU at the 0.5 threshold), their difference a - b, its
   `level` interval when the videos are resampled (the same draws for both models, so what
-  the videos share cancels) and the share of draws in which a scores higher.
+  the videos share cancels) and the share of draws in which a scores higher. Every split
+  needs labels: Test_Set only in the synthetic set (`test_labels/`), as for compare_strides.
   """
   (config_a, predict_a, _), (config_b, predict_b, _) = load(workdir_a), load(workdir_b)
   task = config_a.task

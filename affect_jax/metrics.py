@@ -22,6 +22,7 @@ NUM_EXPR = len(EXPR_NAMES)
 NUM_AU = len(AU_NAMES)
 # The key of each task's headline score: VA mean CCC, Expr macro-F1, AU mean F1.
 MAIN_METRIC = {"VA": "mean", "EXPR": "f1", "AU": "f1"}
+INTERVAL_LEVEL = 0.9  # coverage of the reported video-bootstrap intervals
 AU_THRESHOLD_GRID = np.linspace(0.05, 0.95, 19)
 
 
@@ -187,16 +188,21 @@ def tune_au_thresholds(
 # ---- Uncertainty over videos ----
 
 
-def main_score(task: str, pred: np.ndarray, label: np.ndarray) -> float:
-  """The task's headline score (`MAIN_METRIC`) of decided predictions: VA values, Expr
-  class indices, AU 0/1."""
+def task_scores(task: str, pred: np.ndarray, label: np.ndarray) -> dict:
+  """The task's scores of decided predictions (VA values, Expr class indices, AU 0/1):
+  `va_scores`, {'f1': `expr_f1`} or `au_f1`."""
   if task == "VA":
-    return va_scores(pred, label)["mean"]
+    return va_scores(pred, label)
   if task == "EXPR":
-    return expr_f1(pred, label)
+    return {"f1": expr_f1(pred, label)}
   if task == "AU":
-    return au_f1(pred, label)["f1"]
+    return au_f1(pred, label)
   raise ValueError(f"unknown task {task!r}")
+
+
+def main_score(task: str, pred: np.ndarray, label: np.ndarray) -> float:
+  """The task's headline score (`MAIN_METRIC`) of decided predictions."""
+  return task_scores(task, pred, label)[MAIN_METRIC[task]]
 
 
 def video_bootstrap_draws(score_fn: Callable[..., float], *per_video: Sequence[np.ndarray],
@@ -230,3 +236,11 @@ def video_bootstrap(score_fn: Callable[..., float], *per_video: Sequence[np.ndar
   scores = video_bootstrap_draws(score_fn, *per_video, num_samples=num_samples, seed=seed)
   low, high = np.quantile(scores, [(1.0 - level) / 2, (1.0 + level) / 2])
   return float(low), float(high)
+
+
+def score_interval(task: str, preds: Sequence[np.ndarray], labels: Sequence[np.ndarray], *,
+                   num_samples: int = 1000) -> list[float]:
+  """[low, high]: the `INTERVAL_LEVEL` `video_bootstrap` interval of the task's headline
+  score, from one array of decided predictions and one of labels per video."""
+  return list(video_bootstrap(lambda p, l: main_score(task, p, l), preds, labels,
+                              num_samples=num_samples, level=INTERVAL_LEVEL))

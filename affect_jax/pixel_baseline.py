@@ -9,7 +9,6 @@ numbers are optimistic for a linear pixel model: a ceiling for it, not an estima
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -102,13 +101,6 @@ def _fit_predict(task: str, x_tr, y_tr, x_evs, l2: float) -> list[np.ndarray]:
   return [(x @ w + b > 0).astype(np.int32) for x in x_evs]
 
 
-def _scores(task: str, pred: np.ndarray, label: np.ndarray) -> dict:
-  if task == "VA":
-    return metrics.va_scores(pred, label)
-  if task == "EXPR":
-    return {"f1": metrics.expr_f1(pred, label)}
-  return metrics.au_f1(pred, label)
-
 
 def evaluate(root: str | os.PathLike, split: str = aw.VALIDATION_SET, size: int = 12,
              tasks=aw.TASKS, report_split: str | None = None, bootstrap_samples: int = 0) -> dict:
@@ -117,30 +109,30 @@ def evaluate(root: str | os.PathLike, split: str = aw.VALIDATION_SET, size: int 
 
   With `report_split` (e.g. Test_Set, labelled in the synthetic set) the model chosen on
   `split` is also scored there, under the key `report_split`: an honest held-out figure.
-  With `bootstrap_samples` > 0, 'intervals' holds the 90% `metrics.video_bootstrap`
-  interval of the headline score on each scored split, as the temporal runs report it.
+  With `bootstrap_samples` > 0, 'intervals' holds the `metrics.score_interval` of the
+  headline score on each scored split, as the temporal runs report it.
   """
   out = {}
+  splits = [s for s in (split, report_split) if s]
   for task in tasks:
     x_tr, y_tr, _ = _split_arrays(root, task, aw.TRAIN_SET, size)
-    evs = [_split_arrays(root, task, s, size) for s in (split, report_split) if s]
+    evs = [_split_arrays(root, task, s, size) for s in splits]
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-3
     x_tr = (x_tr - mu) / sd
     candidates = []
     for l2 in RIDGE_L2 if task == "VA" else LOGISTIC_L2:
       preds = _fit_predict(task, x_tr, y_tr, [(x - mu) / sd for x, _, _ in evs], l2)
-      scores = [_scores(task, p, y) for p, (_, y, _) in zip(preds, evs)]
+      scores = [metrics.task_scores(task, p, y) for p, (_, y, _) in zip(preds, evs)]
       result = {**scores[0], "l2": l2}
       if report_split:
         result[report_split] = scores[1]
       candidates.append((scores[0][metrics.MAIN_METRIC[task]], result, preds))
     _, out[task], preds = max(candidates, key=lambda c: c[0])
     if bootstrap_samples:
-      out[task]["intervals"] = {"metric": metrics.MAIN_METRIC[task], "level": 0.9,
-                                "samples": bootstrap_samples}
-      for s, p, (_, y, lengths) in zip((split, report_split), preds, evs):
+      out[task]["intervals"] = {"metric": metrics.MAIN_METRIC[task],
+                                "level": metrics.INTERVAL_LEVEL, "samples": bootstrap_samples}
+      for s, p, (_, y, lengths) in zip(splits, preds, evs):
         cuts = np.cumsum(lengths)[:-1]
-        out[task]["intervals"][s] = list(metrics.video_bootstrap(
-            functools.partial(metrics.main_score, task), np.split(p, cuts), np.split(y, cuts),
-            num_samples=bootstrap_samples))
+        out[task]["intervals"][s] = metrics.score_interval(
+            task, np.split(p, cuts), np.split(y, cuts), num_samples=bootstrap_samples)
   return out

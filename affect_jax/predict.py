@@ -94,7 +94,7 @@ def compare_strides(workdir: str, strides, splits=(affwild2.VALIDATION_SET, affw
 
 def compare_models(workdir_a: str, workdir_b: str,
                    splits=(affwild2.VALIDATION_SET, affwild2.TEST_SET), *,
-                   num_samples: int = 1000, level: float = 0.9) -> dict[str, dict]:
+                   num_samples: int = 1000, level: float = metrics.INTERVAL_LEVEL) -> dict[str, dict]:
   """Paired comparison of two trained models of one task on the same videos.
 
   Per split: both headline scores (AU at the 0.5 threshold), their difference a - b, its

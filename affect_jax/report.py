@@ -75,7 +75,7 @@ def results_table(results: dict, oracle: dict, baseline: dict, ft_scores: dict,
 
 
 def interval_table(results: dict, pixels: dict | None = None) -> str:
-  """Markdown: the 90% video-bootstrap interval of every row's headline score ('' when no
+  """Markdown: the video-bootstrap interval of every row's headline score ('' when no
   run recorded one). With 9 or so videos per split these are wide; differences between
   rows inside them are not evidence of anything."""
   tasks = [t for t in affwild2.TASKS if t in results]
@@ -90,7 +90,7 @@ def interval_table(results: dict, pixels: dict | None = None) -> str:
   samples = {r[t]["samples"] for _, r in rows[:1] for t in tasks if "samples" in r[t]}
   if not samples:
     return ""
-  lines = [f"| 90% interval, videos resampled ({samples.pop()} draws) | " + " | ".join(
+  lines = [f"| {metrics.INTERVAL_LEVEL:.0%} interval, videos resampled ({samples.pop()} draws) | " + " | ".join(
       f"{t} {METRIC_NAME[t]} val | {t} {METRIC_NAME[t]} test" for t in tasks) + " |",
            "|---|" + "---|---|" * len(tasks)]
   for label, by_task in rows:
@@ -106,8 +106,8 @@ def difference_table(pairs: dict, results: dict) -> str:
   pairs: {task: {"a-b": {split: compare_models' record}}} as the demo's paired stage gives.
   """
   tasks = [t for t in affwild2.TASKS if t in pairs]
-  lines = ["| paired difference, first minus second (90% interval; share of draws the first "
-           "wins) | " + " | ".join(f"{t} {METRIC_NAME[t]} val | {t} {METRIC_NAME[t]} test"
+  lines = [f"| paired difference, first minus second ({metrics.INTERVAL_LEVEL:.0%} interval; share "
+           "of draws the first wins) | " + " | ".join(f"{t} {METRIC_NAME[t]} val | {t} {METRIC_NAME[t]} test"
                                   for t in tasks) + " |",
            "|---|" + "---|---|" * len(tasks)]
   for key in pairs[tasks[0]]:

@@ -322,8 +322,15 @@ def test_main_score_is_each_tasks_headline_metric():
   assert metrics.main_score("VA", va_p, va_l) == metrics.va_scores(va_p, va_l)["mean"]
   assert metrics.main_score("EXPR", ex_p, ex_l) == metrics.expr_f1(ex_p, ex_l)
   assert metrics.main_score("AU", au_p, au_l) == metrics.au_f1(au_p, au_l)["f1"]
+  assert metrics.task_scores("VA", va_p, va_l) == metrics.va_scores(va_p, va_l)
+  assert metrics.task_scores("AU", au_p, au_l) == metrics.au_f1(au_p, au_l)
   with pytest.raises(ValueError, match="task"):
     metrics.main_score("VAD", va_p, va_l)
+  # The reported interval: the headline score's video bootstrap at INTERVAL_LEVEL = 0.9.
+  cuts = [7, 15, 22]
+  got = metrics.score_interval("EXPR", np.split(ex_p, cuts), np.split(ex_l, cuts), num_samples=200)
+  assert got == list(metrics.video_bootstrap(metrics.expr_f1, np.split(ex_p, cuts),
+                                             np.split(ex_l, cuts), num_samples=200, level=0.9))
 
 
 def test_paired_video_bootstrap_of_a_difference():

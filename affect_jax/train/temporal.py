@@ -201,11 +201,9 @@ def score(task: str, preds: Mapping[str, np.ndarray], labels: Mapping[str, affwi
   names = sorted(preds)
   prob = np.concatenate([preds[v] for v in names])
   lab = np.concatenate([labels[v].labels for v in names])
-  if task == "VA":
-    return metrics.va_scores(decide(task, prob), lab)
-  if task == "EXPR":
-    return {"f1": metrics.expr_f1(decide(task, prob), lab)}
-  out = metrics.au_f1(decide(task, prob), lab)
+  out = metrics.task_scores(task, decide(task, prob), lab)
+  if task != "AU":
+    return out
   res = {"f1": out["f1"], **{f"f1_{k}": v for k, v in out["per_au"].items()}}
   if au_thresholds is not None:
     res["f1_tuned"] = metrics.au_f1(decide(task, prob, au_thresholds), lab)["f1"]
@@ -213,15 +211,12 @@ def score(task: str, preds: Mapping[str, np.ndarray], labels: Mapping[str, affwi
 
 
 def score_interval(task: str, preds: Mapping[str, np.ndarray],
-                   labels: Mapping[str, affwild2.VideoLabels], num_samples: int,
-                   level: float = 0.9) -> list[float]:
-  """[low, high]: `metrics.video_bootstrap` interval of the task's headline score (AU at the
-  0.5 threshold), videos in name order."""
+                   labels: Mapping[str, affwild2.VideoLabels], num_samples: int) -> list[float]:
+  """`metrics.score_interval` of the headline score (AU at the 0.5 threshold), videos in
+  name order."""
   names = sorted(preds)
-  low, high = metrics.video_bootstrap(
-      functools.partial(metrics.main_score, task), [decide(task, preds[v]) for v in names],
-      [labels[v].labels for v in names], num_samples=num_samples, level=level)
-  return [low, high]
+  return metrics.score_interval(task, [decide(task, preds[v]) for v in names],
+                                [labels[v].labels for v in names], num_samples=num_samples)
 
 
 def tune_thresholds(preds, labels) -> np.ndarray:
@@ -309,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     results["test"] = score(task, test_preds, test_labels, thresholds)
   if config.get("bootstrap_samples", 0):
     n = config.bootstrap_samples
-    results["intervals"] = {"metric": MAIN_METRIC[task], "level": 0.9, "samples": n,
+    results["intervals"] = {"metric": MAIN_METRIC[task], "level": metrics.INTERVAL_LEVEL, "samples": n,
                             "val": score_interval(task, val_preds, labels, n)}
     if test_labels:
       results["intervals"]["test"] = score_interval(task, test_preds, test_labels, n)

@@ -139,16 +139,21 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
   root = os.path.join(out_dir, "data")
   cfg = _configs(p, root, out_dir)
   stages = 1 + 1 + 1 + 2 + 2 + len(VARIANTS) * len(affwild2.TASKS) + 3
-  start, done = time.perf_counter(), [0]
+  start, done, ran_s = time.perf_counter(), [0], []
 
   def step(name, settings, fn):
     t0 = time.perf_counter()
     result, ran = _stage(out_dir, name, settings, fn)
+    took = time.perf_counter() - t0
     done[0] += 1
+    if ran:
+      ran_s.append(took)
     elapsed = time.perf_counter() - start
-    eta = elapsed / done[0] * (stages - done[0])
+    # Reused stages take no time: estimate the rest from the stages that ran (a resumed run's
+    # first lines have none yet).
+    eta = f"{sum(ran_s) / len(ran_s) * (stages - done[0]):5.0f} s" if ran_s else "    ? s"
     log(f"[{done[0]:2d}/{stages}] {name:34s} {'ran' if ran else 'reused':6s} "
-        f"{time.perf_counter() - t0:6.1f} s | elapsed {elapsed:6.1f} s | ETA {eta:5.0f} s")
+        f"{took:6.1f} s | elapsed {elapsed:6.1f} s | ETA {eta}")
     return result
 
   def data_stage():

@@ -19,6 +19,7 @@ from PIL import Image
 
 from affect_jax import losses, metrics
 from affect_jax.data import affwild2 as aw
+from affect_jax.data import features
 
 
 def frame_pixels(root: str | os.PathLike, video: str, num_frames: int, has_image: np.ndarray,
@@ -35,6 +36,27 @@ def frame_pixels(root: str | os.PathLike, video: str, num_frames: int, has_image
                               np.float32).reshape(-1) / 255.0
     out[t] = cache[k]
   return out
+
+
+def write_feature_store(root: str | os.PathLike, out_dir: str | os.PathLike,
+                        size: int = 12) -> str:
+  """The downsampled pixels of every frame of every video as a visual feature store, so the
+  temporal models can be trained on them (`--config.data.visual_features=<returned path>`):
+  what the temporal stage makes of features that do carry per-frame affect. Returns the path.
+  """
+  from affect_jax.train import extract  # the one list of videos and their frame counts
+  store = features.FeatureStore.create(
+      os.path.join(out_dir, extract.VISUAL_DIR), kind="visual", dim=size * size * 3,
+      dtype="float16", model_hash=f"pixels{size}", config={"pixels": size})
+  for video, num_frames in extract.all_videos(str(root)).items():
+    if store.has(video, num_frames):
+      continue
+    has_image = np.zeros(num_frames, bool)
+    indices = aw.image_indices(root, video)
+    has_image[indices[indices <= num_frames] - 1] = True
+    store.write(video, frame_pixels(root, video, num_frames, has_image, size).astype(np.float16),
+                frames_without_image=int((~has_image).sum()))
+  return str(store.root)
 
 
 def _split_arrays(root, task, split, size):

@@ -69,3 +69,36 @@ def test_evaluate_picks_l2_on_validation_and_scores_that_model_on_test(synthetic
                                    np.split(pred, cuts), np.split(y, cuts), num_samples=200)
     np.testing.assert_allclose(out["intervals"][split], want, atol=1e-4)
   assert out["intervals"]["metric"] == "mean" and out["intervals"]["samples"] == 200
+
+
+def test_feature_store_holds_every_frame_of_every_video(synthetic_root, tmp_path):
+  from PIL import Image
+
+  from affect_jax.data import affwild2 as aw
+  from affect_jax.data import features
+  from affect_jax.train import extract
+  path = pixel_baseline.write_feature_store(synthetic_root, tmp_path, size=4)
+  store = features.FeatureStore(path)
+  videos = extract.all_videos(str(synthetic_root))
+  assert sorted(store.videos()) == sorted(videos) and store.dim == 4 * 4 * 3
+  missing_checked = 0
+  for video, n in videos.items():
+    x = store.read(video)
+    assert x.shape == (n, 48)
+    have = set(aw.image_indices(synthetic_root, video).tolist())
+    # Row t is frame t+1's image, box-averaged to 4x4 (read here straight from the PNG).
+    with Image.open(synthetic_root / aw.FRAMES_DIR / video / aw.frame_name(min(have))) as im:
+      rgb = np.asarray(im.convert("RGB"), np.float32) / 255.0
+    h, w = rgb.shape[:2]
+    want = rgb.reshape(4, h // 4, 4, w // 4, 3).mean((1, 3)).reshape(-1)
+    # PIL rounds its box average to uint8 and the store keeps float16.
+    np.testing.assert_allclose(x[min(have) - 1], want, atol=1 / 255 + 1e-3)
+    # A frame without an image takes the previous imaged frame's row (the first one's before
+    # any), as the authors repaired them.
+    for t in range(n):
+      if t + 1 not in have:
+        before = [k for k in have if k < t + 1]
+        np.testing.assert_array_equal(x[t], x[(max(before) if before else min(have)) - 1])
+        missing_checked += 1
+  assert missing_checked > 0  # the tiny synthetic set drops some images on purpose
+  assert pixel_baseline.write_feature_store(synthetic_root, tmp_path, size=4) == path  # reopens

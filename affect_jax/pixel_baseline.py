@@ -51,9 +51,7 @@ def write_feature_store(root: str | os.PathLike, out_dir: str | os.PathLike,
   for video, num_frames in extract.all_videos(str(root)).items():
     if store.has(video, num_frames):
       continue
-    has_image = np.zeros(num_frames, bool)
-    indices = aw.image_indices(root, video)
-    has_image[indices[indices <= num_frames] - 1] = True
+    has_image = aw.image_mask(root, video, num_frames)
     store.write(video, frame_pixels(root, video, num_frames, has_image, size).astype(np.float16),
                 frames_without_image=int((~has_image).sum()))
   return str(store.root)

@@ -233,6 +233,12 @@ def image_indices(root: str | os.PathLike, video: str) -> np.ndarray:
   return np.asarray(_image_indices(str(frames_dir)), dtype=np.int64)
 
 
+def image_mask(root: str | os.PathLike, video: str, num_frames: int) -> np.ndarray:
+  """bool [num_frames]: which frames of `video` have a cropped image (row k = frame k+1;
+  images numbered past `num_frames` are ignored)."""
+  return _has_image(image_indices(root, video), num_frames)
+
+
 def nearest_image(has_image: np.ndarray) -> np.ndarray:
   """int [T]: for each frame, the 0-based frame whose image stands in for it.
 

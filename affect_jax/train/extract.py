@@ -109,13 +109,9 @@ def extract_visual(config: ml_collections.ConfigDict, out_dir: str, videos: dict
                     out_shardings=sharding.replicated(mesh))
   records, has_image = [], {}
   for i, video in enumerate(todo):
-    idx = affwild2.image_indices(root, video)
-    idx = idx[(idx >= 1) & (idx <= videos[video])]
-    has = np.zeros(videos[video], bool)
-    has[idx - 1] = True
-    has_image[video] = has
-    records += [{"path": os.path.join(root, affwild2.FRAMES_DIR, video, affwild2.frame_name(int(k))),
-                 "video": np.int32(i), "frame": np.int32(k - 1)} for k in idx]
+    has_image[video] = affwild2.image_mask(root, video, videos[video])
+    records += [{"path": os.path.join(root, affwild2.FRAMES_DIR, video, affwild2.frame_name(int(k) + 1)),
+                 "video": np.int32(i), "frame": np.int32(k)} for k in np.flatnonzero(has_image[video])]
   div = sharding.batch_divisor(mesh)
   batch_size = -(-config.batch_size // div) * div
   current, feats = 0, {}

@@ -264,3 +264,12 @@ def test_prediction_files_round_trip_and_errors(tmp_path):
   bad.write_text("frame,valence,arousal\n")
   with pytest.raises(aw.AnnotationError, match="expected header"):
     aw.parse_predictions(bad, "VA")
+
+
+def test_image_mask_marks_the_frames_with_an_image(tmp_path):
+  frames = tmp_path / aw.FRAMES_DIR / "v1"
+  frames.mkdir(parents=True)
+  for k in (1, 3, 7):  # 7 lies past the 5 annotated frames: ignored
+    (frames / aw.frame_name(k)).write_bytes(b"")
+  (frames / "notes.txt").write_text("not a frame")
+  np.testing.assert_array_equal(aw.image_mask(tmp_path, "v1", 5), [True, False, True, False, False])

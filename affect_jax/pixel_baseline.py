@@ -44,11 +44,11 @@ def write_feature_store(root: str | os.PathLike, out_dir: str | os.PathLike,
   temporal models can be trained on them (`--config.data.visual_features=<returned path>`):
   what the temporal stage makes of features that do carry per-frame affect. Returns the path.
   """
-  from affect_jax.train import extract  # the one list of videos and their frame counts
+  kind = "visual"  # the store is named by its kind, as launch/extract.py names its stores
   store = features.FeatureStore.create(
-      os.path.join(out_dir, extract.VISUAL_DIR), kind="visual", dim=size * size * 3,
+      os.path.join(out_dir, kind), kind=kind, dim=size * size * 3,
       dtype="float16", model_hash=f"pixels{size}", config={"pixels": size})
-  for video, num_frames in extract.all_videos(str(root)).items():
+  for video, num_frames in aw.all_videos(root).items():
     if store.has(video, num_frames):
       continue
     has_image = aw.image_mask(root, video, num_frames)

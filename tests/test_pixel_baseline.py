@@ -76,10 +76,9 @@ def test_feature_store_holds_every_frame_of_every_video(synthetic_root, tmp_path
 
   from affect_jax.data import affwild2 as aw
   from affect_jax.data import features
-  from affect_jax.train import extract
   path = pixel_baseline.write_feature_store(synthetic_root, tmp_path, size=4)
   store = features.FeatureStore(path)
-  videos = extract.all_videos(str(synthetic_root))
+  videos = aw.all_videos(str(synthetic_root))
   assert sorted(store.videos()) == sorted(videos) and store.dim == 4 * 4 * 3
   missing_checked = 0
   for video, n in videos.items():

@@ -17,6 +17,7 @@ import functools
 import os
 from pathlib import Path
 
+from absl import logging
 import numpy as np
 
 from affect_jax.fileio import write_text_atomic
@@ -346,6 +347,31 @@ def load_split(root: str | os.PathLike, task: str, split: str,
 # ---- Folds (the authors' 5-fold scheme) ----
 
 NUM_FOLDS = 5
+
+
+def all_videos(root: str | os.PathLike, with_test: bool = True) -> dict[str, int]:
+  """{video: num_frames} over every task's Train/Validation sets (and test lists)."""
+  frames: dict[str, int] = {}
+  for task in TASKS:
+    try:
+      task_dir(root, task)
+    except FileNotFoundError:
+      continue
+    splits = [*SPLITS, TEST_SET] if with_test else list(SPLITS)
+    for split in splits:
+      try:
+        names = list_videos(root, task, split)
+      except FileNotFoundError:
+        continue
+      for name in names:
+        n = load_video(root, task, split, name).num_frames
+        if frames.get(name, n) != n:
+          logging.warning("%s: %d frames in one task's annotations, %d in another's; using the "
+                          "larger", name, frames[name], n)
+        frames[name] = max(frames.get(name, 0), n)
+  if not frames:
+    raise FileNotFoundError(f"{root}: no annotated or test-listed videos")
+  return dict(sorted(frames.items()))
 
 
 def fold_videos(root: str | os.PathLike, task: str, fold: int) -> dict[str, list[str]]:

@@ -24,31 +24,6 @@ VISUAL_DIR = "visual"
 AUDIO_DIR = "audio"
 
 
-def all_videos(root: str, with_test: bool = True) -> dict[str, int]:
-  """{video: num_frames} over every task's Train/Validation sets (and test lists)."""
-  frames: dict[str, int] = {}
-  for task in affwild2.TASKS:
-    try:
-      affwild2.task_dir(root, task)
-    except FileNotFoundError:
-      continue
-    splits = [*affwild2.SPLITS, affwild2.TEST_SET] if with_test else list(affwild2.SPLITS)
-    for split in splits:
-      try:
-        names = affwild2.list_videos(root, task, split)
-      except FileNotFoundError:
-        continue
-      for name in names:
-        n = affwild2.load_video(root, task, split, name).num_frames
-        if frames.get(name, n) != n:
-          logging.warning("%s: %d frames in one task's annotations, %d in another's; using the "
-                          "larger", name, frames[name], n)
-        frames[name] = max(frames.get(name, 0), n)
-  if not frames:
-    raise FileNotFoundError(f"{root}: no annotated or test-listed videos")
-  return dict(sorted(frames.items()))
-
-
 def params_hash(params) -> str:
   h = hashlib.sha256()
   for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: str(kv[0])):
@@ -163,7 +138,7 @@ def extract_audio(config: ml_collections.ConfigDict, out_dir: str, videos: dict[
 
 def run(config: ml_collections.ConfigDict, out_dir: str, log=logging.info) -> dict[str, str]:
   """Extracts what the config asks for into `out_dir/{visual,audio}`; returns their paths."""
-  videos = all_videos(config.data.root, config.test_split)
+  videos = affwild2.all_videos(config.data.root, config.test_split)
   out = {}
   if config.visual:
     out["visual"] = str(extract_visual(config, out_dir, videos, log).root)

@@ -83,7 +83,7 @@ def test_rerun_skips_complete_videos_and_resumes_after_a_crash(synthetic_root, f
   assert store.videos() == sorted(calls[:2])
   logs = []
   extract.run(config, str(tmp_path), log=logs.append)
-  total = len(extract.all_videos(str(synthetic_root)))
+  total = len(affwild2.all_videos(str(synthetic_root)))
   assert logs[0] == f"visual features: 2 of {total} videos already complete"
   assert len(store.videos()) == total
   logs.clear()

@@ -11,7 +11,7 @@ over the 8 expressions, like ABAW's `f1_score(average='macro', labels=range(8))`
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -226,16 +226,21 @@ def video_bootstrap_draws(score_fn: Callable[..., float], *per_video: Sequence[n
                    for d in draws], np.float64)
 
 
-def video_bootstrap(score_fn: Callable[..., float], *per_video: Sequence[np.ndarray],
-                    num_samples: int = 1000, level: float = 0.9,
-                    seed: int = 0) -> tuple[float, float]:
-  """Percentile interval (the (1 - level) / 2 and (1 + level) / 2 quantiles) of
-  `video_bootstrap_draws`, e.g. `video_bootstrap(metrics.expr_f1, preds, labels)`."""
+def percentile_interval(draws: np.ndarray, level: float = INTERVAL_LEVEL) -> tuple[float, float]:
+  """The (1 - level) / 2 and (1 + level) / 2 quantiles of bootstrap draws."""
   if not 0.0 < level < 1.0:
     raise ValueError(f"level must be in (0, 1), got {level}")
-  scores = video_bootstrap_draws(score_fn, *per_video, num_samples=num_samples, seed=seed)
-  low, high = np.quantile(scores, [(1.0 - level) / 2, (1.0 + level) / 2])
+  low, high = np.quantile(draws, [(1.0 - level) / 2, (1.0 + level) / 2])
   return float(low), float(high)
+
+
+def video_bootstrap(score_fn: Callable[..., float], *per_video: Sequence[np.ndarray],
+                    num_samples: int = 1000, level: float = INTERVAL_LEVEL,
+                    seed: int = 0) -> tuple[float, float]:
+  """`percentile_interval` of `video_bootstrap_draws`, e.g.
+  `video_bootstrap(metrics.expr_f1, preds, labels)`."""
+  return percentile_interval(
+      video_bootstrap_draws(score_fn, *per_video, num_samples=num_samples, seed=seed), level)
 
 
 def score_interval(task: str, preds: Sequence[np.ndarray], labels: Sequence[np.ndarray], *,
@@ -244,3 +249,13 @@ def score_interval(task: str, preds: Sequence[np.ndarray], labels: Sequence[np.n
   score, from one array of decided predictions and one of labels per video."""
   return list(video_bootstrap(lambda p, l: main_score(task, p, l), preds, labels,
                               num_samples=num_samples, level=INTERVAL_LEVEL))
+
+
+def interval_record(task: str, per_split: Mapping[str, tuple[Sequence[np.ndarray], Sequence[np.ndarray]]],
+                    num_samples: int) -> dict:
+  """What a run reports under 'intervals': {'metric', 'level', 'samples'} and, for each key
+  of `per_split` ({key: (decided predictions per video, labels per video)}), its
+  `score_interval`."""
+  return {"metric": MAIN_METRIC[task], "level": INTERVAL_LEVEL, "samples": num_samples,
+          **{key: score_interval(task, preds, labels, num_samples=num_samples)
+             for key, (preds, labels) in per_split.items()}}

@@ -121,7 +121,6 @@ def _fit_predict(task: str, x_tr, y_tr, x_evs, l2: float) -> list[np.ndarray]:
   return [(x @ w + b > 0).astype(np.int32) for x in x_evs]
 
 
-
 def evaluate(root: str | os.PathLike, split: str = aw.VALIDATION_SET, size: int = 12,
              tasks=aw.TASKS, report_split: str | None = None, bootstrap_samples: int = 0) -> dict:
   """Fits on Train_Set and scores `split` (whole videos, valid frames) per task, with the
@@ -129,8 +128,8 @@ def evaluate(root: str | os.PathLike, split: str = aw.VALIDATION_SET, size: int 
 
   With `report_split` (e.g. Test_Set, labelled in the synthetic set) the model chosen on
   `split` is also scored there, under the key `report_split`: an honest held-out figure.
-  With `bootstrap_samples` > 0, 'intervals' holds the `metrics.score_interval` of the
-  headline score on each scored split, as the temporal runs report it.
+  With `bootstrap_samples` > 0, 'intervals' holds the `metrics.interval_record` of the
+  headline score on each scored split (keyed by split name), as the temporal runs report it.
   """
   out = {}
   splits = [s for s in (split, report_split) if s]
@@ -149,10 +148,9 @@ def evaluate(root: str | os.PathLike, split: str = aw.VALIDATION_SET, size: int 
       candidates.append((scores[0][metrics.MAIN_METRIC[task]], result, preds))
     _, out[task], preds = max(candidates, key=lambda c: c[0])
     if bootstrap_samples:
-      out[task]["intervals"] = {"metric": metrics.MAIN_METRIC[task],
-                                "level": metrics.INTERVAL_LEVEL, "samples": bootstrap_samples}
+      scored = {}
       for s, p, (_, y, lengths) in zip(splits, preds, evs):
         cuts = np.cumsum(lengths)[:-1]
-        out[task]["intervals"][s] = metrics.score_interval(
-            task, np.split(p, cuts), np.split(y, cuts), num_samples=bootstrap_samples)
+        scored[s] = (np.split(p, cuts), np.split(y, cuts))
+      out[task]["intervals"] = metrics.interval_record(task, scored, bootstrap_samples)
   return out

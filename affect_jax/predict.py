@@ -110,17 +110,16 @@ def compare_models(workdir_a: str, workdir_b: str,
   score = functools.partial(metrics.main_score, task)
   out = {}
   for split in splits:
-    videos = affwild2.load_split(config_a.data.root, task, split, with_test_labels=True)
-    frames = {v.video: v.num_frames for v in videos}
-    pa, pb = predict_a(frames), predict_b(frames)
-    a = [temporal.decide(task, pa[v.video]) for v in videos]
-    b = [temporal.decide(task, pb[v.video]) for v in videos]
-    labels = [v.labels for v in videos]
+    videos = {v.video: v for v in affwild2.load_split(config_a.data.root, task, split,
+                                                      with_test_labels=True)}
+    frames = {name: v.num_frames for name, v in videos.items()}
+    a, labels = temporal.per_video(task, predict_a(frames), videos)
+    b, _ = temporal.per_video(task, predict_b(frames), videos)
     draws = metrics.video_bootstrap_draws(
         lambda x, y, l: score(x, l) - score(y, l), a, b, labels, num_samples=num_samples)
     sa, sb = score(np.concatenate(a), np.concatenate(labels)), score(np.concatenate(b), np.concatenate(labels))
-    low, high = np.quantile(draws, [(1.0 - level) / 2, (1.0 + level) / 2])
-    out[split] = {"a": sa, "b": sb, "difference": sa - sb, "interval": [float(low), float(high)],
+    out[split] = {"a": sa, "b": sb, "difference": sa - sb,
+                  "interval": list(metrics.percentile_interval(draws, level)),
                   "level": level, "p_a_better": float(np.mean(draws > 0))}
   return out
 

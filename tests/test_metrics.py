@@ -331,6 +331,10 @@ def test_main_score_is_each_tasks_headline_metric():
   got = metrics.score_interval("EXPR", np.split(ex_p, cuts), np.split(ex_l, cuts), num_samples=200)
   assert got == list(metrics.video_bootstrap(metrics.expr_f1, np.split(ex_p, cuts),
                                              np.split(ex_l, cuts), num_samples=200, level=0.9))
+  # ... and the record a run writes under 'intervals' carries it with what it measured.
+  record = metrics.interval_record("EXPR", {"val": (np.split(ex_p, cuts), np.split(ex_l, cuts))},
+                                   num_samples=200)
+  assert record == {"metric": "f1", "level": 0.9, "samples": 200, "val": got}
 
 
 def test_paired_video_bootstrap_of_a_difference():

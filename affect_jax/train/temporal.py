@@ -210,13 +210,12 @@ def score(task: str, preds: Mapping[str, np.ndarray], labels: Mapping[str, affwi
   return res
 
 
-def score_interval(task: str, preds: Mapping[str, np.ndarray],
-                   labels: Mapping[str, affwild2.VideoLabels], num_samples: int) -> list[float]:
-  """`metrics.score_interval` of the headline score (AU at the 0.5 threshold), videos in
-  name order."""
+def per_video(task: str, preds: Mapping[str, np.ndarray],
+              labels: Mapping[str, affwild2.VideoLabels]) -> tuple[list, list]:
+  """(decided predictions, labels), one array per video in name order (AU at the 0.5
+  threshold): the input of `metrics.interval_record`."""
   names = sorted(preds)
-  return metrics.score_interval(task, [decide(task, preds[v]) for v in names],
-                                [labels[v].labels for v in names], num_samples=num_samples)
+  return [decide(task, preds[v]) for v in names], [labels[v].labels for v in names]
 
 
 def tune_thresholds(preds, labels) -> np.ndarray:
@@ -303,11 +302,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     test_preds = predict(_variables(best_state), videos={v: l.num_frames for v, l in test_labels.items()})
     results["test"] = score(task, test_preds, test_labels, thresholds)
   if config.get("bootstrap_samples", 0):
-    n = config.bootstrap_samples
-    results["intervals"] = {"metric": MAIN_METRIC[task], "level": metrics.INTERVAL_LEVEL, "samples": n,
-                            "val": score_interval(task, val_preds, labels, n)}
+    scored = {"val": per_video(task, val_preds, labels)}
     if test_labels:
-      results["intervals"]["test"] = score_interval(task, test_preds, test_labels, n)
+      scored["test"] = per_video(task, test_preds, test_labels)
+    results["intervals"] = metrics.interval_record(task, scored, config.bootstrap_samples)
   fileio.write_text_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1))
   if hasattr(data_iter, "close"):
     data_iter.close()

@@ -118,6 +118,7 @@ def bench_mae(preset: str, batch: int, *, dtype: str = "float32", image_size: in
       "tflops_per_s": flops / med / 1e12 if flops else None,
       "mfu": flops / med / (peak * mesh.size) if flops and peak else None,
       "peak_memory_bytes": peak_memory_bytes(device),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
 
 

@@ -10,6 +10,8 @@ import json
 
 from absl import app, flags
 
+from affect_jax import hostenv
+
 _WHAT = flags.DEFINE_enum("what", "mae", ["mae", "loader", "mae+loader", "temporal", "matmul"], "What to time.")
 _PRESET = flags.DEFINE_string("preset", "tiny", "MAE size preset (configs/mae_pretrain.py).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")
@@ -69,4 +71,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostenv.use_huge_pages()
   app.run(main)

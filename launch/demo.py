@@ -5,6 +5,8 @@
 
 from absl import app, flags, logging
 
+from affect_jax import hostenv
+
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/affect_jax/demo", "Everything is written here.")
 _PRESET = flags.DEFINE_enum("preset", "default", ["micro", "default", "full"], "Size of the run.")
 
@@ -21,4 +23,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostenv.use_huge_pages()
   app.run(main)

@@ -7,7 +7,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from affect_jax import sharding
+from affect_jax import hostenv, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/expr_finetune.py:tiny", "Task config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, best state.", required=True)
@@ -26,4 +26,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostenv.use_huge_pages()
   app.run(main)

@@ -15,6 +15,7 @@ import os
 
 from absl import app, flags
 
+from affect_jax import hostenv
 from configs import common
 
 _ROOT = flags.DEFINE_string("data_root", common.DEFAULT_SYNTHETIC_ROOT, "Aff-Wild2 tree.")
@@ -42,4 +43,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostenv.use_huge_pages()
   app.run(main)

@@ -6,6 +6,8 @@
 
 from absl import app, flags
 
+from affect_jax import hostenv
+
 _OUT = flags.DEFINE_string("out_dir", None, "Where the CSVs (and plots) go.", required=True)
 _VA = flags.DEFINE_string("va", "", "Workdir of a trained VA temporal model.")
 _EXPR = flags.DEFINE_string("expr", "", "Workdir of a trained Expr temporal model.")
@@ -42,4 +44,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostenv.use_huge_pages()
   app.run(main)

@@ -7,7 +7,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from affect_jax import sharding
+from affect_jax import hostenv, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mae_pretrain.py:tiny", "Task config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and pictures go here.", required=True)
@@ -23,4 +23,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostenv.use_huge_pages()
   app.run(main)

@@ -10,7 +10,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from affect_jax import sharding
+from affect_jax import hostenv, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/va.py:paper", "Task config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, results.", required=True)
@@ -31,4 +31,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostenv.use_huge_pages()
   app.run(main)

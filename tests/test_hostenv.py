@@ -1,0 +1,84 @@
+"""The launchers' huge-page restart: when it applies, and that the restarted process has it."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from affect_jax import hostenv
+
+MADVISE = dict(glibc=(2, 36), thp="madvise")
+
+
+def test_tunables_added_where_they_help():
+  assert hostenv.huge_page_tunables({}, **MADVISE) == "glibc.malloc.hugetlb=1"
+  # The user's own tunables are kept, the huge-page one appended.
+  env = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+  assert (hostenv.huge_page_tunables(env, **MADVISE)
+          == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+
+
+@pytest.mark.parametrize("env, glibc, thp", [
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), "madvise"),  # the user decided
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.hugetlb=1"}, (2, 36), "madvise"),
+    ({hostenv.OPT_OUT: "0"}, (2, 36), "madvise"),
+    ({}, (2, 34), "madvise"),  # glibc without the tunable
+    ({}, None, "madvise"),  # not glibc
+    ({}, (2, 36), "always"),  # the kernel already uses huge pages for large mappings
+    ({}, (2, 36), "never"),
+    ({}, (2, 36), None),
+])
+def test_no_restart_where_it_cannot_help(env, glibc, thp):
+  assert hostenv.huge_page_tunables(env, glibc=glibc, thp=thp) is None
+
+
+def test_thp_mode_reads_the_bracketed_choice(tmp_path):
+  path = tmp_path / "enabled"
+  path.write_text("always [madvise] never\n")
+  assert hostenv.thp_mode(str(path)) == "madvise"
+  assert hostenv.thp_mode(str(tmp_path / "missing")) is None
+
+
+_CHILD = textwrap.dedent("""
+    import ctypes, json, os, resource, sys
+    from affect_jax import hostenv
+    print("started", flush=True)
+    hostenv.use_huge_pages()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    size = 256 * 2**20  # one large block, which glibc serves with mmap (numpy would madvise)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ctypes.memset(libc.malloc(size), 1, size)  # touch every page
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    print(json.dumps([os.environ.get("GLIBC_TUNABLES", ""), faults, sys.argv[1:]]), flush=True)
+""")
+
+
+def _run_child(tmp_path, **env):
+  script = tmp_path / "child.py"
+  script.write_text(_CHILD)
+  out = subprocess.run([sys.executable, "-u", str(script), "--flag=1", "x"], check=True,
+                       capture_output=True, text=True, env={**os.environ, **env}).stdout
+  lines = out.splitlines()
+  return lines, *json.loads(lines[-1])
+
+
+def test_restart_applies_the_tunable(tmp_path):
+  environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  if hostenv.huge_page_tunables(environ, glibc=hostenv.glibc_version(),
+                                thp=hostenv.thp_mode()) is None:
+    pytest.skip("this host gains nothing from the restart (glibc / THP mode)")
+  base = {"GLIBC_TUNABLES": "", hostenv.OPT_OUT: "1"}
+  lines, tunables, faults_huge, argv = _run_child(tmp_path, **base)
+  # Restarted once, with the same arguments, and glibc took the tunable.
+  assert lines.count("started") == 2
+  assert tunables == "glibc.malloc.hugetlb=1"
+  assert argv == ["--flag=1", "x"]
+  lines, tunables, faults_small, _ = _run_child(tmp_path, **{**base, hostenv.OPT_OUT: "0"})
+  assert lines.count("started") == 1 and tunables == ""
+  # 256 MiB in 4 KiB pages is 65,536 faults; in 2 MiB pages about 128.
+  assert faults_small > 60_000
+  assert faults_huge < faults_small / 4

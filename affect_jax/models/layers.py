@@ -4,8 +4,10 @@ On XLA:CPU (AVX-512 with avx512_bf16) a bf16 x bf16 matmul that returns bf16 run
 0.7x the float32 speed, while the same operands with `preferred_element_type=float32` run at
 about 2x (DESIGN.md, Performance). Autodiff of such a dot gives float32 cotangents, so both
 backward dots would run in float32; the `custom_vjp` here casts the cotangent back to the
-operand dtype and asks for a float32 result again, so all three matmuls of a layer take the
-fast path. On GPU/TPU it is the usual mixed-precision matmul.
+compute dtype and asks for a float32 result again, so all three matmuls of a layer take the
+fast path. The operands are cast inside the rule, so a float32 kernel's gradient leaves the
+accumulator in float32 (unrounded, and with no convert pass over it before the optimizer).
+On GPU/TPU it is the usual mixed-precision matmul.
 """
 
 import functools
@@ -33,41 +35,54 @@ def _einsum_f32(spec, a, b):
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _einsum_f32acc(spec, a, b, out_dtype):
-  return _einsum_f32(spec, a, b).astype(out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _einsum_f32acc(spec, dtypes, a, b):
+  compute, out, _, _ = dtypes
+  return _einsum_f32(spec, a.astype(compute), b.astype(compute)).astype(out)
 
 
-def _einsum_f32acc_fwd(spec, a, b, out_dtype):
-  return _einsum_f32acc(spec, a, b, out_dtype), (a, b)
+def _einsum_f32acc_fwd(spec, dtypes, a, b):
+  compute, out, _, _ = dtypes
+  a, b = a.astype(compute), b.astype(compute)
+  return _einsum_f32(spec, a, b).astype(out), (a, b)
 
 
-def _einsum_f32acc_bwd(spec, out_dtype, res, g):
-  del out_dtype
+def _einsum_f32acc_bwd(spec, dtypes, res, g):
+  compute, _, a_dtype, b_dtype = dtypes
   a, b = res
   sa, sb, so = _split_spec(spec)
-  g = g.astype(jnp.promote_types(a.dtype, b.dtype))
+  g = g.astype(compute)
+  # Each cotangent leaves the float32 accumulator in its operand's own dtype: a float32
+  # parameter cast to bf16 for the matmul gets its float32 gradient, never rounded to bf16.
   da = _einsum_f32(f"{so},{sb}->{sa}", g, b)
   db = _einsum_f32(f"{so},{sa}->{sb}", g, a)
-  return da.astype(a.dtype), db.astype(b.dtype)
+  return da.astype(a_dtype), db.astype(b_dtype)
 
 
 _einsum_f32acc.defvjp(_einsum_f32acc_fwd, _einsum_f32acc_bwd)
 
 
-def einsum_f32acc(spec, a, b, out_dtype=None):
+def einsum_f32acc(spec, a, b, out_dtype=None, compute_dtype=None):
   """`jnp.einsum(spec, a, b)` accumulated in float32, in the forward and both backward dots.
 
   Args:
     spec: a two-operand einsum without ellipsis, e.g. 'bhqd,bhkd->bhqk'.
-    a, b: operands, usually bfloat16.
-    out_dtype: result dtype; defaults to the operands' promoted dtype. Attention logits ask
-      for float32 so the softmax never sees a rounded input.
+    a, b: operands, usually bfloat16, or float32 parameters / activations to be multiplied
+      in `compute_dtype`.
+    out_dtype: result dtype; defaults to the compute dtype. Attention logits ask for float32
+      so the softmax never sees a rounded input.
+    compute_dtype: the dtype both operands are cast to for the three matmuls (default: the
+      operands' promoted dtype). The cast is inside the rule, so each operand's cotangent
+      comes back in that operand's own dtype straight from the float32 accumulator: a
+      float32 kernel used in bf16 gets an unrounded float32 gradient, with no convert pass.
   """
   _split_spec(spec)
+  if compute_dtype is None:
+    compute_dtype = jnp.promote_types(a.dtype, b.dtype)
   if out_dtype is None:
-    out_dtype = jnp.promote_types(a.dtype, b.dtype)
-  return _einsum_f32acc(spec, a, b, np.dtype(out_dtype))
+    out_dtype = compute_dtype
+  dtypes = tuple(np.dtype(d) for d in (compute_dtype, out_dtype, a.dtype, b.dtype))
+  return _einsum_f32acc(spec, dtypes, a, b)
 
 
 def dot_general_f32acc(lhs, rhs, dimension_numbers, precision=None,
@@ -96,11 +111,14 @@ def is_low_precision(dtype) -> bool:
                                                     jnp.dtype(jnp.float16))
 
 
-def einsum(spec, a, b, *, f32_accumulation=True, out_dtype=None):
-  """`einsum_f32acc` for low-precision operands when asked, else plain `jnp.einsum`."""
-  if f32_accumulation and is_low_precision(a.dtype):
-    return einsum_f32acc(spec, a, b, out_dtype)
-  out = jnp.einsum(spec, a, b)
+def einsum(spec, a, b, *, f32_accumulation=True, out_dtype=None, compute_dtype=None):
+  """`einsum_f32acc` for a low-precision compute dtype when asked, else plain `jnp.einsum`
+  of the operands cast to `compute_dtype` (default: their promoted dtype)."""
+  if compute_dtype is None:
+    compute_dtype = jnp.promote_types(a.dtype, b.dtype)
+  if f32_accumulation and is_low_precision(compute_dtype):
+    return einsum_f32acc(spec, a, b, out_dtype, compute_dtype)
+  out = jnp.einsum(spec, a.astype(compute_dtype), b.astype(compute_dtype))
   return out if out_dtype is None else out.astype(out_dtype)
 
 
@@ -159,12 +177,14 @@ class Dense(nn.Module):
     bias = self.param(
         "bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[self.in_axes:]),
         features, self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    dtype = jnp.dtype(self.dtype) if self.dtype is not None else jnp.result_type(x, kernel)
 
     letters = string.ascii_letters
     batch = letters[:x.ndim - self.in_axes]
     contracted = letters[len(batch):x.ndim]
     out = letters[x.ndim:x.ndim + len(features)]
+    # The casts to `dtype` happen inside the matmul's rule, so the float32 kernel's gradient
+    # (and that of a float32 input) comes back in float32 without a bf16 round trip.
     y = einsum(f"{batch}{contracted},{contracted}{out}->{batch}{out}", x, kernel,
-               f32_accumulation=self.f32_accumulation)
-    return add_bias(y, bias)
+               f32_accumulation=self.f32_accumulation, compute_dtype=dtype)
+    return add_bias(y, bias.astype(dtype))

@@ -193,6 +193,25 @@ def test_einsum_f32acc_matches_einsum_values_and_gradients(spec, a_shape, b_shap
   assert _dot_dtypes(jaxpr) == [(bf16, bf16, f32)] * 3  # forward and both backward dots
 
 
+def test_einsum_f32acc_float32_operands_in_bf16_get_unrounded_float32_gradients():
+  # A float32 kernel multiplied in bf16 (what Dense does): its gradient is the float32
+  # accumulation of the bf16 cotangent and bf16 input, never rounded to bf16 on the way.
+  ka, kb, kg = jax.random.split(jax.random.key(3), 3)
+  x, w = jax.random.normal(ka, (4, 6, 16)), jax.random.normal(kb, (16, 8))
+  g = jax.random.normal(kg, (4, 6, 8))
+  bf = jnp.bfloat16
+  f = lambda x, w: jnp.sum(
+      layers.einsum_f32acc("bnk,kf->bnf", x, w, compute_dtype=bf).astype(jnp.float32) * g)
+  dx, dw = jax.grad(f, (0, 1))(x, w)
+  assert dx.dtype == dw.dtype == jnp.float32
+  # By hand, in numpy float64 from the bf16-rounded operands (exact products, f32-size sums).
+  r = lambda a: np.asarray(jnp.asarray(a).astype(bf).astype(jnp.float32), np.float64)
+  gb = r(g.astype(bf))
+  np.testing.assert_allclose(dw, np.einsum("bnf,bnk->kf", gb, r(x)), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dx, np.einsum("bnf,kf->bnk", gb, r(w)), rtol=1e-6, atol=1e-6)
+  assert np.any(np.asarray(dw) != r(dw))  # bits below bf16's mantissa survive
+
+
 def test_dot_general_f32acc_is_a_drop_in_for_flax_dense():
   x = jax.random.normal(jax.random.key(0), (2, 3, 8))
   plain = nn.Dense(4)

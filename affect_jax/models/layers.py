@@ -122,6 +122,17 @@ def einsum(spec, a, b, *, f32_accumulation=True, out_dtype=None, compute_dtype=N
   return out if out_dtype is None else out.astype(out_dtype)
 
 
+def gelu(x):
+  """Exact GELU as torch's `nn.GELU()` computes it: x/2 (1 + erf(x/sqrt 2)), in float32.
+
+  `jax.nn.gelu(approximate=False)` goes through erfc, which XLA:CPU evaluates at about twice
+  the cost of erf; the ViT-B MAE step was 4% faster with this form. The result has x's
+  dtype; for bf16 inputs only the final value is rounded.
+  """
+  x32 = x.astype(jnp.float32)
+  return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * np.float32(2 ** -0.5)))).astype(x.dtype)
+
+
 @jax.custom_vjp
 def add_bias(y, bias):
   """`y + bias` over trailing dims, whose bias gradient is one flat [M, F] column sum.

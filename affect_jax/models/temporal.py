@@ -80,7 +80,7 @@ class FeedForward(nn.Module):
       raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
     h = dense(self.ff_dim, ("embed", "mlp"), name="fc1")(x)  # [B, T, ff]
     # torch's "gelu" is the exact (erf) one.
-    h = nn.relu(h) if self.activation == "relu" else nn.gelu(h, approximate=False)
+    h = nn.relu(h) if self.activation == "relu" else layers.gelu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return dense(x.shape[-1], ("mlp", "embed"), name="fc2")(h)
 

@@ -188,7 +188,7 @@ class MultiHeadSelfAttention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-  """fc1 -> exact (erf) GELU, as torch's nn.GELU default -> fc2."""
+  """fc1 -> exact (erf) GELU, as torch's nn.GELU default (`layers.gelu`) -> fc2."""
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -199,7 +199,7 @@ class MlpBlock(nn.Module):
     dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
                               f32_accumulation=self.f32_accumulation)
     h = dense(self.mlp_dim, ("embed", "mlp"), name="fc1")(x)  # [B, N, mlp]
-    h = nn.gelu(h, approximate=False)
+    h = layers.gelu(h)
     return dense(x.shape[-1], ("mlp", "embed"), name="fc2")(h)
 
 

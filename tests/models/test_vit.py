@@ -212,6 +212,25 @@ def test_einsum_f32acc_float32_operands_in_bf16_get_unrounded_float32_gradients(
   assert np.any(np.asarray(dw) != r(dw))  # bits below bf16's mantissa survive
 
 
+def test_gelu_is_torchs_exact_formula_with_its_derivative():
+  from scipy import special
+  x = np.linspace(-8, 8, 2001, dtype=np.float32)
+  x64 = x.astype(np.float64)
+  cdf, pdf = 0.5 * (1 + special.erf(x64 / np.sqrt(2))), np.exp(-x64 ** 2 / 2) / np.sqrt(2 * np.pi)
+  # float32's 1 + erf loses the far negative tail's few 1e-7 (as torch's kernel does).
+  np.testing.assert_allclose(layers.gelu(jnp.asarray(x)), x64 * cdf, rtol=2e-6, atol=1e-6)
+  grad = jax.vmap(jax.grad(layers.gelu))(jnp.asarray(x))
+  np.testing.assert_allclose(grad, cdf + x64 * pdf, rtol=1e-5, atol=1e-6)
+  # The same function as jax's erfc-based exact GELU (not the tanh approximation).
+  np.testing.assert_allclose(layers.gelu(jnp.asarray(x)), jax.nn.gelu(x, approximate=False),
+                             atol=1e-6)
+  # bf16 in, bf16 out: the float32 value rounded once.
+  xb = jnp.asarray(x).astype(jnp.bfloat16)
+  assert layers.gelu(xb).dtype == jnp.bfloat16
+  np.testing.assert_array_equal(layers.gelu(xb),
+                                layers.gelu(xb.astype(jnp.float32)).astype(jnp.bfloat16))
+
+
 def test_dot_general_f32acc_is_a_drop_in_for_flax_dense():
   x = jax.random.normal(jax.random.key(0), (2, 3, 8))
   plain = nn.Dense(4)

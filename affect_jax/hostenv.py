@@ -71,10 +71,14 @@ def use_huge_pages() -> None:
   tunables = huge_page_tunables(os.environ, glibc=glibc_version(), thp=thp_mode())
   if tunables is None:
     return
+  previous = os.environ.get("GLIBC_TUNABLES")
   os.environ["GLIBC_TUNABLES"] = tunables
   sys.stdout.flush()
   sys.stderr.flush()
   try:
     os.execv(sys.executable, sys.orig_argv)
-  except OSError:
-    return
+  except OSError:  # carry on unchanged, environment included
+    if previous is None:
+      del os.environ["GLIBC_TUNABLES"]
+    else:
+      os.environ["GLIBC_TUNABLES"] = previous

@@ -82,3 +82,24 @@ def test_restart_applies_the_tunable(tmp_path):
   # 256 MiB in 4 KiB pages is 65,536 faults; in 2 MiB pages about 128.
   assert faults_small > 60_000
   assert faults_huge < faults_small / 4
+
+
+@pytest.mark.parametrize("before", [None, "glibc.malloc.arena_max=2"])
+def test_failed_restart_leaves_the_environment_as_it_was(monkeypatch, before):
+  if before is None:
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  else:
+    monkeypatch.setenv("GLIBC_TUNABLES", before)
+  monkeypatch.delenv(hostenv.OPT_OUT, raising=False)
+  monkeypatch.setattr(hostenv, "glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(hostenv, "thp_mode", lambda: "madvise")
+  tried = []
+
+  def failing_execv(path, argv):
+    tried.append(os.environ["GLIBC_TUNABLES"])
+    raise OSError("exec refused")
+
+  monkeypatch.setattr(hostenv.os, "execv", failing_execv)
+  hostenv.use_huge_pages()
+  assert tried == [hostenv.huge_page_tunables({"GLIBC_TUNABLES": before or ""}, **MADVISE)]
+  assert os.environ.get("GLIBC_TUNABLES") == before

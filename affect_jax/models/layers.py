@@ -35,16 +35,16 @@ def _einsum_f32(spec, a, b):
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _einsum_f32acc(spec, dtypes, a, b):
-  compute, out, _, _ = dtypes
-  return _einsum_f32(spec, a.astype(compute), b.astype(compute)).astype(out)
-
-
 def _einsum_f32acc_fwd(spec, dtypes, a, b):
+  """(result, the operands cast to the compute dtype): the cast copies are the residuals."""
   compute, out, _, _ = dtypes
   a, b = a.astype(compute), b.astype(compute)
   return _einsum_f32(spec, a, b).astype(out), (a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _einsum_f32acc(spec, dtypes, a, b):
+  return _einsum_f32acc_fwd(spec, dtypes, a, b)[0]
 
 
 def _einsum_f32acc_bwd(spec, dtypes, res, g):
@@ -188,7 +188,7 @@ class Dense(nn.Module):
     bias = self.param(
         "bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[self.in_axes:]),
         features, self.param_dtype)
-    dtype = jnp.dtype(self.dtype) if self.dtype is not None else jnp.result_type(x, kernel)
+    dtype = jnp.dtype(self.dtype or jnp.promote_types(x.dtype, kernel.dtype))
 
     letters = string.ascii_letters
     batch = letters[:x.ndim - self.in_axes]

@@ -141,6 +141,86 @@ def bench_matmul(n: int = 2048, repeats: int = 10) -> dict:
   return out
 
 
+def mae_matmul_shapes(preset: str, batch: int, image_size: int,
+                      mask_ratio: float = 0.75) -> list[dict]:
+  """The MAE train step's matmuls, one row per distinct product, with how often it occurs.
+
+  Dense rows: (m, k, n) = (tokens in the batch, in, out) of the encoder's and decoder's
+  qkv / proj / fc1 / fc2 (the patch embedding, decoder embedding and prediction head are left
+  out: < 3% of the FLOPs). Attention rows: (batch*heads, length, head_dim). `count` is the
+  number of layers using it.
+  """
+  from affect_jax.models import mae, vit
+
+  v = vit.VARIANTS[preset]
+  patches = (image_size // v["patch_size"]) ** 2
+  rows = []
+  for part, width, depth, heads, mlp, length in (
+      ("encoder", v["width"], v["depth"], v["num_heads"], v["mlp_dim"],
+       mae.num_visible(patches, mask_ratio) + 1),
+      ("decoder", v["decoder_width"], v["decoder_depth"], v["decoder_num_heads"],
+       v["decoder_mlp_dim"], patches + 1)):
+    m = batch * length
+    for name, k, n in (("qkv", width, 3 * width), ("proj", width, width), ("fc1", width, mlp),
+                       ("fc2", mlp, width)):
+      rows.append(dict(part=part, name=name, kind="dense", shape=(m, k, n), count=depth))
+    rows.append(dict(part=part, name="attention", kind="attention",
+                     shape=(batch * heads, length, width // heads), count=depth))
+  return rows
+
+
+# The three products of one train step of a layer, as einsums over the row's sizes. Dense
+# (x [m,k] @ W [k,n]): the forward, the input gradient g W^T (W's minor axis contracted) and
+# the weight gradient x^T g (the token axis, major in both, contracted). Attention (q, k, v,
+# o [b,t,d]; p [b,t,t]): logits q k^T, output p v, and dV = p^T dO (dK = dS^T q is alike).
+_LAYOUTS = {
+    "dense": (("forward x.W", "mk,kn->mn", ("mk", "kn")),
+              ("input grad g.W^T", "mn,kn->mk", ("mn", "kn")),
+              ("weight grad x^T.g", "mk,mn->kn", ("mk", "mn"))),
+    "attention": (("logits q.k^T", "bqd,bkd->bqk", ("bqd", "bkd")),
+                  ("output p.v", "bqk,bkd->bqd", ("bqk", "bkd")),
+                  ("dV p^T.dO", "bqk,bqd->bkd", ("bqk", "bqd"))),
+}
+
+
+def bench_matmul_layouts(preset: str = "base", batch: int = 8, *, image_size: int | None = None,
+                         repeats: int = 10) -> dict:
+  """GFLOP/s of each of the MAE step's matmuls in each operand layout its step runs, in
+  float32 and with bf16 operands accumulating into float32.
+
+  A plain n^3 product (`bench_matmul`) flatters a CPU backend: on XLA:CPU a bf16 product
+  whose contracted axis is the major one of an operand (a weight gradient, attention's
+  p^T dO) leaves the fast path unless XLA first copies the operand transposed. This table
+  shows what each product costs as XLA compiles it here.
+  """
+  import jax.numpy as jnp
+  from configs import mae_pretrain
+
+  config = mae_pretrain.get_config(preset)
+  size = image_size or config.data.image_size
+  rows = []
+  for row in mae_matmul_shapes(preset, batch, size, config.model.mask_ratio):
+    a_, b_, c_ = row["shape"]
+    dims = ({"m": a_, "k": b_, "n": c_} if row["kind"] == "dense"
+            else {"b": a_, "q": b_, "k": b_, "d": c_})
+    for label, spec, operands in _LAYOUTS[row["kind"]]:
+      shapes = [tuple(dims[c] for c in op) for op in operands]
+      flops = 2 * int(np.prod([dims[c] for c in set(spec.replace(",", "").split("->")[0])]))
+      rates = {}
+      for name, dtype in (("float32", jnp.float32), ("bfloat16_f32acc", jnp.bfloat16)):
+        x, y = (jax.random.normal(jax.random.key(i), s, jnp.float32).astype(dtype)
+                for i, s in enumerate(shapes))
+        f = jax.jit(lambda x, y, spec=spec: jnp.einsum(spec, x, y,
+                                                       preferred_element_type=jnp.float32))
+        med = statistics.median(time_steps(lambda: f(x, y).block_until_ready(), repeats, 2))
+        rates[f"{name}_gflops"] = flops / med / 1e9
+      rows.append({"part": row["part"], "name": row["name"], "product": label, "einsum": spec,
+                   "sizes": {c: dims[c] for c in sorted(set(spec) - {",", "-", ">"})},
+                   "count": row["count"], "gflop": flops / 1e9, **rates})
+  return {"what": "matmul_layouts", "preset": preset, "batch": batch, "image_size": size,
+          "device_kind": jax.devices()[0].device_kind, "rows": rows}
+
+
 def write_fake_faces(root: str, count: int, size: int, seed: int = 0) -> list[str]:
   """JPEGs of smooth random colour fields (decode cost like a real face crop)."""
   from PIL import Image

@@ -4,6 +4,7 @@
   python launch/bench.py --what=loader --preset=tiny --batch=64 --worker_count=2
   python launch/bench.py --what=temporal --preset=paper
   python launch/bench.py --what=matmul        # this machine's XLA matmul GFLOP/s (the ceiling)
+  python launch/bench.py --what=matmul_layouts --preset=base --batch=8   # the step's own matmuls
 """
 
 import json
@@ -12,7 +13,8 @@ from absl import app, flags
 
 from affect_jax import hostenv
 
-_WHAT = flags.DEFINE_enum("what", "mae", ["mae", "loader", "mae+loader", "temporal", "matmul"], "What to time.")
+_WHAT = flags.DEFINE_enum("what", "mae", ["mae", "loader", "mae+loader", "temporal", "matmul",
+                                              "matmul_layouts"], "What to time.")
 _PRESET = flags.DEFINE_string("preset", "tiny", "MAE size preset (configs/mae_pretrain.py).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
@@ -40,6 +42,10 @@ def main(argv):
                                         warmup=_WARMUP.value))
   if _WHAT.value == "matmul":
     results.append(bench.bench_matmul())
+  if _WHAT.value == "matmul_layouts":
+    results.append(bench.bench_matmul_layouts(_PRESET.value, _BATCH.value,
+                                              image_size=_IMAGE_SIZE.value or None,
+                                              repeats=_STEPS.value))
   if "loader" in _WHAT.value.split("+"):
     size = _IMAGE_SIZE.value or mae_pretrain.get_config(_PRESET.value).data.image_size
     results.append(bench.bench_loader(_BATCH.value, size, worker_count=_WORKERS.value))
@@ -61,6 +67,14 @@ def main(argv):
             f"{r['train_frames_per_s']:.0f} frames/s (step {1e3 * r['train_step_s']:.0f} ms); "
             f"predict one {r['frames']}-frame video with VA+Expr+AU: {r['predict_s_all_heads']:.2f} s "
             f"({tf} TFLOP/s)")
+    elif r["what"] == "matmul_layouts":
+      print(f"MAE {r['preset']} batch {r['batch']} matmuls on {r['device_kind']} (GFLOP/s; "
+            f"'x N' = layers):")
+      print(f"  {'':8s} {'':9s} {'product':18s} {'sizes':28s} {'float32':>8s} {'bf16->f32':>9s}")
+      for row in r["rows"]:
+        sizes = " ".join(f"{k}={v}" for k, v in row["sizes"].items())
+        print(f"  {row['part']:8s} {row['name']:9s} {row['product']:18s} {sizes:28s} "
+              f"{row['float32_gflops']:8.0f} {row['bfloat16_f32acc_gflops']:9.0f}  x{row['count']}")
     elif r["what"] == "matmul":
       print(f"XLA matmul {r['n']}^3 on {r['device_kind']}: float32 {r['float32_gflops']:.0f} "
             f"GFLOP/s, bfloat16 operands with float32 accumulation "

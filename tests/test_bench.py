@@ -1,6 +1,7 @@
 """The benchmarks run and count what they claim (never timed here: speed is for launch/bench.py)."""
 
 import numpy as np
+import pytest
 
 from affect_jax import bench
 
@@ -34,3 +35,34 @@ def test_temporal_bench_runs_and_counts_prediction_flops():
   r = bench.bench_temporal("tiny", frames=500, batch=8, steps=1, warmup=0, repeats=1)
   assert r["predict_flops"] > 0 and r["predict_s_all_heads"] > 0
   assert np.isfinite(r["train_frames_per_s"]) and r["train_frames_per_s"] > 0
+
+
+def test_mae_matmul_shapes_are_the_hand_counted_matmuls():
+  # tiny at 64 px, batch 8: 64 patches, 16 kept (+ CLS); widths as in the hand count above.
+  rows = bench.mae_matmul_shapes("tiny", 8, 64)
+  by = {(r["part"], r["name"]): r for r in rows}
+  assert by[("encoder", "qkv")]["shape"] == (8 * 17, 128, 384)
+  assert by[("encoder", "fc2")]["shape"] == (8 * 17, 512, 128)
+  assert by[("decoder", "fc1")]["shape"] == (8 * 65, 64, 256)
+  assert by[("encoder", "attention")]["shape"] == (8 * 4, 17, 32)
+  assert by[("decoder", "attention")]["shape"] == (8 * 4, 65, 16)
+  assert {r["count"] for r in rows if r["part"] == "encoder"} == {4}
+  assert {r["count"] for r in rows if r["part"] == "decoder"} == {2}
+  flops = sum(r["count"] * (2 * np.prod(r["shape"]) if r["kind"] == "dense"
+                            else 4 * r["shape"][0] * r["shape"][1] ** 2 * r["shape"][2])
+              for r in rows)
+  b, n, k = 8, 64, 16
+  block = lambda tokens, d, mlp: 2 * tokens * (4 * d * d + 2 * d * mlp)
+  attention = lambda length, d: 4 * length * length * d
+  assert flops == (4 * (block(b * (k + 1), 128, 512) + b * attention(k + 1, 128))
+                   + 2 * (block(b * (n + 1), 64, 256) + b * attention(n + 1, 64)))
+
+
+def test_matmul_layouts_bench_times_three_products_per_matmul():
+  r = bench.bench_matmul_layouts("tiny", 2, image_size=32, repeats=1)
+  assert len(r["rows"]) == 2 * 5 * 3  # encoder/decoder x (4 dense + attention) x 3 layouts
+  for row in r["rows"]:
+    assert row["float32_gflops"] > 0 and row["bfloat16_f32acc_gflops"] > 0
+    assert row["gflop"] * 1e9 == pytest.approx(2 * np.prod(list(row["sizes"].values())))
+  assert [row["product"] for row in r["rows"][:3]] == [
+      "forward x.W", "input grad g.W^T", "weight grad x^T.g"]

@@ -212,6 +212,57 @@ def test_einsum_f32acc_float32_operands_in_bf16_get_unrounded_float32_gradients(
   assert np.any(np.asarray(dw) != r(dw))  # bits below bf16's mantissa survive
 
 
+def test_unit_contraction_picks_the_batched_and_tn_products():
+  unit = layers._unit_contraction
+  assert unit("bnk,kf->bnf") is None  # a Dense forward: canonical
+  assert unit("bnf,kf->bnk") is None  # its input gradient: contracts both minor axes
+  assert unit("bnf,bnk->fk") is None  # its 3-D weight gradient: two contracted axes
+  assert unit("mk,mn->kn") == ("amk,amn->kn", 0, 0)  # a 2-D weight gradient (TN)
+  assert unit("bhqk,bhqd->bhkd") == ("bhaqk,bhaqd->bhkd", 2, 2)  # p^T dO
+  assert unit("bhqd,bhkd->bhqk") == ("bhqad,bhkad->bhqk", 3, 3)  # batched q k^T
+  assert unit("bhqk,bhkd->bhqd") == ("bhqak,bhakd->bhqd", 3, 2)  # batched p v
+
+
+@pytest.mark.parametrize("spec,a_shape,b_shape", [
+    ("mk,mn->kn", (40, 24), (40, 16)),
+    ("bhqk,bhkd->bhqd", (2, 3, 9, 11), (2, 3, 11, 8)),
+])
+def test_unit_contraction_keeps_bf16_values_and_gradients_exact(spec, a_shape, b_shape):
+  # By hand in float64 from the bf16-rounded operands: the extra unit axis changes nothing
+  # beyond float32 summation order, forward and backward.
+  ka, kb, kg = jax.random.split(jax.random.key(7), 3)
+  bf = jnp.bfloat16
+  a, b = jax.random.normal(ka, a_shape).astype(bf), jax.random.normal(kb, b_shape).astype(bf)
+  out = layers.einsum_f32acc(spec, a, b, out_dtype=jnp.float32)
+  g = jax.random.normal(kg, out.shape).astype(bf).astype(jnp.float32)
+  r = lambda x: np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+  np.testing.assert_allclose(out, np.einsum(spec, r(a), r(b)), rtol=1e-5, atol=1e-5)
+  da, db = jax.grad(lambda a, b: jnp.sum(
+      layers.einsum_f32acc(spec, a, b, out_dtype=jnp.float32) * g), (0, 1))(a, b)
+  ins, o = spec.split("->")
+  sa, sb = ins.split(",")
+  # bf16 gradients: the float64 value rounded once (at most half a bf16 ulp, 2^-8 relative).
+  np.testing.assert_allclose(r(da), np.einsum(f"{o},{sb}->{sa}", r(g), r(b)), rtol=2 ** -8,
+                             atol=1e-2)
+  np.testing.assert_allclose(r(db), np.einsum(f"{o},{sa}->{sb}", r(g), r(a)), rtol=2 ** -8,
+                             atol=1e-2)
+
+
+def test_unit_contraction_keeps_xla_cpu_tn_products_in_bf16():
+  # What the unit axis is for: as written, XLA:CPU converts both bf16 operands of a TN
+  # product to float32 (its slow path); with it, neither operand is ever upcast.
+  a = jnp.ones((64, 48), jnp.bfloat16)
+  b = jnp.ones((64, 32), jnp.bfloat16)
+  upcast = lambda f: any(f"f32[{n},{m}]" in f.lower(a, b).compile().as_text()
+                         for n, m in ((64, 48), (64, 32)))
+  plain = jax.jit(lambda a, b: jnp.einsum("mk,mn->kn", a, b,
+                                          preferred_element_type=jnp.float32))
+  fast = jax.jit(lambda a, b: layers.einsum_f32acc("mk,mn->kn", a, b, out_dtype=jnp.float32))
+  assert not upcast(fast)
+  if jax.default_backend() == "cpu":
+    assert upcast(plain), "XLA:CPU no longer upcasts TN bf16 products: the unit axis may go"
+
+
 def test_gelu_is_torchs_exact_formula_with_its_derivative():
   from scipy import special
   x = np.linspace(-8, 8, 2001, dtype=np.float32)

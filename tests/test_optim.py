@@ -90,3 +90,17 @@ def test_total_steps_and_warmup_fraction():
   sched = optim.schedule_for(c, total)
   assert total == 40
   np.testing.assert_allclose([float(sched(4)), float(sched(8))], [0.5, 1.0], rtol=1e-6)
+
+
+def test_global_norm_matches_numpy_over_all_leaves():
+  rng = np.random.default_rng(0)
+  tree = {"a": rng.normal(size=(5, 7)).astype(np.float32),
+          "b": [rng.normal(size=(3,)).astype(np.float32),
+                rng.normal(size=(2, 2, 2)).astype(jnp.bfloat16)]}
+  want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+  got = optim.global_norm(jax.tree.map(jnp.asarray, tree))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(got, optax.tree.norm(jax.tree.map(
+      lambda x: jnp.asarray(x, jnp.float32), tree)), rtol=1e-6)
+  assert float(optim.global_norm({})) == 0.0

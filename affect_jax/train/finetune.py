@@ -130,7 +130,7 @@ def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing,
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
   return state.apply_gradients(grads=grads), {
-      "loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+      "loss": loss, "accuracy": acc, "grad_norm": optim.global_norm(grads), "lr": schedule(state.step)}
 
 
 def predict_logits(model, params, records, *, image_size: int, batch_size: int, mesh,

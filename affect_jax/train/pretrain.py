@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from PIL import Image
 
@@ -67,7 +66,7 @@ def train_step(state: loop.TrainState, batch: dict, *, model: mae.MaskedAutoenco
     return loss
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+  metrics = {"loss": loss, "grad_norm": optim.global_norm(grads), "lr": schedule(state.step)}
   return state.apply_gradients(grads=grads), metrics
 
 

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from affect_jax import fileio, losses, metrics, optim, sharding
@@ -132,7 +131,7 @@ def train_step(state, batch, *, model, task, modalities, seed, schedule, class_w
   (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads).replace(
       batch_stats=updates.get("batch_stats", state.batch_stats))
-  return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step - 1)}
+  return state, {"loss": loss, "grad_norm": optim.global_norm(grads), "lr": schedule(state.step - 1)}
 
 
 # ---- Whole-video prediction and scores ----

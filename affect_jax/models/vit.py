@@ -171,17 +171,24 @@ class MultiHeadSelfAttention(nn.Module):
     # Heads-major [B, H, N, hd]: XLA:CPU runs these batched dots several times faster than
     # with the heads axis in the middle.
     q, k, v = (einops.rearrange(qkv[:, :, i], "b n h d -> b h n d") for i in range(3))
-    # Logits and softmax in float32 whatever the compute dtype.
-    logits = einsum("bhqd,bhkd->bhqk", q * head_dim ** -0.5, k,
-                    out_dtype=jnp.float32)  # [B, H, N, N]
     if mask is not None:
-      # A finite floor rather than -inf: a sequence with no real token gets uniform weights
-      # (its outputs are all padding) instead of NaNs that would reach the gradients.
-      logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if self.dropout:
-      probs = nn.Dropout(self.dropout, deterministic=not train)(probs)
-    out = einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)  # [B, H, N, hd]
+      mask = mask[:, None, None, :]
+    keep = None
+    if self.dropout and train:
+      # nn.Dropout's own mask (same rng stream and shape as dropping the weights directly).
+      keep = nn.Dropout(self.dropout, deterministic=False)(
+          jnp.ones(q.shape[:3] + k.shape[2:3], jnp.float32)) > 0
+    if self.f32_accumulation:
+      out = layers.dot_product_attention(q, k, v, mask=mask, dropout_keep=keep,
+                                         dropout_rate=self.dropout)
+    else:  # Plain products in the compute dtype, through autodiff.
+      logits = einsum("bhqd,bhkd->bhqk", q * head_dim ** -0.5, k, out_dtype=jnp.float32)
+      if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1)
+      if keep is not None:
+        probs = jnp.where(keep, probs / (1.0 - self.dropout), 0)
+      out = einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)  # [B, H, N, hd]
     out = einops.rearrange(out, "b h n d -> b n h d")
     return dense(width, ("heads", "kv", "embed"), in_axes=2, kernel_init=self.out_init,
                  name=self.out_name)(out)

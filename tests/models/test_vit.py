@@ -263,6 +263,65 @@ def test_unit_contraction_keeps_xla_cpu_tn_products_in_bf16():
     assert upcast(plain), "XLA:CPU no longer upcasts TN bf16 products: the unit axis may go"
 
 
+def _np_attention_and_grads(q, k, v, g, mask, keep, rate):
+  """Attention and its gradients by hand in float64: the textbook softmax backward
+  dS = P * (dP - rowsum(P * dP)), not the output-based row sums the VJP uses."""
+  q, k, v, g = (np.asarray(x, np.float64) for x in (q, k, v, g))
+  scale = q.shape[-1] ** -0.5
+  s = np.einsum("bhqd,bhkd->bhqk", q, k) * scale
+  if mask is not None:
+    s = np.where(mask, s, np.finfo(np.float32).min)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  m = np.ones_like(p) if keep is None else np.where(keep, 1 / (1 - rate), 0.0)
+  out = np.einsum("bhqk,bhkd->bhqd", p * m, v)
+  dv = np.einsum("bhqk,bhqd->bhkd", p * m, g)
+  dp = np.einsum("bhqd,bhkd->bhqk", g, v) * m
+  ds = p * (dp - (p * dp).sum(-1, keepdims=True))
+  if mask is not None:
+    ds = np.where(mask, ds, 0.0)
+  dq = np.einsum("bhqk,bhkd->bhqd", ds, k) * scale
+  dk = np.einsum("bhqk,bhqd->bhkd", ds, q) * scale
+  return out, (dq, dk, dv)
+
+
+@pytest.mark.parametrize("masked,dropout", [(False, False), (True, False), (True, True)])
+def test_dot_product_attention_matches_numpy_values_and_gradients(masked, dropout):
+  b, h, n, d = 3, 2, 7, 4
+  kq, kk, kv, kg, km, kd = jax.random.split(jax.random.key(11), 6)
+  q, k, v = (jax.random.normal(key, (b, h, n, d)) for key in (kq, kk, kv))
+  g = jax.random.normal(kg, (b, h, n, d))
+  mask = keep = None
+  if masked:  # sample 0 keeps 4 keys, sample 1 all, sample 2 none (uniform weights)
+    mask = jnp.asarray(np.arange(n)[None] < np.array([4, n, 0])[:, None])[:, None, None, :]
+  rate = 0.3 if dropout else 0.0
+  if dropout:
+    keep = jax.random.bernoulli(kd, 1 - rate, (b, h, n, n))
+  attn = lambda q, k, v: layers.dot_product_attention(q, k, v, mask=mask, dropout_keep=keep,
+                                                      dropout_rate=rate)
+  out, vjp = jax.vjp(attn, q, k, v)
+  want, want_grads = _np_attention_and_grads(q, k, v, g, mask, keep, rate)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  for got, ref in zip(vjp(g), want_grads):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+  if masked:  # a removed key gets no gradient, a sequence with no keys none at all
+    dq, dk, dv = vjp(g)
+    assert np.all(np.asarray(dk)[0, :, 4:] == 0) and np.all(np.asarray(dq)[2] == 0)
+
+  # bf16 operands: close to the float32 values, and every product bf16 x bf16 -> f32.
+  qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  outb, vjpb = jax.vjp(attn, qb, kb, vb)
+  assert outb.dtype == jnp.bfloat16
+  np.testing.assert_allclose(outb.astype(jnp.float32), want, rtol=0.05, atol=0.05)
+  for got, ref in zip(vjpb(g.astype(jnp.bfloat16)), want_grads):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), ref, rtol=0.1, atol=0.1)
+  loss = lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32) * g)
+  bf16, f32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+  dots = _dot_dtypes(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(qb, kb, vb).jaxpr)
+  assert dots == [(bf16, bf16, f32)] * 6  # q k^T and p v; dp, dq, dk and dv
+
+
 def test_gelu_is_torchs_exact_formula_with_its_derivative():
   from scipy import special
   x = np.linspace(-8, 8, 2001, dtype=np.float32)

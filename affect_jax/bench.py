@@ -165,58 +165,76 @@ def mae_matmul_shapes(preset: str, batch: int, image_size: int,
                        ("fc2", mlp, width)):
       rows.append(dict(part=part, name=name, kind="dense", shape=(m, k, n), count=depth))
     rows.append(dict(part=part, name="attention", kind="attention",
-                     shape=(batch * heads, length, width // heads), count=depth))
+                     shape=(batch, heads, length, width // heads), count=depth))
   return rows
 
 
-# The three products of one train step of a layer, as einsums over the row's sizes. Dense
-# (x [m,k] @ W [k,n]): the forward, the input gradient g W^T (W's minor axis contracted) and
-# the weight gradient x^T g (the token axis, major in both, contracted). Attention (q, k, v,
-# o [b,t,d]; p [b,t,t]): logits q k^T, output p v, and dV = p^T dO (dK = dS^T q is alike).
+# The three products of one train step of a layer, as the step writes them. Dense (x [b,t,k]
+# @ W [k,n]): the forward, the input gradient g W^T (W's minor axis contracted) and the
+# weight gradient x^T g (batch and token axes contracted). Attention (q, k, v, dO heads-major
+# [b,h,t,d], each rearranged from the token-major [b,t,h,d] inside the product, as in
+# MultiHeadSelfAttention; p [b,h,t,t]): logits q k^T, output p v, and dV = p^T dO (dK = dS^T q
+# is alike).
 _LAYOUTS = {
-    "dense": (("forward x.W", "mk,kn->mn", ("mk", "kn")),
-              ("input grad g.W^T", "mn,kn->mk", ("mn", "kn")),
-              ("weight grad x^T.g", "mk,mn->kn", ("mk", "mn"))),
-    "attention": (("logits q.k^T", "bqd,bkd->bqk", ("bqd", "bkd")),
-                  ("output p.v", "bqk,bkd->bqd", ("bqk", "bkd")),
-                  ("dV p^T.dO", "bqk,bqd->bkd", ("bqk", "bqd"))),
+    "dense": (("forward x.W", "btk,kn->btn", ("btk", "kn")),
+              ("input grad g.W^T", "btn,kn->btk", ("btn", "kn")),
+              ("weight grad x^T.g", "btk,btn->kn", ("btk", "btn"))),
+    "attention": (("logits q.k^T", "bhqd,bhkd->bhqk", ("bhqd", "bhkd")),
+                  ("output p.v", "bhqk,bhkd->bhqd", ("bhqk", "bhkd")),
+                  ("dV p^T.dO", "bhqk,bhqd->bhkd", ("bhqk", "bhqd"))),
 }
 
 
 def bench_matmul_layouts(preset: str = "base", batch: int = 8, *, image_size: int | None = None,
                          repeats: int = 10) -> dict:
-  """GFLOP/s of each of the MAE step's matmuls in each operand layout its step runs, in
-  float32 and with bf16 operands accumulating into float32.
+  """GFLOP/s of each of the MAE step's matmuls in each operand layout its step runs.
 
-  A plain n^3 product (`bench_matmul`) flatters a CPU backend: on XLA:CPU a bf16 product
-  whose contracted axis is the major one of an operand (a weight gradient, attention's
-  p^T dO) leaves the fast path unless XLA first copies the operand transposed. This table
-  shows what each product costs as XLA compiles it here.
+  Three rates per product: float32; bf16 operands accumulating in float32 as the step
+  computes them (`layers.einsum_f32acc`); and the same bf16 product as plain `jnp.einsum`.
+  A plain n^3 product (`bench_matmul`) flatters a CPU backend: XLA:CPU takes a bf16
+  product with one contracted axis that is batched or major in both operands (attention's
+  products, p^T dO) off its bf16 kernel unless it is rewritten (the last two columns).
   """
   import jax.numpy as jnp
+  from affect_jax.models import layers
   from configs import mae_pretrain
 
   config = mae_pretrain.get_config(preset)
   size = image_size or config.data.image_size
+  f32 = jnp.float32
+  paths = (("float32", f32, lambda s, x, y: jnp.einsum(s, x, y, preferred_element_type=f32)),
+           ("bfloat16_f32acc", jnp.bfloat16,
+            lambda s, x, y: layers.einsum_f32acc(s, x, y, out_dtype=f32)),
+           ("bfloat16_plain", jnp.bfloat16,
+            lambda s, x, y: jnp.einsum(s, x, y, preferred_element_type=f32)))
   rows = []
   for row in mae_matmul_shapes(preset, batch, size, config.model.mask_ratio):
-    a_, b_, c_ = row["shape"]
-    dims = ({"m": a_, "k": b_, "n": c_} if row["kind"] == "dense"
-            else {"b": a_, "q": b_, "k": b_, "d": c_})
+    if row["kind"] == "dense":
+      m, k, n = row["shape"]
+      dims = {"b": batch, "t": m // batch, "k": k, "n": n}
+    else:
+      b, h, t, d = row["shape"]
+      dims = {"b": b, "h": h, "q": t, "k": t, "d": d}
     for label, spec, operands in _LAYOUTS[row["kind"]]:
-      shapes = [tuple(dims[c] for c in op) for op in operands]
-      flops = 2 * int(np.prod([dims[c] for c in set(spec.replace(",", "").split("->")[0])]))
+      # Per-head operands arrive token-major and are rearranged inside, as in the model.
+      heads_major = [row["kind"] == "attention" and op.endswith("d") for op in operands]
+      shapes = [tuple(dims[c] for c in (op[0] + op[2] + op[1] + op[3] if hm else op))
+                for op, hm in zip(operands, heads_major)]
+      letters = sorted(set(spec) - {",", "-", ">"})
+      flops = 2 * int(np.prod([dims[c] for c in letters]))
       rates = {}
-      for name, dtype in (("float32", jnp.float32), ("bfloat16_f32acc", jnp.bfloat16)):
-        x, y = (jax.random.normal(jax.random.key(i), s, jnp.float32).astype(dtype)
+      for name, dtype, product in paths:
+        x, y = (jax.random.normal(jax.random.key(i), s, f32).astype(dtype)
                 for i, s in enumerate(shapes))
-        f = jax.jit(lambda x, y, spec=spec: jnp.einsum(spec, x, y,
-                                                       preferred_element_type=jnp.float32))
+        def f(x, y, product=product, spec=spec, hm=heads_major):
+          x, y = (jnp.swapaxes(z, 1, 2) if m else z for z, m in zip((x, y), hm))
+          return product(spec, x, y)
+        f = jax.jit(f)
         med = statistics.median(time_steps(lambda: f(x, y).block_until_ready(), repeats, 2))
         rates[f"{name}_gflops"] = flops / med / 1e9
       rows.append({"part": row["part"], "name": row["name"], "product": label, "einsum": spec,
-                   "sizes": {c: dims[c] for c in sorted(set(spec) - {",", "-", ">"})},
-                   "count": row["count"], "gflop": flops / 1e9, **rates})
+                   "sizes": {c: dims[c] for c in letters}, "count": row["count"],
+                   "gflop": flops / 1e9, **rates})
   return {"what": "matmul_layouts", "preset": preset, "batch": batch, "image_size": size,
           "device_kind": jax.devices()[0].device_kind, "rows": rows}
 

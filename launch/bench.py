@@ -70,11 +70,13 @@ def main(argv):
     elif r["what"] == "matmul_layouts":
       print(f"MAE {r['preset']} batch {r['batch']} matmuls on {r['device_kind']} (GFLOP/s; "
             f"'x N' = layers):")
-      print(f"  {'':8s} {'':9s} {'product':18s} {'sizes':28s} {'float32':>8s} {'bf16->f32':>9s}")
+      print(f"  {'':8s} {'':9s} {'product':18s} {'sizes':30s} {'float32':>8s} "
+            f"{'bf16 (ours)':>11s} {'bf16 (plain einsum)':>19s}")
       for row in r["rows"]:
         sizes = " ".join(f"{k}={v}" for k, v in row["sizes"].items())
-        print(f"  {row['part']:8s} {row['name']:9s} {row['product']:18s} {sizes:28s} "
-              f"{row['float32_gflops']:8.0f} {row['bfloat16_f32acc_gflops']:9.0f}  x{row['count']}")
+        print(f"  {row['part']:8s} {row['name']:9s} {row['product']:18s} {sizes:30s} "
+              f"{row['float32_gflops']:8.0f} {row['bfloat16_f32acc_gflops']:11.0f} "
+              f"{row['bfloat16_plain_gflops']:19.0f}  x{row['count']}")
     elif r["what"] == "matmul":
       print(f"XLA matmul {r['n']}^3 on {r['device_kind']}: float32 {r['float32_gflops']:.0f} "
             f"GFLOP/s, bfloat16 operands with float32 accumulation "

@@ -7,7 +7,9 @@ backward dots would run in float32; the `custom_vjp` here casts the cotangent ba
 compute dtype and asks for a float32 result again, so all three matmuls of a layer take the
 fast path. The operands are cast inside the rule, so a float32 kernel's gradient leaves the
 accumulator in float32 (unrounded, and with no convert pass over it before the optimizer).
-On GPU/TPU it is the usual mixed-precision matmul.
+Batched and TN products get a unit contracted axis (`_unit_contraction`) so that XLA:CPU
+keeps them on the bf16 kernel too. `dot_product_attention` is attention on these products
+with a hand VJP. On GPU/TPU it is the usual mixed-precision matmul.
 """
 
 import functools
@@ -169,11 +171,11 @@ def dot_product_attention(q, k, v, *, mask=None, dropout_keep=None, dropout_rate
   """softmax(q k^T / sqrt(d)) v for heads-major [B, H, N, d] q, k, v, with a hand VJP.
 
   Logits and softmax are float32 whatever the compute dtype (q, k, v's); the probabilities
-  are rounded to it for the p v product, and all five products accumulate in float32 (on
-  the bf16 kernel for low-precision inputs, `_einsum_f32`). The backward rule takes the
-  softmax's row sums from the output (sum_d dO * O, as flash attention does) rather than
-  from the [N, N] probabilities: the ViT-B MAE train step is ~5% faster (bf16 and float32)
-  than with autodiff of the same forward.
+  are rounded to it for the p v product, and all six products (two forward, four backward)
+  accumulate in float32 (on the bf16 kernel for low-precision inputs, `_einsum_f32`). The
+  backward rule takes the softmax's row sums from the output (sum_d dO * O, as flash
+  attention does) rather than from the [N, N] probabilities: the ViT-B MAE train step is ~4%
+  faster (bf16 and float32) than with autodiff of the same forward.
 
   Args:
     mask: bool, broadcastable to [B, H, N, N]; False removes a key.

@@ -64,8 +64,13 @@ def _unit_contraction(spec):
 
 
 def _einsum_f32(spec, a, b):
-  """jnp.einsum accumulated in float32; low-precision operands stay on the fast bf16 path."""
-  if is_low_precision(a.dtype) and is_low_precision(b.dtype):
+  """jnp.einsum accumulated in float32; low-precision operands stay on the fast bf16 path.
+
+  The unit axis is for XLA:CPU's canonicalisation only; GPU and TPU dots take transposed
+  operands natively, so elsewhere the product is left as written.
+  """
+  if (is_low_precision(a.dtype) and is_low_precision(b.dtype)
+      and jax.default_backend() == "cpu"):
     unit = _unit_contraction(spec)
     if unit is not None:
       spec, ia, ib = unit

@@ -147,7 +147,7 @@ def mae_matmul_shapes(preset: str, batch: int, image_size: int,
 
   Dense rows: (m, k, n) = (tokens in the batch, in, out) of the encoder's and decoder's
   qkv / proj / fc1 / fc2 (the patch embedding, decoder embedding and prediction head are left
-  out: < 3% of the FLOPs). Attention rows: (batch*heads, length, head_dim). `count` is the
+  out: < 3% of the FLOPs). Attention rows: (batch, heads, length, head_dim). `count` is the
   number of layers using it.
   """
   from affect_jax.models import mae, vit
@@ -226,8 +226,8 @@ def bench_matmul_layouts(preset: str = "base", batch: int = 8, *, image_size: in
       for name, dtype, product in paths:
         x, y = (jax.random.normal(jax.random.key(i), s, f32).astype(dtype)
                 for i, s in enumerate(shapes))
-        def f(x, y, product=product, spec=spec, hm=heads_major):
-          x, y = (jnp.swapaxes(z, 1, 2) if m else z for z, m in zip((x, y), hm))
+        def f(x, y, product=product, spec=spec, heads_major=heads_major):
+          x, y = (jnp.swapaxes(z, 1, 2) if hm else z for z, hm in zip((x, y), heads_major))
           return product(spec, x, y)
         f = jax.jit(f)
         med = statistics.median(time_steps(lambda: f(x, y).block_until_ready(), repeats, 2))

@@ -128,33 +128,37 @@ def einsum_f32acc(spec, a, b, out_dtype=None, compute_dtype=None):
   return _einsum_f32acc(spec, dtypes, a, b)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(dropout_rate, q, k, v, mask, keep):
-  return _attention_fwd(dropout_rate, q, k, v, mask, keep)[0]
+def _dropout(x, keep, rate):
+  """x with attention dropout's kept entries scaled by 1 / (1 - rate), the rest zeroed."""
+  return x if keep is None else jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _attention_fwd(dropout_rate, q, k, v, mask, keep):
-  probs = jax.nn.softmax(_attention_logits(q, k, mask), axis=-1).astype(v.dtype)
-  dropped = probs if keep is None else jnp.where(keep, probs / (1.0 - dropout_rate), 0)
-  out = _einsum_f32("bhqk,bhkd->bhqd", dropped.astype(v.dtype), v).astype(v.dtype)
-  return out, (q, k, v, out, probs, mask, keep)
-
-
-def _attention_logits(q, k, mask):
-  logits = _einsum_f32("bhqd,bhkd->bhqk", q * q.shape[-1] ** -0.5, k)  # float32
+def _attention_forward(q, k, v, mask, keep, rate, product):
+  """(output, probabilities in the compute dtype); `product(spec, a, b)` does both matmuls."""
+  logits = product("bhqd,bhkd->bhqk", q * q.shape[-1] ** -0.5, k).astype(jnp.float32)
   if mask is not None:
     # A finite floor rather than -inf: a row with no real key gets uniform weights (its
     # outputs are all padding) instead of NaNs that would reach the gradients.
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  return logits
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = product("bhqk,bhkd->bhqd", _dropout(probs, keep, rate), v).astype(v.dtype)
+  return out, probs
 
 
-def _attention_bwd(dropout_rate, res, g):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(rate, q, k, v, mask, keep):
+  return _attention_forward(q, k, v, mask, keep, rate, _einsum_f32)[0]
+
+
+def _attention_fwd(rate, q, k, v, mask, keep):
+  out, probs = _attention_forward(q, k, v, mask, keep, rate, _einsum_f32)
+  return out, (q, k, v, out, probs, mask, keep)
+
+
+def _attention_bwd(rate, res, g):
   q, k, v, out, probs, mask, keep = res
   g = g.astype(v.dtype)
-  dprobs = _einsum_f32("bhqd,bhkd->bhqk", g, v)
-  if keep is not None:
-    dprobs = jnp.where(keep, dprobs / (1.0 - dropout_rate), 0)
+  dprobs = _dropout(_einsum_f32("bhqd,bhkd->bhqk", g, v), keep, rate)
   # The softmax backward's row sum: sum_k p * dp = sum_d g * out (flash attention's
   # identity, dropout included), a pass over [N, d] instead of one over [N, N].
   rows = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
@@ -162,17 +166,17 @@ def _attention_bwd(dropout_rate, res, g):
   if mask is not None:
     dlogits = jnp.where(mask, dlogits, 0)
   dlogits = (dlogits * q.shape[-1] ** -0.5).astype(q.dtype)
-  dropped = probs if keep is None else jnp.where(keep, probs / (1.0 - dropout_rate), 0)
   dq = _einsum_f32("bhqk,bhkd->bhqd", dlogits, k)
   dk = _einsum_f32("bhqk,bhqd->bhkd", dlogits, q)
-  dv = _einsum_f32("bhqk,bhqd->bhkd", dropped.astype(v.dtype), g)
+  dv = _einsum_f32("bhqk,bhqd->bhkd", _dropout(probs, keep, rate), g)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def dot_product_attention(q, k, v, *, mask=None, dropout_keep=None, dropout_rate: float = 0.0):
+def dot_product_attention(q, k, v, *, mask=None, dropout_keep=None, dropout_rate: float = 0.0,
+                          f32_accumulation: bool = True):
   """softmax(q k^T / sqrt(d)) v for heads-major [B, H, N, d] q, k, v, with a hand VJP.
 
   Logits and softmax are float32 whatever the compute dtype (q, k, v's); the probabilities
@@ -186,7 +190,12 @@ def dot_product_attention(q, k, v, *, mask=None, dropout_keep=None, dropout_rate
     mask: bool, broadcastable to [B, H, N, N]; False removes a key.
     dropout_keep: bool [B, H, N, N] or None; the weights kept by attention dropout, whose
       survivors are scaled by 1 / (1 - dropout_rate).
+    f32_accumulation: False gives the same forward with plain products in the compute
+      dtype (bf16 results for bf16 inputs), differentiated by autodiff.
   """
+  if not f32_accumulation:
+    plain = lambda spec, a, b: jnp.einsum(spec, a, b)
+    return _attention_forward(q, k, v, mask, dropout_keep, float(dropout_rate), plain)[0]
   return _attention(float(dropout_rate), q, k, v, mask, dropout_keep)
 
 

@@ -164,7 +164,6 @@ class MultiHeadSelfAttention(nn.Module):
     head_dim = width // self.num_heads
     dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
                               f32_accumulation=self.f32_accumulation)
-    einsum = functools.partial(layers.einsum, f32_accumulation=self.f32_accumulation)
 
     qkv = dense((3, self.num_heads, head_dim), ("embed", "qkv", "heads", "kv"),
                 name="qkv")(x)  # [B, N, 3, H, hd]
@@ -178,17 +177,9 @@ class MultiHeadSelfAttention(nn.Module):
       # nn.Dropout's own mask (same rng stream and shape as dropping the weights directly).
       keep = nn.Dropout(self.dropout, deterministic=False)(
           jnp.ones(q.shape[:3] + k.shape[2:3], jnp.float32)) > 0
-    if self.f32_accumulation:
-      out = layers.dot_product_attention(q, k, v, mask=mask, dropout_keep=keep,
-                                         dropout_rate=self.dropout)
-    else:  # Plain products in the compute dtype, through autodiff.
-      logits = einsum("bhqd,bhkd->bhqk", q * head_dim ** -0.5, k, out_dtype=jnp.float32)
-      if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(logits, axis=-1)
-      if keep is not None:
-        probs = jnp.where(keep, probs / (1.0 - self.dropout), 0)
-      out = einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)  # [B, H, N, hd]
+    out = layers.dot_product_attention(q, k, v, mask=mask, dropout_keep=keep,
+                                       dropout_rate=self.dropout,
+                                       f32_accumulation=self.f32_accumulation)  # [B, H, N, hd]
     out = einops.rearrange(out, "b h n d -> b n h d")
     return dense(width, ("heads", "kv", "embed"), in_axes=2, kernel_init=self.out_init,
                  name=self.out_name)(out)

@@ -307,6 +307,13 @@ def test_dot_product_attention_matches_numpy_values_and_gradients(masked, dropou
   if masked:  # a removed key gets no gradient, a sequence with no keys none at all
     dq, dk, dv = vjp(g)
     assert np.all(np.asarray(dk)[0, :, 4:] == 0) and np.all(np.asarray(dq)[2] == 0)
+  # The plain-products path (f32_accumulation=False, autodiff) is the same function.
+  plain = lambda q, k, v: layers.dot_product_attention(
+      q, k, v, mask=mask, dropout_keep=keep, dropout_rate=rate, f32_accumulation=False)
+  out_plain, vjp_plain = jax.vjp(plain, q, k, v)
+  np.testing.assert_allclose(out_plain, want, rtol=1e-5, atol=1e-5)
+  for got, ref in zip(vjp_plain(g), want_grads):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
   # bf16 operands: close to the float32 values, and every product bf16 x bf16 -> f32.
   qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))

@@ -236,15 +236,33 @@ def einsum(spec, a, b, *, f32_accumulation=True, out_dtype=None, compute_dtype=N
   return out if out_dtype is None else out.astype(out_dtype)
 
 
+@jax.custom_vjp
 def gelu(x):
   """Exact GELU as torch's `nn.GELU()` computes it: x/2 (1 + erf(x/sqrt 2)), in float32.
 
   `jax.nn.gelu(approximate=False)` goes through erfc, which XLA:CPU evaluates at about twice
   the cost of erf; the ViT-B MAE step was 4% faster with this form. The result has x's
-  dtype; for bf16 inputs only the final value is rounded.
+  dtype; for bf16 inputs only the final value is rounded. The gradient, Phi(x) + x phi(x),
+  is recomputed from x in the backward pass: autodiff would keep the forward's float32
+  erf(x) for it, an [M, 4D] float32 buffer written and read again (bf16 MAE step ~1.3%
+  faster without). Reverse mode only, like any `jax.custom_vjp`.
   """
   x32 = x.astype(jnp.float32)
   return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * np.float32(2 ** -0.5)))).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+  return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+  x32 = x.astype(jnp.float32)
+  cdf = 0.5 * (1.0 + jax.lax.erf(x32 * np.float32(2 ** -0.5)))
+  pdf = jnp.exp(-0.5 * x32 * x32) * np.float32((2 * np.pi) ** -0.5)
+  return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 @jax.custom_vjp

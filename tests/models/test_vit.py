@@ -346,6 +346,18 @@ def test_gelu_is_torchs_exact_formula_with_its_derivative():
   assert layers.gelu(xb).dtype == jnp.bfloat16
   np.testing.assert_array_equal(layers.gelu(xb),
                                 layers.gelu(xb.astype(jnp.float32)).astype(jnp.bfloat16))
+  # Its gradient (a hand rule): float32 Phi(x) + x phi(x) at the bf16 input, times the
+  # cotangent, rounded once to bf16.
+  xb64 = np.asarray(xb, np.float64)
+  cdfb = 0.5 * (1 + special.erf(xb64 / np.sqrt(2)))
+  pdfb = np.exp(-xb64 ** 2 / 2) / np.sqrt(2 * np.pi)
+  g = jnp.linspace(-2, 2, x.size).astype(jnp.bfloat16)
+  _, vjp = jax.vjp(layers.gelu, xb)
+  (gradb,) = vjp(g)
+  assert gradb.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(gradb, np.float64),
+                             np.asarray(g, np.float64) * (cdfb + xb64 * pdfb),
+                             rtol=2 ** -8, atol=1e-6)
 
 
 def test_dot_general_f32acc_is_a_drop_in_for_flax_dense():

@@ -265,6 +265,60 @@ def _gelu_bwd(x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+def _layer_norm_fwd(x, scale, bias, epsilon):
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True) + epsilon)
+  return (x32 - mean) * rstd * scale + bias, (x, mean, rstd, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, epsilon):
+  """LayerNorm over the last axis in float32, (x - mean) / sqrt(var + eps) * scale + bias.
+
+  The variance is the two-pass mean of squared deviations (torch's; flax's default is
+  E[x^2] - E[x]^2). A hand VJP keeps only x and the per-row mean and 1/std: autodiff of
+  the same forward had XLA:CPU materialise the broadcast statistics and the scale as full
+  [M, D] arrays and reduce the parameter gradients over the leading axes (the bf16 ViT-B MAE
+  step ~1.5% faster with this one). The result is float32; x's gradient has x's dtype.
+  """
+  return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_bwd(epsilon, res, g):
+  del epsilon
+  x, mean, rstd, scale = res
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  g = g.astype(jnp.float32)
+  gs = g * scale
+  dx = rstd * (gs - jnp.mean(gs, axis=-1, keepdims=True)
+               - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True))
+  width = x.shape[-1]
+  dscale = (g * xhat).reshape(-1, width).sum(axis=0)
+  dbias = g.reshape(-1, width).sum(axis=0)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+  """`layer_norm` with params `scale` (ones) and `bias` (zeros), both named ('embed',),
+  flax.linen.LayerNorm's names and shapes, so checkpoints and converted weights load as
+  before."""
+  epsilon: float = 1e-6
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (x.shape[-1],)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       shape, self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                      shape, self.param_dtype)
+    return layer_norm(x, scale, bias, self.epsilon)
+
+
 @jax.custom_vjp
 def add_bias(y, bias):
   """`y + bias` over trailing dims, whose bias gradient is one flat [M, F] column sum.

@@ -97,13 +97,9 @@ def sincos_pos_embed_2d(width, grid, cls_token=True):
 
 
 def layer_norm(name, param_dtype, epsilon: float = 1e-6):
-  """LayerNorm with logical axes; eps 1e-6 as MAE/timm (torch's default is 1e-5).
+  """LayerNorm (`layers.LayerNorm`); eps 1e-6 as MAE/timm (torch's default is 1e-5).
   Statistics and output in float32 whatever the compute dtype; the next Dense casts."""
-  return nn.LayerNorm(
-      epsilon=epsilon, dtype=jnp.float32, param_dtype=param_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-      name=name)
+  return layers.LayerNorm(epsilon=epsilon, param_dtype=param_dtype, name=name)
 
 
 class PatchEmbed(nn.Module):

@@ -360,6 +360,49 @@ def test_gelu_is_torchs_exact_formula_with_its_derivative():
                              rtol=2 ** -8, atol=1e-6)
 
 
+def test_layer_norm_matches_numpy_values_and_finite_difference_gradients():
+  rng = np.random.default_rng(0)
+  x = (rng.standard_normal((2, 3, 8)) * 3 + 1).astype(np.float32)
+  scale = (1 + 0.3 * rng.standard_normal(8)).astype(np.float32)
+  bias = (0.1 * rng.standard_normal(8)).astype(np.float32)
+  w = rng.standard_normal((2, 3, 8))
+  eps = 1e-6
+
+  def ref(x, scale, bias):  # float64 numpy, two-pass variance (torch's LayerNorm)
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps) * scale + bias
+
+  got = layers.layer_norm(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias), eps)
+  assert got.dtype == jnp.float32
+  args64 = [a.astype(np.float64) for a in (x, scale, bias)]
+  np.testing.assert_allclose(got, ref(*args64), rtol=1e-5, atol=1e-5)
+  # The same function as flax's LayerNorm on the same params (and the same param tree).
+  module = layers.LayerNorm(epsilon=eps)
+  params = module.init(jax.random.key(0), jnp.asarray(x))
+  assert jax.tree.map(jnp.shape, nn.unbox(params)) == {"params": {"scale": (8,), "bias": (8,)}}
+  flax_params = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+  np.testing.assert_allclose(module.apply(flax_params, jnp.asarray(x)),
+                             nn.LayerNorm(epsilon=eps).apply(flax_params, jnp.asarray(x)),
+                             rtol=1e-5, atol=1e-5)
+
+  # The hand VJP against central differences of the float64 reference, for all three inputs.
+  loss = lambda x, s, b: jnp.sum(layers.layer_norm(x, s, b, eps) * jnp.asarray(w, jnp.float32))
+  grads = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
+  h = 1e-6
+  for i, grad in enumerate(grads):
+    numeric = np.zeros(args64[i].shape)
+    for idx in np.ndindex(args64[i].shape):
+      up = [a.copy() for a in args64]
+      down = [a.copy() for a in args64]
+      up[i][idx] += h
+      down[i][idx] -= h
+      numeric[idx] = ((ref(*up) - ref(*down)) * w).sum() / (2 * h)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-5)
+  # A bf16 input (not the model's case, the residual stream is float32) gets a bf16 gradient.
+  gb = jax.grad(lambda x: loss(x, scale, bias))(jnp.asarray(x, jnp.bfloat16))
+  assert gb.dtype == jnp.bfloat16
+
+
 def test_dot_general_f32acc_is_a_drop_in_for_flax_dense():
   x = jax.random.normal(jax.random.key(0), (2, 3, 8))
   plain = nn.Dense(4)

@@ -155,7 +155,8 @@ def _attention_fwd(rate, q, k, v, mask, keep):
   return out, (q, k, v, out, probs, mask, keep)
 
 
-def _attention_bwd(rate, res, g):
+def _attention_grads(rate, res, g):
+  """(dq, dk, dv) as the products' float32 accumulators, heads-major."""
   q, k, v, out, probs, mask, keep = res
   g = g.astype(v.dtype)
   dprobs = _dropout(_einsum_f32("bhqd,bhkd->bhqk", g, v), keep, rate)
@@ -169,10 +170,41 @@ def _attention_bwd(rate, res, g):
   dq = _einsum_f32("bhqk,bhkd->bhqd", dlogits, k)
   dk = _einsum_f32("bhqk,bhqd->bhkd", dlogits, q)
   dv = _einsum_f32("bhqk,bhqd->bhkd", _dropout(probs, keep, rate), g)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+  return dq, dk, dv
+
+
+def _attention_bwd(rate, res, g):
+  dq, dk, dv = _attention_grads(rate, res, g)
+  return dq.astype(res[0].dtype), dk.astype(res[1].dtype), dv.astype(res[2].dtype), None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _heads(x):
+  """Token-major [B, N, H, d] <-> heads-major [B, H, N, d]."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _qkv_attention_fwd(rate, qkv, mask, keep):
+  q, k, v = (_heads(qkv[:, :, i]) for i in range(3))
+  out, probs = _attention_forward(q, k, v, mask, keep, rate, _einsum_f32)
+  return _heads(out), (q, k, v, out, probs, mask, keep)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _qkv_attention(rate, qkv, mask, keep):
+  return _qkv_attention_fwd(rate, qkv, mask, keep)[0]
+
+
+def _qkv_attention_bwd(rate, res, g):
+  grads = _attention_grads(rate, res, _heads(g))
+  # One stacking pass writes the packed cotangent; autodiff of the three slices made it a sum
+  # of three padded copies.
+  return jnp.stack([_heads(d) for d in grads], axis=2).astype(res[0].dtype), None, None
+
+
+_qkv_attention.defvjp(_qkv_attention_fwd, _qkv_attention_bwd)
 
 
 def dot_product_attention(q, k, v, *, mask=None, dropout_keep=None, dropout_rate: float = 0.0,
@@ -385,3 +417,20 @@ class Dense(nn.Module):
     y = einsum(f"{batch}{contracted},{contracted}{out}->{batch}{out}", x, kernel,
                f32_accumulation=self.f32_accumulation, compute_dtype=dtype)
     return add_bias(y, bias.astype(dtype))
+
+
+def qkv_attention(qkv, *, mask=None, dropout_keep=None, dropout_rate: float = 0.0,
+                  f32_accumulation: bool = True):
+  """`dot_product_attention` on a packed token-major qkv [B, N, 3, H, d] (a fused qkv
+  projection's output), returning token-major [B, N, H, d].
+
+  The heads are rearranged inside the rule, and the backward writes the packed qkv cotangent
+  in one stacking pass (the bf16 ViT-B MAE step ~6% faster than slicing q, k, v out of qkv
+  and differentiating the slices). `mask`, `dropout_keep` and `f32_accumulation` are as in
+  `dot_product_attention` (heads-major shapes).
+  """
+  if not f32_accumulation:
+    q, k, v = (_heads(qkv[:, :, i]) for i in range(3))
+    return _heads(dot_product_attention(q, k, v, mask=mask, dropout_keep=dropout_keep,
+                                        dropout_rate=dropout_rate, f32_accumulation=False))
+  return _qkv_attention(float(dropout_rate), qkv, mask, dropout_keep)

@@ -329,6 +329,38 @@ def test_dot_product_attention_matches_numpy_values_and_gradients(masked, dropou
   assert dots == [(bf16, bf16, f32)] * 6  # q k^T and p v; dp, dq, dk and dv
 
 
+@pytest.mark.parametrize("masked,dropout", [(False, False), (True, True)])
+def test_qkv_attention_takes_a_packed_token_major_qkv(masked, dropout):
+  b, n, h, d = 3, 7, 2, 4
+  kx, kg, kd = jax.random.split(jax.random.key(12), 3)
+  qkv = jax.random.normal(kx, (b, n, 3, h, d))  # a fused projection's output
+  g = jax.random.normal(kg, (b, n, h, d))
+  mask = keep = None
+  if masked:
+    mask = jnp.asarray(np.arange(n)[None] < np.array([4, n, 0])[:, None])[:, None, None, :]
+  rate = 0.3 if dropout else 0.0
+  if dropout:
+    keep = jax.random.bernoulli(kd, 1 - rate, (b, h, n, n))
+  heads = lambda x: np.swapaxes(np.asarray(x), 1, 2)  # [B, N, H, d] <-> [B, H, N, d]
+  want, (dq, dk, dv) = _np_attention_and_grads(
+      *(heads(qkv[:, :, i]) for i in range(3)), heads(g), mask, keep, rate)
+  want_dqkv = np.stack([heads(dq), heads(dk), heads(dv)], axis=2)
+  for f32_accumulation in (True, False):
+    attn = lambda qkv: layers.qkv_attention(qkv, mask=mask, dropout_keep=keep,
+                                            dropout_rate=rate,
+                                            f32_accumulation=f32_accumulation)
+    out, vjp = jax.vjp(attn, qkv)
+    assert out.shape == (b, n, h, d)
+    np.testing.assert_allclose(out, heads(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(vjp(g)[0], want_dqkv, rtol=1e-4, atol=1e-5)
+  # bf16 in, bf16 cotangent out (the model's path).
+  attn = lambda qkv: layers.qkv_attention(qkv, mask=mask, dropout_keep=keep, dropout_rate=rate)
+  out, vjp = jax.vjp(attn, qkv.astype(jnp.bfloat16))
+  (dqkv,) = vjp(g.astype(jnp.bfloat16))
+  assert out.dtype == dqkv.dtype == jnp.bfloat16
+  np.testing.assert_allclose(dqkv.astype(jnp.float32), want_dqkv, rtol=0.1, atol=0.1)
+
+
 def test_gelu_is_torchs_exact_formula_with_its_derivative():
   from scipy import special
   x = np.linspace(-8, 8, 2001, dtype=np.float32)

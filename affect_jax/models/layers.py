@@ -9,7 +9,9 @@ fast path. The operands are cast inside the rule, so a float32 kernel's gradient
 accumulator in float32 (unrounded, and with no convert pass over it before the optimizer).
 Batched and TN products get a unit contracted axis (`_unit_contraction`) so that XLA:CPU
 keeps them on the bf16 kernel too. `dot_product_attention` is attention on these products
-with a hand VJP. On GPU/TPU it is the usual mixed-precision matmul.
+with a hand VJP (`qkv_attention` the same on a fused projection's packed qkv); `gelu` and
+`layer_norm` have hand VJPs too, for the passes autodiff of them cost on XLA:CPU. On GPU/TPU
+it is the usual mixed-precision matmul.
 """
 
 import functools

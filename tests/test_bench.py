@@ -62,8 +62,16 @@ def test_mae_matmul_shapes_are_the_hand_counted_matmuls():
 def test_matmul_layouts_bench_times_three_products_per_matmul():
   r = bench.bench_matmul_layouts("tiny", 2, image_size=32, repeats=1)
   assert len(r["rows"]) == 2 * 5 * 3  # encoder/decoder x (4 dense + attention) x 3 layouts
+  # The timed products are the step's own (the shapes checked against the hand count above).
+  shapes = {(s["part"], s["name"]): s["shape"] for s in bench.mae_matmul_shapes("tiny", 2, 32)}
   for row in r["rows"]:
     assert min(row[f"{p}_gflops"] for p in ("float32", "bfloat16_f32acc", "bfloat16_plain")) > 0
-    assert row["gflop"] * 1e9 == pytest.approx(2 * np.prod(list(row["sizes"].values())))
+    sizes, shape = row["sizes"], shapes[(row["part"], row["name"])]
+    if row["name"] == "attention":
+      assert (sizes["b"], sizes["h"], sizes["q"], sizes["k"], sizes["d"]) == shape[:3] + shape[2:]
+      assert row["gflop"] * 1e9 == pytest.approx(2 * shape[0] * shape[1] * shape[2] ** 2 * shape[3])
+    else:
+      assert (sizes["b"] * sizes["t"], sizes["k"], sizes["n"]) == shape
+      assert row["gflop"] * 1e9 == pytest.approx(2 * np.prod(shape))
   assert [row["product"] for row in r["rows"][:3]] == [
       "forward x.W", "input grad g.W^T", "weight grad x^T.g"]

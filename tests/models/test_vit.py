@@ -433,6 +433,11 @@ def test_layer_norm_matches_numpy_values_and_finite_difference_gradients():
   # A bf16 input (not the model's case, the residual stream is float32) gets a bf16 gradient.
   gb = jax.grad(lambda x: loss(x, scale, bias))(jnp.asarray(x, jnp.bfloat16))
   assert gb.dtype == jnp.bfloat16
+  # Each parameter's gradient in its own dtype (a bf16 bias beside a float32 scale).
+  _, dscale, dbias = jax.grad(loss, argnums=(0, 1, 2))(
+      jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias, jnp.bfloat16))
+  assert dscale.dtype == jnp.float32 and dbias.dtype == jnp.bfloat16
+  np.testing.assert_allclose(dbias.astype(jnp.float32), grads[2], rtol=1e-2, atol=1e-2)
 
 
 def test_dot_general_f32acc_is_a_drop_in_for_flax_dense():

@@ -1,4 +1,5 @@
-"""Host settings that must be in place when the process starts: huge pages for malloc.
+"""Host settings that must be in place when the process starts: huge pages for malloc, and
+XLA:CPU's multi-output fusion. `configure()` at a launcher's `__main__` guard applies both.
 
 XLA:CPU allocates an executable's temporary buffers afresh at every call (1.4 GiB for the
 ViT-B/16 MAE train step at batch 8) and frees them at its end. glibc serves blocks that large
@@ -14,6 +15,18 @@ guard; `os.execv` keeps the process id, so schedulers and multi-host launchers s
 process). It does nothing where it cannot help: not Linux/glibc >= 2.35, transparent huge
 pages off or already on for every mapping, or the tunable already chosen by the user.
 `AFFECT_JAX_HUGE_PAGES=0` turns it off.
+
+XLA:CPU leaves multi-output fusion off unless `--xla_backend_extra_options` names
+`xla_cpu_use_multi_output_fusion`. Without it every loop fusion writes one array; with it
+sibling loops (ones that read the same operands, or independent ones of the same shape) run
+as one loop with several outputs. In the ViT-B/16 MAE train step the loop fusions went
+2,577 -> 2,185: Adam's first moment is computed in the pass that squares the gradient, and
+the parameter updates of up to five same-shaped weights (the encoder's fc1 kernels, say) share
+one loop. The step at batch 8 ran 7% faster in bf16 (4 alternated process pairs: 6.63 -> 7.12
+img/s, medians) and 3-4% in float32; the temporal model and the tiny preset did not change.
+XLA reads XLA_FLAGS once, when jax creates its first backend, so `use_xla_cpu_options()` sets
+it before any computation. A user's own `--xla_backend_extra_options` is left alone;
+`AFFECT_JAX_XLA_CPU_OPTIONS=0` turns it off.
 """
 
 from __future__ import annotations
@@ -24,6 +37,8 @@ import sys
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "AFFECT_JAX_HUGE_PAGES"
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+XLA_CPU_OPTIONS = "xla_cpu_use_multi_output_fusion"
+XLA_OPT_OUT = "AFFECT_JAX_XLA_CPU_OPTIONS"
 
 
 def glibc_version() -> tuple[int, int] | None:
@@ -82,3 +97,36 @@ def use_huge_pages() -> None:
       del os.environ["GLIBC_TUNABLES"]
     else:
       os.environ["GLIBC_TUNABLES"] = previous
+
+
+def xla_flags(environ) -> str | None:
+  """The XLA_FLAGS value with XLA:CPU's options (see module doc), or None to leave it as is.
+
+  Existing flags are kept. `--xla_backend_extra_options` holds a single list, so when the user
+  has set it their list stands unchanged.
+  """
+  if environ.get(XLA_OPT_OUT, "1") == "0":
+    return None
+  current = environ.get("XLA_FLAGS", "").strip()
+  if "--xla_backend_extra_options" in current:
+    return None
+  option = f"--xla_backend_extra_options={XLA_CPU_OPTIONS}"
+  return f"{current} {option}" if current else option
+
+
+def use_xla_cpu_options() -> None:
+  """Sets XLA_FLAGS to `xla_flags(os.environ)` when that adds something.
+
+  It takes effect only if jax has not created a backend yet in this process (XLA parses the
+  variable once): call it before the first computation, device query or compile.
+  """
+  flags = xla_flags(os.environ)
+  if flags is not None:
+    os.environ["XLA_FLAGS"] = flags
+
+
+def configure() -> None:
+  """A launcher's process setup, first thing at its `__main__` guard: XLA:CPU's options,
+  then the huge-page restart (which carries the environment over)."""
+  use_xla_cpu_options()
+  use_huge_pages()

@@ -26,5 +26,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  hostenv.use_huge_pages()
+  hostenv.configure()
   app.run(main)

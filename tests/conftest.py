@@ -3,11 +3,16 @@
 - CPU only, emulating 8 devices so sharded code runs as on a pod slice (single-device code
   is unaffected: it runs on device 0).
 - A persistent XLA compilation cache outside the clone, so reruns skip recompiling.
+- XLA:CPU's options as the launchers set them (`hostenv.use_xla_cpu_options`), so the tests
+  compile what the jobs run.
 """
 
 import os
 
+from affect_jax import hostenv
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+hostenv.use_xla_cpu_options()
 
 import jax  # noqa: E402  (after the env var on purpose)
 

@@ -1,4 +1,5 @@
-"""The launchers' huge-page restart: when it applies, and that the restarted process has it."""
+"""The launchers' process setup: the huge-page restart (when it applies, and that the restarted
+process has it) and XLA:CPU's multi-output fusion (that it reaches the compiler)."""
 
 import json
 import os
@@ -103,3 +104,50 @@ def test_failed_restart_leaves_the_environment_as_it_was(monkeypatch, before):
   hostenv.use_huge_pages()
   assert tried == [hostenv.huge_page_tunables({"GLIBC_TUNABLES": before or ""}, **MADVISE)]
   assert os.environ.get("GLIBC_TUNABLES") == before
+
+
+OPTION = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, OPTION),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+     "--xla_force_host_platform_device_count=8 " + OPTION),  # the user's flags kept
+    ({"XLA_FLAGS": "--xla_backend_extra_options=xla_cpu_disable_loop_unrolling"}, None),
+    ({hostenv.XLA_OPT_OUT: "0"}, None),
+])
+def test_xla_flags(env, expected):
+  assert hostenv.xla_flags(env) == expected
+  # Applying it twice adds nothing (a restarted launcher runs it again).
+  if expected is not None:
+    assert hostenv.xla_flags({"XLA_FLAGS": expected}) is None
+
+
+# Adam's moment and parameter updates: three loop fusions on XLA:CPU's defaults, two with
+# multi-output fusion (both moments, which read the same gradient, written by one loop). The child imports what the launchers
+# import first, so a module that made jax create its backend at import would show up here.
+_XLA_CHILD = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp
+    from affect_jax.train import extract, finetune, pretrain, temporal  # noqa: F401
+    from affect_jax import hostenv
+    hostenv.configure()
+    def adam(p, g, m, v):
+      m = 0.9 * m + 0.1 * g
+      v = 0.99 * v + 0.01 * g * g
+      return p - 0.01 * m / (jnp.sqrt(v) + 1e-8), m, v
+    x = jnp.ones((256, 256))
+    hlo = jax.jit(adam).lower(x, x, x, x).compile().as_text().split("ENTRY")[1]
+    print(json.dumps(sum(" fusion(" in line for line in hlo.splitlines())))
+""")
+
+
+@pytest.mark.parametrize("opt_out, fusions", [("1", 2), ("0", 3)])
+def test_launcher_setup_reaches_the_compiler(tmp_path, opt_out, fusions):
+  script = tmp_path / "xla_child.py"
+  script.write_text(_XLA_CHILD)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update({hostenv.XLA_OPT_OUT: opt_out, hostenv.OPT_OUT: "0", "JAX_PLATFORMS": "cpu"})
+  out = subprocess.run([sys.executable, str(script)], check=True, capture_output=True,
+                       text=True, env=env).stdout
+  assert json.loads(out.splitlines()[-1]) == fusions

@@ -24,8 +24,9 @@ as one loop with several outputs. In the ViT-B/16 MAE train step the loop fusion
 the parameter updates of up to five same-shaped weights (the encoder's fc1 kernels, say) share
 one loop. The step at batch 8 ran 7% faster in bf16 (4 alternated process pairs: 6.63 -> 7.12
 img/s, medians) and 3-4% in float32; the temporal model and the tiny preset did not change.
-XLA reads XLA_FLAGS once, when jax creates its first backend, so `use_xla_cpu_options()` sets
-it before any computation. A user's own `--xla_backend_extra_options` is left alone;
+Other backends ignore it (XLA hands LLVM only the extra options not named `xla_*`, and no GPU
+or TPU pass reads this one). XLA reads XLA_FLAGS once, when jax creates its first backend, so
+`use_xla_cpu_options()` sets it before any computation. A user's own `--xla_backend_extra_options` is left alone;
 `AFFECT_JAX_XLA_CPU_OPTIONS=0` turns it off.
 """
 

@@ -26,8 +26,8 @@ one loop. The step at batch 8 ran 7% faster in bf16 (4 alternated process pairs:
 img/s, medians) and 3-4% in float32; the temporal model and the tiny preset did not change.
 Other backends ignore it (XLA hands LLVM only the extra options not named `xla_*`, and no GPU
 or TPU pass reads this one). XLA reads XLA_FLAGS once, when jax creates its first backend, so
-`use_xla_cpu_options()` sets it before any computation. A user's own `--xla_backend_extra_options` is left alone;
-`AFFECT_JAX_XLA_CPU_OPTIONS=0` turns it off.
+`use_xla_cpu_options()` sets it before any computation. A user's own
+`--xla_backend_extra_options` is left alone; `AFFECT_JAX_XLA_CPU_OPTIONS=0` turns it off.
 """
 
 from __future__ import annotations

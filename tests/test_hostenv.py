@@ -124,8 +124,9 @@ def test_xla_flags(env, expected):
 
 
 # Adam's moment and parameter updates: three loop fusions on XLA:CPU's defaults, two with
-# multi-output fusion (both moments, which read the same gradient, written by one loop). The child imports what the launchers
-# import first, so a module that made jax create its backend at import would show up here.
+# multi-output fusion (both moments, which read the same gradient, written by one loop). The
+# child imports the training modules first, so one that made jax create its backend at import
+# (and so read XLA_FLAGS before configure() set it) would show up here as three.
 _XLA_CHILD = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp

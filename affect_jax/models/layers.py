@@ -188,8 +188,13 @@ def _heads(x):
   return jnp.swapaxes(x, 1, 2)
 
 
+def _unpack_qkv(qkv):
+  """Heads-major q, k, v from a packed token-major qkv [B, N, 3, H, d]."""
+  return tuple(_heads(qkv[:, :, i]) for i in range(3))
+
+
 def _qkv_attention_fwd(rate, qkv, mask, keep):
-  q, k, v = (_heads(qkv[:, :, i]) for i in range(3))
+  q, k, v = _unpack_qkv(qkv)
   out, probs = _attention_forward(q, k, v, mask, keep, rate, _einsum_f32)
   return _heads(out), (q, k, v, out, probs, mask, keep)
 
@@ -244,7 +249,7 @@ def qkv_attention(qkv, *, mask=None, dropout_keep=None, dropout_rate: float = 0.
   `dot_product_attention` (heads-major shapes).
   """
   if not f32_accumulation:
-    q, k, v = (_heads(qkv[:, :, i]) for i in range(3))
+    q, k, v = _unpack_qkv(qkv)
     return _heads(dot_product_attention(q, k, v, mask=mask, dropout_keep=dropout_keep,
                                         dropout_rate=dropout_rate, f32_accumulation=False))
   return _qkv_attention(float(dropout_rate), qkv, mask, dropout_keep)
@@ -439,4 +444,3 @@ class Dense(nn.Module):
     y = einsum(f"{batch}{contracted},{contracted}{out}->{batch}{out}", x, kernel,
                f32_accumulation=self.f32_accumulation, compute_dtype=dtype)
     return add_bias(y, bias.astype(dtype))
-

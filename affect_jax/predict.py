@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import jax
 import ml_collections
@@ -19,25 +18,20 @@ import numpy as np
 
 from affect_jax import checkpoint, fileio, metrics, sharding
 from affect_jax.data import affwild2
-from affect_jax.train import loop, temporal
+from affect_jax.train import temporal
 
 
 def load(workdir: str, stride: int | None = None):
   """(config, predict function {video: T} -> {video: [T, K]}, AU thresholds or None) of the
-  best state of a temporal run. The function predicts with windows every `stride` frames
-  (default: the run's predict_stride), or every `stride=` frames given at the call."""
-  import orbax.checkpoint as ocp
-  config = ml_collections.ConfigDict(checkpoint.load_config(os.path.join(workdir, "checkpoints")))
-  best = loop.read_best(workdir)
-  if best is None:
-    raise FileNotFoundError(f"{workdir}: no best.json (not a finished temporal run?)")
-  with checkpoint.make_manager(os.path.join(workdir, loop.BEST_DIR), save_every=1) as manager:
-    state = manager.restore(best["step"], args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
-  # Host arrays: the checkpoint remembers the training mesh, prediction runs on one device.
-  variables = jax.device_get({"params": state["params"], "batch_stats": state.get("batch_stats") or {}})
+  best state of a temporal run, on all devices of all processes (any layout may have
+  trained it). The function predicts with windows every `stride` frames (default: the
+  run's predict_stride), or every `stride=` frames given at the call."""
+  config = ml_collections.ConfigDict(checkpoint.load_config(fileio.path(workdir) / checkpoint.CHECKPOINTS_DIR))
+  mesh = sharding.make_mesh(config.mesh_shape)
+  loaded = checkpoint.load_params(workdir, "best")
+  variables = jax.device_put({"params": loaded["params"], "batch_stats": loaded.get("batch_stats", {})},
+                             sharding.replicated(mesh))
   model = temporal.create_model(config)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   stores = temporal.open_stores(config)
   fn = temporal.make_predict_fn(model, config.task, mesh)
 
@@ -47,11 +41,8 @@ def load(workdir: str, stride: int | None = None):
         stride=stride or config.data.predict_stride, merge=config.data.merge,
         batch_size=64, mesh=mesh)
 
-  thresholds = None
-  results = os.path.join(workdir, "results.json")
-  if os.path.exists(results):
-    with open(results) as f:
-      thresholds = json.load(f).get("au_thresholds")
+  results = fileio.path(workdir) / "results.json"
+  thresholds = json.loads(results.read_text()).get("au_thresholds") if results.exists() else None
   return config, predict, thresholds
 
 
@@ -69,7 +60,7 @@ def write_submission(out_dir: str, workdirs: dict[str, str], split: str = affwil
     outputs = predict(split_frames(config.data.root, task, split))
     decisions = {v: temporal.decide(task, o, 0.5 if thresholds is None else thresholds)
                  for v, o in outputs.items()}
-    path = os.path.join(out_dir, f"{affwild2.TASK_DIRS[task][0]}_{split}.csv")
+    path = fileio.path(out_dir) / f"{affwild2.TASK_DIRS[task][0]}_{split}.csv"
     affwild2.write_predictions(path, task, decisions)
     paths[task] = path
   return paths
@@ -127,7 +118,9 @@ def compare_models(workdir_a: str, workdir_b: str,
 def plot_video(path: str, task: str, outputs: np.ndarray, labels: np.ndarray | None,
                title: str = "", fps: float = 30.0) -> None:
   """VA: predicted vs labelled valence and arousal over time; Expr: class over time; AU:
-  an activation raster (probabilities, labels outlined below)."""
+  an activation raster (probabilities, labels outlined below). Process 0 writes it."""
+  if jax.process_index() != 0:
+    return
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

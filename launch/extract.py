@@ -16,7 +16,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Feature stores go to <workdir>/
 
 def main(argv):
   del argv
-  sharding.maybe_initialize_distributed()
+  sharding.join()
   from affect_jax.train import extract, loop
   loop.quiet_library_logs()
   loop.enable_compilation_cache()

@@ -6,7 +6,7 @@
 
 from absl import app, flags
 
-from affect_jax import hostenv
+from affect_jax import hostenv, sharding
 
 _OUT = flags.DEFINE_string("out_dir", None, "Where the CSVs (and plots) go.", required=True)
 _VA = flags.DEFINE_string("va", "", "Workdir of a trained VA temporal model.")
@@ -20,8 +20,8 @@ _PLOT = flags.DEFINE_string("plot_video", "", "Also plot predictions vs labels f
 
 def main(argv):
   del argv
-  import os
-  from affect_jax import predict
+  sharding.join()
+  from affect_jax import fileio, predict
   from affect_jax.data import affwild2
   from affect_jax.train import loop
   loop.quiet_library_logs()
@@ -38,7 +38,7 @@ def main(argv):
       video = affwild2.load_video(config.data.root, task, _SPLIT.value, _PLOT.value,
                                   with_test_labels=True)
       out = fn({video.video: video.num_frames})[video.video]
-      png = os.path.join(_OUT.value, f"{task}_{video.video}.png")
+      png = fileio.path(_OUT.value) / f"{task}_{video.video}.png"
       predict.plot_video(png, task, out, video.labels, f"{task} {video.video}", config.data.fps)
       print(f"plot: {png}")
 

@@ -15,7 +15,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and pictures 
 
 def main(argv):
   del argv
-  sharding.maybe_initialize_distributed()
+  sharding.join()
   from affect_jax.train import loop, pretrain  # after distributed init: they touch jax
   loop.quiet_library_logs()
   loop.enable_compilation_cache()

@@ -18,7 +18,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, results.", r
 
 def main(argv):
   del argv
-  sharding.maybe_initialize_distributed()
+  sharding.join()
   from affect_jax.train import loop, temporal
   loop.quiet_library_logs()
   loop.enable_compilation_cache()

@@ -20,7 +20,7 @@ from pathlib import Path
 from absl import logging
 import numpy as np
 
-from affect_jax.fileio import write_text_atomic
+from affect_jax.fileio import write_shared_text, write_text_atomic
 
 # ---- Constants of the format (shared by the reader, the synthetic writer, predict) ----
 
@@ -459,7 +459,7 @@ def write_predictions(path: str | os.PathLike, task: str, predictions: dict[str,
       else:
         cells = ",".join(str(int(x)) for x in row)
       lines.append(f"{video}/{frame_name(k + 1)},{cells}")
-  write_text_atomic(path, "\n".join(lines) + "\n")
+  write_shared_text(path, "\n".join(lines) + "\n")
 
 
 def parse_predictions(path: str | os.PathLike, task: str) -> dict[str, np.ndarray]:

@@ -48,7 +48,7 @@ def index_images(root: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     raise FileNotFoundError(f"{root}: face image root is not a folder")
   cache = None
   if cache_dir is not None:
-    cache = Path(cache_dir) / f"{root.name}-{_cache_key(root)}.txt"
+    cache = fileio.path(cache_dir) / f"{root.name}-{_cache_key(root)}.txt"
     if cache.is_file():
       rel = cache.read_text().splitlines()
       return [str(root / r) for r in rel]

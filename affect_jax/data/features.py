@@ -1,21 +1,23 @@
 """Per-video feature store: one array per video plus the metadata that says what made it.
 
   <root>/store.json            kind, dim, dtype, model_hash, config (what every array shares)
-  <root>/videos/<video>.npy    [num_frames, dim], read lazily with mmap
+  <root>/videos/<video>.npy    [num_frames, dim], read lazily with mmap (local stores)
   <root>/videos/<video>.json   num_frames, repaired_frames, ... (written last: its presence
                                marks the video complete)
 
 Every file is written to a temporary name and renamed, so a crash mid-video leaves no
 half-written array visible, and a rerun skips the videos already complete. Videos are
 independent files, so several hosts can fill one store without sharing a manifest file.
+`root` may be a bucket URL (`gs://...`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from pathlib import Path
 
+from etils import epath
 import numpy as np
 
 from affect_jax import fileio
@@ -25,7 +27,7 @@ VIDEOS_DIR = "videos"
 FORMAT_VERSION = 1
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_json(path: epath.Path, obj) -> None:
   fileio.write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
@@ -33,7 +35,7 @@ class FeatureStore:
   """Open with `FeatureStore(root)` (existing) or `FeatureStore.create(...)`."""
 
   def __init__(self, root: str | os.PathLike):
-    self.root = Path(root)
+    self.root = fileio.path(root)
     path = self.root / STORE_FILE
     if not path.is_file():
       raise FileNotFoundError(f"{path}: not a feature store (no {STORE_FILE})")
@@ -49,7 +51,7 @@ class FeatureStore:
 
     A store made by a different model (or dim/dtype) is an error, never silently mixed.
     """
-    root = Path(root)
+    root = fileio.path(root)
     info = {"format": FORMAT_VERSION, "kind": kind, "dim": int(dim),
             "dtype": np.dtype(dtype).name, "model_hash": model_hash, "config": config or {}}
     path = root / STORE_FILE
@@ -73,16 +75,20 @@ class FeatureStore:
   def dtype(self) -> np.dtype:
     return np.dtype(self.info["dtype"])
 
-  def _array_path(self, video: str) -> Path:
+  def _array_path(self, video: str) -> epath.Path:
     return self.root / VIDEOS_DIR / f"{video}.npy"
 
-  def _meta_path(self, video: str) -> Path:
+  def _meta_path(self, video: str) -> epath.Path:
     return self.root / VIDEOS_DIR / f"{video}.json"
 
   def videos(self) -> list[str]:
     """Complete videos, sorted."""
-    folder = self.root / VIDEOS_DIR
-    return sorted(p.stem for p in folder.glob("*.json") if not p.name.startswith("."))
+    # iterdir, not glob: a root holding glob characters such as "[" must still match.
+    try:
+      files = list((self.root / VIDEOS_DIR).iterdir())
+    except FileNotFoundError:  # A bucket has no empty folders: nothing written yet.
+      return []
+    return sorted(p.stem for p in files if p.suffix == ".json" and not p.name.startswith("."))
 
   def meta(self, video: str) -> dict:
     path = self._meta_path(video)
@@ -95,7 +101,7 @@ class FeatureStore:
     `num_frames`, when given): what a resumed extraction may skip."""
     try:
       meta = self.meta(video)
-      arr = np.load(self._array_path(video), mmap_mode="r")
+      arr = self._load(video, mmap=True)
     except (KeyError, FileNotFoundError, ValueError):
       return False
     ok = arr.shape == (meta["num_frames"], self.dim) and arr.dtype == self.dtype
@@ -113,10 +119,17 @@ class FeatureStore:
     _write_json(self._meta_path(video), {"num_frames": int(arr.shape[0]), **meta})
 
   def read(self, video: str, mmap: bool = True) -> np.ndarray:
-    """[num_frames, dim]; memory-mapped (read-only) unless `mmap=False`."""
+    """[num_frames, dim]; memory-mapped (read-only) unless `mmap=False` or the store is
+    remote (then read into memory)."""
     if not self._meta_path(video).is_file():
       raise KeyError(f"{self.root}: no features for video {video!r}")
-    return np.load(self._array_path(video), mmap_mode="r" if mmap else None)
+    return self._load(video, mmap)
+
+  def _load(self, video: str, mmap: bool) -> np.ndarray:
+    path = self._array_path(video)
+    if fileio.is_remote(path):
+      return np.load(io.BytesIO(path.read_bytes()))
+    return np.load(path, mmap_mode="r" if mmap else None)
 
   def manifest(self) -> dict:
     """store.json plus every complete video's metadata."""

@@ -18,7 +18,6 @@ torch Linear weights are [out, in]; our kernels are [in..., out...]. `pos_embed`
 and otherwise ignored.
 """
 
-import os
 import re
 from typing import Any
 
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from affect_jax import fileio
 from affect_jax.models import mae as mae_lib
 from affect_jax.models import vit
 
@@ -172,9 +172,11 @@ def convert_checkpoint(input_path: str, model: str = "mae", preset: str = "base"
 
 
 def save_params(params: Any, output_dir: str) -> None:
-  """Writes `params` atomically with orbax (restore with `ocp.StandardCheckpointer`)."""
+  """Writes `params` atomically with orbax (read back with `checkpoint.restore_tree`, on any
+  device layout);
+  `output_dir` may be a bucket URL."""
   # Imported here: orbax takes seconds to import and only this function needs it.
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(output_dir), params)
+  checkpointer.save(fileio.path(output_dir), params)
   checkpointer.wait_until_finished()

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from affect_jax import sharding
+from affect_jax import fileio, sharding
 from affect_jax.data import affwild2, audio, features, loaders
 from affect_jax.train import finetune, loop, pretrain
 
@@ -63,32 +63,40 @@ def _finish_video(store, video, num_frames, has_image, feats_by_frame):
               frames_without_image=int((~has_image).sum()))
 
 
+def open_store(path, **kwargs) -> features.FeatureStore:
+  """Creates (process 0) or opens (the others, after it) a feature store; each process then
+  fills its own videos' files."""
+  if jax.process_index() == 0:
+    store = features.FeatureStore.create(path, **kwargs)
+  sharding.barrier(f"feature store {path}")
+  return store if jax.process_index() == 0 else features.FeatureStore.create(path, **kwargs)
+
+
 def extract_visual(config: ml_collections.ConfigDict, out_dir: str, videos: dict[str, int],
                    log=logging.info) -> features.FeatureStore:
+  """Each process extracts its share of the videos (balanced by frames) through one sharded
+  forward over all devices; every process runs the same number of batches."""
   root = config.data.root
   model, params, size = load_encoder(config)
-  dim = model.width
-  store = features.FeatureStore.create(
-      os.path.join(out_dir, VISUAL_DIR), kind="visual", dim=dim, dtype=config.feature_dtype,
+  store = open_store(
+      fileio.path(out_dir) / VISUAL_DIR, kind="visual", dim=model.width, dtype=config.feature_dtype,
       model_hash=params_hash(params),
-      config={"encoder_workdir": os.path.abspath(config.encoder_workdir),
+      config={"encoder_workdir": str(fileio.path(config.encoder_workdir)),
               "encoder_kind": config.encoder_kind, "pool": model.pool, "image_size": size})
-  mine = list(videos)[jax.process_index()::jax.process_count()]
+  names = list(videos)
+  mine = sharding.process_share(names, [videos[v] for v in names])
   todo = [v for v in mine if not store.has(v, videos[v])]
   log(f"visual features: {len(mine) - len(todo)} of {len(mine)} videos already complete")
-  if not todo:
-    return store
   mesh = sharding.make_mesh(config.mesh_shape)
   params = jax.device_put(params, sharding.replicated(mesh))
   forward = jax.jit(lambda p, x: model.apply({"params": p}, loaders.normalize_images(x)),
-                    out_shardings=sharding.replicated(mesh))
+                    out_shardings=sharding.batch_sharding(mesh, 2))
   records, has_image = [], {}
   for i, video in enumerate(todo):
     has_image[video] = affwild2.image_mask(root, video, videos[video])
     records += [{"path": os.path.join(root, affwild2.FRAMES_DIR, video, affwild2.frame_name(int(k) + 1)),
                  "video": np.int32(i), "frame": np.int32(k)} for k in np.flatnonzero(has_image[video])]
-  div = sharding.batch_divisor(mesh)
-  batch_size = -(-config.batch_size // div) * div
+  rows = sharding.batch_rows(config.batch_size, mesh)
   current, feats = 0, {}
   start, done_frames = time.perf_counter(), 0
   total_frames = sum(videos[v] for v in todo)
@@ -104,11 +112,11 @@ def extract_visual(config: ml_collections.ConfigDict, out_dir: str, videos: dict
           f"ETA {loop.format_seconds((total_frames - done_frames) / max(rate, 1e-9))}")
       current, feats = current + 1, {}
 
-  for batch in loaders.eval_dataset(records, image_size=size, batch_size=batch_size,
-                                    shard_index=0, shard_count=1):
-    n = batch["image"].shape[0]
-    images = sharding.pad_rows(batch["image"], batch_size)
-    out = np.asarray(forward(params, sharding.shard_batch({"x": images}, mesh)["x"]))[:n]
+  batches = loaders.eval_dataset(records, image_size=size, batch_size=rows, shard_index=0,
+                                 shard_count=1)  # records are already this process's own
+  spec = {"image": jax.ShapeDtypeStruct((size, size, 3), np.uint8)}
+  for batch, out in sharding.map_batches(lambda b: forward(params, b["image"]), batches, mesh,
+                                         rows=rows, row_spec=spec):
     for row, v, f in zip(out, batch["video"], batch["frame"]):
       flush(int(v))  # records arrive in order: earlier videos are complete
       feats[int(f)] = row
@@ -120,11 +128,12 @@ def extract_audio(config: ml_collections.ConfigDict, out_dir: str, videos: dict[
                   log=logging.info) -> features.FeatureStore:
   cfg = audio.AudioFeatureConfig(**config.audio_features)
   blob = repr(sorted(config.audio_features.items())) + f"fps={config.data.fps}"
-  store = features.FeatureStore.create(
-      os.path.join(out_dir, AUDIO_DIR), kind="audio", dim=cfg.dim, dtype=config.feature_dtype,
+  store = open_store(
+      fileio.path(out_dir) / AUDIO_DIR, kind="audio", dim=cfg.dim, dtype=config.feature_dtype,
       model_hash=hashlib.sha256(blob.encode()).hexdigest()[:16],
       config={**config.audio_features, "fps": config.data.fps})
-  mine = list(videos)[jax.process_index()::jax.process_count()]
+  names = list(videos)
+  mine = sharding.process_share(names, [videos[v] for v in names])
   todo = [v for v in mine if not store.has(v, videos[v])]
   log(f"audio features: {len(mine) - len(todo)} of {len(mine)} videos already complete")
   start = time.perf_counter()

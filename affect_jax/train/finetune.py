@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from affect_jax import losses, metrics, optim, sharding
+from affect_jax import checkpoint, fileio, losses, metrics, optim, sharding
 from affect_jax.data import affwild2, loaders, mixing
 from affect_jax.models import vit
 from affect_jax.train import loop, pretrain
@@ -81,10 +81,9 @@ def initial_encoder(config: ml_collections.ConfigDict) -> dict | None:
                        f"config.model.variant is {config.model.variant!r}")
     return params
   if kind == "converted":
-    import orbax.checkpoint as ocp
     if not config.init.params_path:
       raise ValueError("config.init.kind='converted' needs config.init.params_path")
-    return ocp.StandardCheckpointer().restore(os.path.abspath(config.init.params_path))
+    return checkpoint.restore_tree(config.init.params_path)
   raise ValueError(f"config.init.kind: unknown {kind!r} (mae | converted | random)")
 
 
@@ -133,26 +132,36 @@ def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing,
       "loss": loss, "accuracy": acc, "grad_norm": optim.global_norm(grads), "lr": schedule(state.step)}
 
 
+def make_apply_fn(model, mesh):
+  """jitted (params, uint8 images [B, H, W, 3]) -> logits [B, C], split over the batch."""
+  return jax.jit(lambda p, x: model.apply({"params": p}, loaders.normalize_images(x)),
+                 out_shardings=sharding.batch_sharding(mesh, 2))
+
+
 def predict_logits(model, params, records, *, image_size: int, batch_size: int, mesh,
                    apply_fn=None) -> tuple[np.ndarray, np.ndarray]:
-  """(logits [N, C], labels [N]) over records readable from disk, in order."""
-  fn = apply_fn or jax.jit(lambda p, x: model.apply({"params": p}, loaders.normalize_images(x)))
-  div = sharding.batch_divisor(mesh)
+  """(logits [N, C], labels [N]) over the readable records, all processes' together (each
+  process computes its share of the records)."""
+  fn = apply_fn or make_apply_fn(model, mesh)
+  rows = sharding.batch_rows(batch_size, mesh)
+  spec = {"image": jax.ShapeDtypeStruct((image_size, image_size, 3), np.uint8)}
   outs, labels = [], []
-  for batch in loaders.eval_dataset(records, image_size=image_size, batch_size=batch_size,
-                                    shard_index=0, shard_count=1):
-    n = batch["image"].shape[0]
-    padded = -(-n // div) * div  # a whole number of rows per device; padding is dropped
-    images = sharding.pad_rows(batch["image"], padded)
-    outs.append(np.asarray(fn(params, sharding.shard_batch({"x": images}, mesh)["x"]))[:n])
+  for batch, logits in sharding.map_batches(
+      lambda b: fn(params, b["image"]), loaders.eval_dataset(records, image_size=image_size,
+                                                            batch_size=rows),
+      mesh, rows=rows, row_spec=spec):
+    outs.append(logits)
     labels.append(batch["label"])
-  return np.concatenate(outs), np.concatenate(labels)
+  num_classes = model.num_classes
+  logits = np.concatenate(outs) if outs else np.zeros((0, num_classes), np.float32)
+  labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
+  return sharding.allgather_rows(logits), sharding.allgather_rows(labels)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: tuple = ()) -> dict[str, Any]:
   """Fine-tunes (or resumes) in `workdir`; the state with the best validation macro-F1 is
   exported to `workdir/best`. Returns the final state, history and the best record."""
-  os.makedirs(workdir, exist_ok=True)
+  fileio.path(workdir).mkdir(parents=True, exist_ok=True)
   root = config.data.root
   mesh = sharding.make_mesh(config.mesh_shape)
   sharding.check_batch_size(config.batch_size, mesh)
@@ -175,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
   batch_sh = {"image": sharding.batch_sharding(mesh, 4), "label": sharding.batch_sharding(mesh, 1)}
   step_fn = jax.jit(step, in_shardings=(shardings, batch_sh),
                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  apply_fn = jax.jit(lambda p, x: model.apply({"params": p}, loaders.normalize_images(x)))
+  apply_fn = make_apply_fn(model, mesh)
 
   def evaluate(st):
     logits, labels = predict_logits(model, st.params, val, image_size=config.data.image_size,
@@ -203,13 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
 
 
 def load_finetuned(workdir: str) -> tuple[ml_collections.ConfigDict, vit.VisionTransformer, dict]:
-  """(config, model, params) of the best state of a fine-tuning run, as host arrays."""
-  import orbax.checkpoint as ocp
-  from affect_jax import checkpoint
-  best = loop.read_best(workdir)
-  if best is None:
-    raise FileNotFoundError(f"{workdir}: no best.json (not a finished fine-tuning run?)")
-  config = ml_collections.ConfigDict(checkpoint.load_config(os.path.join(workdir, "checkpoints")))
-  with checkpoint.make_manager(os.path.join(workdir, loop.BEST_DIR), save_every=1) as manager:
-    restored = manager.restore(best["step"], args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return config, create_model(config), jax.device_get(restored["state"]["params"])
+  """(config, model, params) of the best state of a fine-tuning run, as host arrays (any
+  mesh or process count may have written it)."""
+  config = ml_collections.ConfigDict(checkpoint.load_config(fileio.path(workdir) / checkpoint.CHECKPOINTS_DIR))
+  return config, create_model(config), checkpoint.load_params(workdir, "best")["params"]

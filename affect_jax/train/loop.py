@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
 from affect_jax import checkpoint, fileio, sharding
 
@@ -68,26 +69,36 @@ def format_seconds(s: float) -> str:
 
 
 class MetricWriter:
-  """Scalars to TensorBoard event files (tensorboardX: no TensorFlow) and to
-  `metrics.jsonl` (one JSON object per logged step; the demo's report plots it)."""
+  """Scalars to TensorBoard event files (tensorboardX: no TensorFlow; it writes gs:// too)
+  and to `metrics.jsonl` (one JSON object per logged step; the demo's report plots it).
+  Process 0 writes; the others' calls do nothing."""
 
   def __init__(self, logdir: str | os.PathLike, enabled: bool = True):
     self.enabled = enabled and jax.process_index() == 0
-    self.logdir = str(logdir)
+    self.logdir = fileio.path(logdir)
     self._tb = None
     if self.enabled:
-      os.makedirs(self.logdir, exist_ok=True)
+      self.logdir.mkdir(parents=True, exist_ok=True)
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(self.logdir)
-      self._jsonl = open(os.path.join(self.logdir, "metrics.jsonl"), "a")
+      self._tb = SummaryWriter(str(self.logdir))
+      self._jsonl = self.logdir / "metrics.jsonl"
+      # Cloud storage cannot append: there the file is rewritten whole (it stays small).
+      self._lines = None
+      if fileio.is_remote(self._jsonl):
+        self._lines = self._jsonl.read_text().splitlines() if self._jsonl.exists() else []
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
     for k, v in scalars.items():
       self._tb.add_scalar(k, float(v), step)
-    self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
+    if self._lines is None:
+      with open(self._jsonl, "a") as f:
+        f.write(line + "\n")
+    else:
+      self._lines.append(line)
+      fileio.write_text_atomic(self._jsonl, "\n".join(self._lines) + "\n")
 
   def image(self, tag: str, step: int, image_hwc: np.ndarray) -> None:
     if self.enabled:
@@ -96,57 +107,62 @@ class MetricWriter:
   def close(self) -> None:
     if self.enabled:
       self._tb.close()
-      self._jsonl.close()
 
 
 def read_metrics(logdir: str | os.PathLike) -> list[dict]:
-  path = os.path.join(logdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = fileio.path(logdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-BEST_DIR = "best"
-BEST_FILE = "best.json"
-
-
-def read_best(workdir: str) -> dict | None:
-  """{'step', 'metric', 'value', 'scores'} of the exported best state, or None."""
-  path = os.path.join(workdir, BEST_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+BEST_DIR, BEST_FILE, read_best = checkpoint.BEST_DIR, checkpoint.BEST_FILE, checkpoint.read_best
 
 
 def maybe_save_best(workdir: str, step: int, state, scores: dict, metric: str, mode: str) -> bool:
-  """Exports `state` to `workdir/best` when `scores[metric]` beats the recorded best.
-
-  The export is an orbax checkpoint (atomic); `best.json` is replaced after it completes,
-  so a crash in between leaves the previous best intact and consistent.
-  """
+  """Exports `state`'s params (and BatchNorm statistics) to `workdir/best` when
+  `scores[metric]` beats the recorded best (see `checkpoint.save_best`)."""
   if metric not in scores:
     raise KeyError(f"best metric {metric!r} not among eval scalars {sorted(scores)}")
   best = read_best(workdir)
   value = scores[metric]
   if best is not None and not (value > best["value"] if mode == "max" else value < best["value"]):
     return False
-  with checkpoint.make_manager(os.path.join(workdir, BEST_DIR), save_every=1, max_to_keep=1) as m:
-    checkpoint.save(m, step, state, force=True)
-    m.wait_until_finished()
-  fileio.write_text_atomic(os.path.join(workdir, BEST_FILE), json.dumps(
-      {"step": step, "metric": metric, "value": value, "scores": scores}, indent=1))
+  checkpoint.save_best(workdir, step, state,
+                       {"step": step, "metric": metric, "value": value, "scores": scores})
   return True
 
 
-def load_best(workdir: str, state):
-  """The exported best state, laid out like `state` (structure, dtypes, shardings)."""
+def load_best(workdir: str, state) -> dict:
+  """{'params', ['batch_stats']} of the exported best state, laid out like `state`'s."""
   best = read_best(workdir)
   if best is None:
     raise FileNotFoundError(f"{workdir}: no {BEST_FILE}: no evaluated best state yet")
-  with checkpoint.make_manager(os.path.join(workdir, BEST_DIR), save_every=1, max_to_keep=1) as m:
-    return checkpoint.restore(m, best["step"], checkpoint.abstract_like(state))
+  keys = [k for k in checkpoint.PARAM_KEYS if getattr(state, k, None) is not None and
+          jax.tree.leaves(getattr(state, k))]
+  target = {k: checkpoint.abstract_like(getattr(state, k)) for k in keys}
+  return checkpoint.load_params(workdir, "best", target=target)
+
+
+class Preempted(RuntimeError):
+  """The job saved a checkpoint at a preemption sync point and stops; a rerun resumes."""
+
+
+class _Preemption:
+  """Whether every process reached the step at which the job must save and stop (a
+  preemption notice, SIGTERM on Cloud TPU / SLURM); always False without jax.distributed."""
+
+  def __init__(self):
+    self.enabled = True
+
+  def __call__(self, step: int) -> bool:
+    if not self.enabled:
+      return False
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # no distributed runtime, so no preemption service
+      self.enabled = False
+      return False
 
 
 def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Callable,
@@ -166,8 +182,11 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
   on it is exported to `workdir/best` (see `maybe_save_best` / `load_best`); with
   `early_stop_steps`, training stops once the best is that many steps old. Returns the
   final state and the logged metrics of this run (eval scalars prefixed 'eval/').
+
+  When the job is told to stop (a preemption notice reaching every process at the same
+  step), it saves a checkpoint there and raises `Preempted`.
   """
-  manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
+  manager = checkpoint.make_manager(fileio.path(workdir) / checkpoint.CHECKPOINTS_DIR,
                                     save_every=checkpoint_every, max_to_keep=max_to_keep)
   grain_iter = data_iter if hasattr(data_iter, "get_state") else None
   state, start = checkpoint.restore_latest(manager, state, data_iter=grain_iter)
@@ -175,13 +194,14 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
   if start:
     logging.info("resumed from step %d in %s", start, workdir)
   own_writer = writer is None
-  writer = writer or MetricWriter(os.path.join(workdir, "tb"))
+  writer = writer or MetricWriter(fileio.path(workdir) / "tb")
   history: list[dict] = []
   t_start = time.perf_counter()
   t_last, step_last = t_start, start
   best = read_best(workdir) if early_stop_steps and best_metric else None
   best_step = None if best is None else best["step"]
   state_step = start
+  preempted = _Preemption()
   try:
     for step in range(start, num_steps):
       if best_step is not None and state_step - best_step >= early_stop_steps:
@@ -217,8 +237,12 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
         if best_metric and maybe_save_best(workdir, done, state, scores, f"eval/{best_metric}",
                                            best_mode) and early_stop_steps:
           best_step = done
-      if done % checkpoint_every == 0 or done == num_steps:
+      stop = preempted(done)
+      if stop or done % checkpoint_every == 0 or done == num_steps:
         checkpoint.save(manager, done, state, data_iter=grain_iter, config=config, force=True)
+      if stop:
+        raise Preempted(f"preempted: saved step {done} in {workdir}; rerun the same command "
+                        "to resume from it")
       if history and history[-1]["step"] == done:
         for hook in hooks:
           hook(done, state, history[-1])

@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from affect_jax import fileio, optim, sharding
+from affect_jax import checkpoint, fileio, optim, sharding
 from affect_jax.data import affwild2, faces, loaders
 from affect_jax.models import mae, vit
 from affect_jax.train import loop
@@ -109,8 +109,10 @@ def reconstruction_grid(images: np.ndarray, masked: np.ndarray, recon: np.ndarra
   return np.concatenate(rows, axis=0)
 
 
-def save_png(path: str, image: np.ndarray) -> None:
-  fileio.atomic_write(path, Image.fromarray(image).save)
+def save_png(path, image: np.ndarray) -> None:
+  """Process 0 writes the PNG (atomically); the other processes' calls do nothing."""
+  if jax.process_index() == 0:
+    fileio.atomic_write(path, Image.fromarray(image).save)
 
 
 # ---- The loop ----
@@ -123,10 +125,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `hooks` run after each logged step with (step, state, metrics), after that step's
   checkpoint (if due) was started.
   """
-  os.makedirs(workdir, exist_ok=True)
-  if not config.resume and os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(
-      os.path.join(workdir, "checkpoints")):
-    raise FileExistsError(f"{workdir}/checkpoints exists and config.resume=False: use a new "
+  workdir = fileio.path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  ckpt_dir = workdir / checkpoint.CHECKPOINTS_DIR
+  if not config.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+    raise FileExistsError(f"{ckpt_dir} exists and config.resume=False: use a new "
                           "--workdir, or resume=True to continue it")
   mesh = sharding.make_mesh(config.mesh_shape)
   sharding.check_batch_size(config.batch_size, mesh)
@@ -145,21 +148,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                len(paths), total, config.batch_size,
                sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, dict(mesh.shape))
 
-  writer = loop.MetricWriter(os.path.join(workdir, "tb"))
+  writer = loop.MetricWriter(workdir / "tb")
   hooks = list(hooks)
   if config.recon_every:
+    # The same images on every process: the picture is computed by all, written by one.
     sample = next(iter(loaders.pretrain_dataset(
         paths, image_size=config.data.image_size, batch_size=8, seed=12345, num_epochs=1,
-        crop_scale=(1.0, 1.0), flip=False)))["image"]
-    recon_fn = jax.jit(functools.partial(reconstruct, model))
+        crop_scale=(1.0, 1.0), flip=False, shard_index=0, shard_count=1)))["image"]
+    recon_fn = jax.jit(functools.partial(reconstruct, model), out_shardings=sharding.replicated(mesh))
 
     def recon_hook(step, st, _):
       if step % config.recon_every and step != total:
         return
       masked, recon = recon_fn(st.params, sample)
       grid = reconstruction_grid(sample, masked, recon)
-      save_png(os.path.join(workdir, "recon", f"step_{step:07d}.png"), grid)
-      save_png(os.path.join(workdir, "recon", "latest.png"), grid)
+      save_png(workdir / "recon" / f"step_{step:07d}.png", grid)
+      save_png(workdir / "recon" / "latest.png", grid)
       writer.image("reconstruction", step, grid)
 
     hooks.append(recon_hook)
@@ -175,16 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def load_pretrained(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
-  """(config, params) of the newest checkpoint of a pretraining run, as host arrays."""
-  import orbax.checkpoint as ocp
-  from affect_jax import checkpoint
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"{workdir}: no checkpoints/ folder (not a pretraining workdir?)")
-  with checkpoint.make_manager(ckpt_dir, save_every=1) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{ckpt_dir}: no checkpoint")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
-  return ml_collections.ConfigDict(restored["config"]), jax.device_get(restored["state"]["params"])
+  """(config, params) of the newest checkpoint of a pretraining run, as host arrays (any
+  mesh or process count may have written it)."""
+  config = ml_collections.ConfigDict(checkpoint.load_config(fileio.path(workdir) / checkpoint.CHECKPOINTS_DIR))
+  return config, checkpoint.load_params(workdir, "latest")["params"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Any, Mapping
 
 import jax
@@ -138,51 +137,66 @@ def train_step(state, batch, *, model, task, modalities, seed, schedule, class_w
 
 
 def make_predict_fn(model, task: str, mesh):
-  """jitted windows [N, L, D] (+ mask) -> per-frame outputs, eval mode."""
+  """jitted windows [N, L, D] (+ mask [N, L]) -> per-frame outputs [N, L, K], eval mode,
+  split over the batch."""
   def fn(variables, inputs, mask):
     return frame_outputs(task, model.apply(variables, inputs, mask, train=False))
-  return jax.jit(fn, out_shardings=sharding.replicated(mesh))
+  return jax.jit(fn, out_shardings=sharding.batch_sharding(mesh, 3))
 
 
 def predict_videos(predict_fn, variables, stores: Mapping[str, features.FeatureStore],
                    videos: Mapping[str, int], *, segment_len: int, stride: int, merge: str,
                    batch_size: int, mesh) -> dict[str, np.ndarray]:
-  """{video: [T, K]}: every video cut into windows, all windows batched together, outputs
-  merged back to exactly one per frame."""
-  windows, masks, plan = {m: [] for m in stores}, [], []
-  for video, num_frames in videos.items():
+  """{video: [T, K]} of every video, on every process: each process cuts its share of the
+  videos (balanced by frames) into windows, runs them through one sharded forward with the
+  other processes', merges its outputs back to one per frame, and the merged predictions
+  are gathered."""
+  names = list(videos)
+  owners = sharding.process_owners(len(names), [videos[v] for v in names])
+  mine = [v for v, p in zip(names, owners) if p == jax.process_index()]
+  windows, plan = [], []
+  for video in mine:
+    num_frames = videos[video]
     feats = {m: np.asarray(s.read(video), np.float32) for m, s in stores.items()}
     for m, f in feats.items():
       if len(f) != num_frames:
         raise ValueError(f"{video}: {m} features have {len(f)} frames, expected {num_frames}")
     inputs, mask, starts = segments.predict_windows(feats, segment_len, stride)
-    for m in stores:
-      windows[m].append(inputs[m])
-    masks.append(mask)
-    plan.append((video, num_frames, starts, len(starts)))
-  if not plan:
-    return {}
-  all_inputs = {m: np.concatenate(w) for m, w in windows.items()}
-  all_mask = np.concatenate(masks)
-  n = len(all_mask)
-  div = sharding.batch_divisor(mesh)
-  bs = -(-batch_size // div) * div  # one shape for every call: compiled once
-  outs = []
-  for i in range(0, n, bs):
-    sl = slice(i, i + bs)
-    k = len(all_mask[sl])
-    batch = sharding.shard_batch({"mask": sharding.pad_rows(all_mask[sl], bs),
-                                  **{m: sharding.pad_rows(x[sl], bs) for m, x in all_inputs.items()}},
-                                 mesh)
-    mask = batch.pop("mask")
-    outs.append(np.asarray(predict_fn(variables, batch, mask))[:k])
-  out = np.concatenate(outs)
-  preds, at = {}, 0
-  for video, num_frames, starts, count in plan:
-    preds[video] = segments.merge(out[at:at + count], starts, num_frames, weighting=merge,
-                                  mask=all_mask[at:at + count])
+    windows.append({"mask": mask, **inputs})
+    plan.append((video, num_frames, starts))
+  spec = {"mask": jax.ShapeDtypeStruct((segment_len,), np.float32),
+          **{m: jax.ShapeDtypeStruct((segment_len, s.dim), np.float32) for m, s in stores.items()}}
+  rows = sharding.batch_rows(batch_size, mesh)
+  batches = _row_batches({k: np.concatenate([w[k] for w in windows]) if windows else
+                          np.zeros((0, *x.shape), x.dtype) for k, x in spec.items()}, rows)
+  outs = [out for _, out in sharding.map_batches(
+      lambda b: predict_fn(variables, {m: b[m] for m in stores}, b["mask"]), batches, mesh,
+      rows=rows, row_spec=spec)]
+  out = np.concatenate(outs) if outs else None
+  merged, at = [], 0
+  for (video, num_frames, starts), w in zip(plan, windows):
+    count = len(starts)
+    merged.append(segments.merge(out[at:at + count], starts, num_frames, weighting=merge,
+                                 mask=w["mask"]))
     at += count
-  return preds
+  if not merged:  # this process had no video: an empty block of the right width
+    one = {k: jax.ShapeDtypeStruct((1, *x.shape), x.dtype) for k, x in spec.items()}
+    width = jax.eval_shape(predict_fn, variables, {m: one[m] for m in stores}, one["mask"]).shape[-1]
+    merged = [np.zeros((0, width), np.float32)]
+  frames = sharding.allgather_rows(np.concatenate(merged))
+  preds, at = {}, 0
+  for p in range(jax.process_count()):
+    for v, owner in zip(names, owners):
+      if owner == p:
+        preds[v] = frames[at:at + videos[v]]
+        at += videos[v]
+  return {v: preds[v] for v in names}
+
+
+def _row_batches(arrays: Mapping[str, np.ndarray], rows: int):
+  n = len(next(iter(arrays.values())))
+  for i in range(0, n, rows):
+    yield {k: x[i:i + rows] for k, x in arrays.items()}
 
 
 def decide(task: str, probs: np.ndarray, thresholds=0.5) -> np.ndarray:
@@ -234,7 +248,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains one fold, keeps the best state by the task's validation metric (whole videos,
   after overlap merge), then scores validation and, where labels exist, test with it.
   Writes `workdir/results.json`; returns it."""
-  os.makedirs(workdir, exist_ok=True)
+  workdir = fileio.path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   task, root = config.task, config.data.root
   stores = open_stores(config)
   splits = split_videos(config)
@@ -283,8 +298,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       best_metric=MAIN_METRIC[task], best_mode="max",
       early_stop_steps=int(config.early_stopping_epochs * steps_per_epoch))
 
-  best_state = loop.load_best(workdir, state)
-  val_preds = predict(_variables(best_state), videos=val_frames)
+  best = loop.load_best(workdir, state)
+  best = {"params": best["params"], "batch_stats": best.get("batch_stats", state.batch_stats)}
+  val_preds = predict(best, videos=val_frames)
   results = {"task": task, "fold": config.fold, "model": config.model.to_dict(),
              "best_step": loop.read_best(workdir)["step"], "num_steps": total}
   thresholds = tune_thresholds(val_preds, labels) if task == "AU" else None
@@ -298,14 +314,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     except (FileNotFoundError, KeyError):
       test_labels = {}  # real ABAW: test labels are not public
   if test_labels:
-    test_preds = predict(_variables(best_state), videos={v: l.num_frames for v, l in test_labels.items()})
+    test_preds = predict(best, videos={v: l.num_frames for v, l in test_labels.items()})
     results["test"] = score(task, test_preds, test_labels, thresholds)
   if config.get("bootstrap_samples", 0):
     scored = {"val": per_video(task, val_preds, labels)}
     if test_labels:
       scored["test"] = per_video(task, test_preds, test_labels)
     results["intervals"] = metrics.interval_record(task, scored, config.bootstrap_samples)
-  fileio.write_text_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1))
+  fileio.write_shared_text(workdir / "results.json", json.dumps(results, indent=1))
   if hasattr(data_iter, "close"):
     data_iter.close()
   return {**results, "history": history}
@@ -317,7 +333,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   for k in range(affwild2.NUM_FOLDS):
     c = ml_collections.ConfigDict(config.to_dict())
     c.fold = k
-    per_fold.append(train_and_evaluate(c, os.path.join(workdir, f"fold_{k}"))["val"])
+    per_fold.append(train_and_evaluate(c, fileio.path(workdir) / f"fold_{k}")["val"])
   keys = [k for k in per_fold[0] if not k.startswith("f1_AU")]
   summary = {k: {"mean": float(np.mean([f[k] for f in per_fold])),
                  "std": float(np.std([f[k] for f in per_fold]))} for k in keys}
@@ -327,6 +343,6 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   table.append("| mean ± std | " + " | ".join(
       f"{summary[k]['mean']:.4f} ± {summary[k]['std']:.4f}" for k in keys) + " |")
   out = {"task": config.task, "folds": per_fold, "summary": summary, "table": "\n".join(table)}
-  fileio.write_text_atomic(os.path.join(workdir, "cross_validation.json"), json.dumps(out, indent=1))
-  fileio.write_text_atomic(os.path.join(workdir, "cross_validation.md"), out["table"] + "\n")
+  fileio.write_shared_text(fileio.path(workdir) / "cross_validation.json", json.dumps(out, indent=1))
+  fileio.write_shared_text(fileio.path(workdir) / "cross_validation.md", out["table"] + "\n")
   return out

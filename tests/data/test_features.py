@@ -1,6 +1,8 @@
+from etils import epath
 import numpy as np
 import pytest
 
+from affect_jax import fileio
 from affect_jax.data import features
 
 
@@ -70,3 +72,35 @@ def test_crash_mid_write_leaves_nothing_visible(tmp_path, monkeypatch):
   # An array whose metadata disagrees (e.g. truncated by a disk error) is not "complete".
   np.save(tmp_path / "store" / "videos" / "done.npy", np.ones((1, 4), np.float16))
   assert not store.has("done")
+
+
+def test_open_by_str_or_epath_sees_the_same_store(tmp_path, monkeypatch):
+  store = _store(tmp_path)
+  store.write("v1", np.ones((2, 4)))
+  store.write("v0", np.zeros((3, 4)))
+  by_str = features.FeatureStore(str(tmp_path / "store"))
+  by_epath = features.FeatureStore(epath.Path(tmp_path) / "store")
+  monkeypatch.chdir(tmp_path)
+  by_relative = features.FeatureStore("store")
+  assert by_str.videos() == by_epath.videos() == by_relative.videos() == ["v0", "v1"]
+  assert str(by_str.root) == str(by_epath.root) == str(by_relative.root) == str(store.root)
+  assert str(store.root) == str(tmp_path / "store")
+
+
+def test_remote_store_reads_into_memory_what_a_local_one_maps(tmp_path, monkeypatch):
+  store = _store(tmp_path)
+  a = np.random.default_rng(0).normal(size=(5, 4))
+  store.write("v", a)
+  mapped = store.read("v")
+  assert isinstance(mapped, np.memmap)
+  monkeypatch.setattr(fileio, "is_remote", lambda p: True)
+  remote = features.FeatureStore(tmp_path / "store")
+  got = remote.read("v")
+  assert not isinstance(got, np.memmap) and got.dtype == np.float16
+  np.testing.assert_array_equal(got, mapped)
+  assert remote.has("v", num_frames=5) and not remote.has("v", num_frames=4)
+  assert not remote.has("missing")
+  # A bucket has no empty folders: a store with no video yet has no videos/ either.
+  empty = _store(tmp_path / "empty")
+  (tmp_path / "empty" / "store" / "videos").rmdir()
+  assert features.FeatureStore(empty.root).videos() == []

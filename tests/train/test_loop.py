@@ -43,8 +43,8 @@ def test_eval_exports_best_state(tmp_path):
   best = loop.read_best(str(tmp_path))
   assert best["step"] == 4 and best["value"] == 0.7
   restored = loop.load_best(str(tmp_path), state)
-  np.testing.assert_array_equal(np.asarray(restored.params["w"]), seen[4])
-  assert int(restored.step) == 4
+  assert set(restored) == {"params"}
+  np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), seen[4])
   assert [h.get("eval/f1") for h in history if "eval/f1" in h] == [0.1, 0.7, 0.3]
   # A resumed run that scores worse leaves the export alone.
   assert not loop.maybe_save_best(str(tmp_path), 9, state, {"eval/f1": 0.5}, "eval/f1", "max")

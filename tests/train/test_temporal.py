@@ -92,7 +92,7 @@ def test_fold_run_reports_best_state_scores(synthetic_root, extracted, va_run):
       win[0, :n] = x[s:s + n]
       m = np.zeros((1, 32), np.float32)
       m[0, :n] = 1
-      y = np.asarray(model.apply({"params": best.params, "batch_stats": best.batch_stats},
+      y = np.asarray(model.apply({"params": best["params"], "batch_stats": best["batch_stats"]},
                                  {"visual": jnp.asarray(win)}, jnp.asarray(m), train=False))[0, :n]
       total[s:s + n] += y
       count[s:s + n] += 1

@@ -151,8 +151,8 @@ def _item_dir(workdir: str | os.PathLike, which: str):
 
 def saved_shapes(item) -> Any:
   """The tree of ShapeDtypeStructs (no sharding) stored in a pytree checkpoint item."""
-  meta = ocp.PyTreeCheckpointer().metadata(fileio.path(item))
-  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+  meta = ocp.PyTreeCheckpointHandler().metadata(fileio.path(item))
+  tree = meta.tree if hasattr(meta, "tree") else meta
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), tree)
 
 

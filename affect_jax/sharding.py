@@ -13,6 +13,7 @@ model over each process's own rows and hands each its own outputs; `allgather_ro
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
@@ -217,6 +218,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
                                       "--coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 "
                                    "(with --coordinator_address).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Seconds without a heartbeat after which the job counts a "
+    "process as dead and stops the others.")
 
 
 def _int_env(env: Mapping[str, str], key: str) -> int:
@@ -277,13 +281,32 @@ def join_plan(env: Mapping[str, str], coordinator_address: str | None = None,
   return "single", None
 
 
+def _exit_on_uncaught_exception() -> None:
+  """After the traceback, leave at once: jax's exit handler would wait (minutes) at the
+  shutdown barrier for processes that are themselves stuck in a collective waiting for
+  this one. Exiting lets them see it gone and fail too, instead of hanging."""
+  previous = sys.excepthook
+
+  def hook(kind, value, tb):
+    previous(kind, value, tb)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+  sys.excepthook = hook
+
+
 def join() -> str:
   """Joins a multi-process job (TPU pod slice, SLURM, Open MPI, or --coordinator_address
-  --num_processes --process_id) before anything else touches jax; returns how it joined."""
+  --num_processes --process_id) before anything else touches jax; returns how it joined.
+  In a multi-process job, an uncaught exception ends the process right away."""
   parsed = flags.FLAGS.is_parsed()
   how, args = join_plan(
       os.environ, _COORDINATOR.value if parsed else None, _NUM_PROCESSES.value if parsed else None,
       _PROCESS_ID.value if parsed else None, cloud_tpu=_on_cloud_tpu_vm())
   if args is not None:
+    if parsed:
+      args["heartbeat_timeout_seconds"] = _HEARTBEAT_TIMEOUT.value
     jax.distributed.initialize(**args)
+    _exit_on_uncaught_exception()
   return how

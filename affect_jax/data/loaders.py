@@ -125,10 +125,42 @@ def _is_present(x) -> bool:
   return x is not None
 
 
-def _shard(ds: grain.MapDataset, shard_index: int | None, shard_count: int | None):
+class ProcessRows(grain.MapDataset):
+  """This process's rows of every global batch: elements [(b * count + index) * rows, ...
+  + rows) of global batch b. Every process shuffles and augments the same global sequence
+  (keyed by global position), so what a global batch holds does not depend on how many
+  processes read it."""
+
+  def __init__(self, parent: grain.MapDataset, rows: int, index: int, count: int):
+    super().__init__(parent)
+    if not 0 <= index < count or rows < 1:
+      raise ValueError(f"process {index} of {count}, {rows} rows: out of range")
+    self._rows, self._index, self._count = rows, index, count
+    full, rest = divmod(len(parent), rows * count)
+    self._length = full * rows + min(max(rest - index * rows, 0), rows)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _parent_index(self, index: int) -> int:
+    block, offset = divmod(index, self._rows)
+    return (block * self._count + self._index) * self._rows + offset
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def __str__(self) -> str:
+    return f"ProcessRows(rows={self._rows}, index={self._index}, count={self._count})"
+
+
+def process_rows(ds: grain.MapDataset, rows: int, shard_index: int | None = None,
+                 shard_count: int | None = None) -> grain.MapDataset:
+  """`ProcessRows` of this process (process index/count by default)."""
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
-  return ds[shard_index::shard_count]
+  return ProcessRows(ds, rows, shard_index, shard_count)
 
 
 def _finish(ds: grain.MapDataset, batch_size: int, drop_remainder: bool, worker_count: int):
@@ -144,19 +176,20 @@ def pretrain_dataset(items: Sequence, *, image_size: int, batch_size: int, seed:
                      shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
   """Shuffled, augmented, batched images (paths, or records with a 'path' and e.g. a label).
 
-  `batch_size` is this process's share of the global batch. Each process reads only its
-  shard of the list (process index/count by default); every epoch is reshuffled;
-  unreadable files are skipped (and logged), so batches stay full.
+  `batch_size` is this process's share of the global batch; each process reads only its
+  rows of every global batch (`process_rows`), so the global batches are the same for any
+  number of processes. Every epoch is reshuffled; unreadable files are skipped (and
+  logged), so batches stay full.
   """
-  ds = _shard(grain.MapDataset.source(list(items)), shard_index, shard_count)
-  ds = ds.shuffle(seed=seed).repeat(num_epochs)
+  ds = grain.MapDataset.source(list(items)).shuffle(seed=seed).repeat(num_epochs)
   ds = ds.random_map(RandomResizedCropFlip(image_size, crop_scale, flip), seed=seed)
-  return _finish(ds, batch_size, True, worker_count)
+  return _finish(process_rows(ds, batch_size, shard_index, shard_count), batch_size, True,
+                 worker_count)
 
 
 def eval_dataset(items: Sequence, *, image_size: int, batch_size: int, worker_count: int = 0,
                  shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
   """In order, resized, one pass; the last batch may be short. Records keep their fields,
   so predictions stay paired with labels even when an unreadable file is skipped."""
-  ds = _shard(grain.MapDataset.source(list(items)), shard_index, shard_count)
+  ds = process_rows(grain.MapDataset.source(list(items)), batch_size, shard_index, shard_count)
   return _finish(ds.map(ResizeImage(image_size)), batch_size, False, worker_count)

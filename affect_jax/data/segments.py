@@ -8,7 +8,7 @@ averaging all windows that cover it.
 
   segment_starts / cut / merge       numpy, one video
   make_segments / SegmentSource      (video, start) records -> dict of arrays, for grain
-  segment_dataset                    shard -> shuffle -> repeat -> batch
+  segment_dataset                    shuffle -> repeat -> this process's rows -> batch
   predict_windows                    one whole video -> windows for the model
 """
 
@@ -19,10 +19,9 @@ import threading
 from typing import Mapping, Sequence
 
 import grain
-import jax
 import numpy as np
 
-from affect_jax.data import affwild2
+from affect_jax.data import affwild2, loaders
 from affect_jax.data.features import FeatureStore
 
 SEGMENT_LEN = 300
@@ -264,16 +263,15 @@ def segment_dataset(source: SegmentSource, *, batch_size: int, seed: int, shuffl
                     shard_count: int | None = None) -> grain.IterDataset:
   """Batches of segments: each leaf of an element gains a leading [B] axis.
 
-  Each process reads only its shard of the segments (process index/count by default);
-  with `shuffle`, every epoch has its own order, fixed by `seed`. `num_epochs=None`
-  repeats forever. Shards may differ in size by one segment.
+  `batch_size` is this process's share of the global batch: each process reads only its
+  rows of every global batch (`loaders.process_rows`, process index/count by default), so
+  the global batches do not depend on the number of processes. With `shuffle`, every epoch
+  has its own order, fixed by `seed`. `num_epochs=None` repeats forever.
   """
-  shard_index = jax.process_index() if shard_index is None else shard_index
-  shard_count = jax.process_count() if shard_count is None else shard_count
-  ds = grain.MapDataset.source(source)[shard_index::shard_count]
+  ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)
+  ds = loaders.process_rows(ds.repeat(num_epochs), batch_size, shard_index, shard_count)
   return ds.to_iter_dataset().batch(batch_size, drop_remainder=drop_remainder)
 
 

@@ -30,10 +30,17 @@ MAIN_METRIC = metrics.MAIN_METRIC
 # ---- Data ----
 
 
+def modalities(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """config.model.modalities as a tuple of names; on the command line
+  `--config.model.modalities=visual,audio` arrives as the one name 'visual,audio'."""
+  m = config.model.modalities
+  return tuple(x for item in ([m] if isinstance(m, str) else m) for x in item.split(",") if x)
+
+
 def open_stores(config: ml_collections.ConfigDict) -> dict[str, features.FeatureStore]:
   paths = {"visual": config.data.visual_features, "audio": config.data.audio_features}
   stores = {}
-  for name in config.model.modalities:
+  for name in modalities(config):
     if not paths.get(name):
       raise ValueError(f"config.model.modalities has {name!r} but config.data.{name}_features is empty")
     stores[name] = features.FeatureStore(paths[name])
@@ -77,11 +84,11 @@ def create_model(config: ml_collections.ConfigDict):
   dtype = jnp.dtype(m.dtype)
   if m.kind == "frame_mlp":
     return temporal.FrameMLP(out, hidden=m.mlp_hidden, dropout=m.dropout,
-                             modalities=tuple(m.modalities), dtype=dtype)
+                             modalities=modalities(config), dtype=dtype)
   if m.kind != "temporal":
     raise ValueError(f"config.model.kind: unknown {m.kind!r} (temporal | frame_mlp)")
   return temporal.make_temporal_model(
-      m.preset, out, modalities=tuple(m.modalities),
+      m.preset, out, modalities=modalities(config),
       use_tcn=m.use_tcn, use_transformer=m.use_transformer, tcn_padding=m.tcn_padding,
       norm_first=m.norm_first, positional=m.positional, activation=m.activation,
       va_tanh=m.va_tanh, dropout=m.dropout, dtype=dtype)
@@ -180,8 +187,9 @@ def predict_videos(predict_fn, variables, stores: Mapping[str, features.FeatureS
                                  mask=w["mask"]))
     at += count
   if not merged:  # this process had no video: an empty block of the right width
-    one = {k: jax.ShapeDtypeStruct((1, *x.shape), x.dtype) for k, x in spec.items()}
-    width = jax.eval_shape(predict_fn, variables, {m: one[m] for m in stores}, one["mask"]).shape[-1]
+    some = {k: jax.ShapeDtypeStruct((sharding.batch_divisor(mesh), *x.shape), x.dtype)
+            for k, x in spec.items()}
+    width = jax.eval_shape(predict_fn, variables, {m: some[m] for m in stores}, some["mask"]).shape[-1]
     merged = [np.zeros((0, width), np.float32)]
   frames = sharding.allgather_rows(np.concatenate(merged))
   preds, at = {}, 0

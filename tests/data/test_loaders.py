@@ -113,3 +113,25 @@ def test_normalize_images():
   want = (np.array([0, 128, 255]) / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
   np.testing.assert_allclose(got[0, 0], want, rtol=1e-6)
   assert math.isclose(float(got.mean()), float(want.mean()), rel_tol=1e-6)
+
+
+def test_global_batches_do_not_depend_on_the_process_count(image_root):
+  paths = [p for p in faces.index_images(image_root, cache_dir=None) if p.endswith(".jpg")]
+  kw = dict(image_size=8, seed=5, num_epochs=2)
+  one = list(loaders.pretrain_dataset(paths, batch_size=6, shard_index=0, shard_count=1, **kw))
+  parts = [list(loaders.pretrain_dataset(paths, batch_size=2, shard_index=k, shard_count=3, **kw))
+           for k in range(3)]
+  assert len(one) == 8 and all(len(p) == 8 for p in parts)
+  for b, (p0, p1, p2) in zip(one, zip(*parts)):
+    # Same images, same crops and flips: process k holds rows [2k, 2k + 2) of the global batch.
+    np.testing.assert_array_equal(b["image"], np.concatenate([p0["image"], p1["image"], p2["image"]]))
+
+
+@pytest.mark.parametrize("n,rows,count", [(10, 2, 2), (11, 2, 3), (3, 4, 2), (0, 1, 2)])
+def test_process_rows_partition_the_sequence(n, rows, count):
+  import grain
+  ds = grain.MapDataset.source(list(range(n)))
+  parts = [list(loaders.ProcessRows(ds, rows, k, count)) for k in range(count)]
+  assert sorted(sum(parts, [])) == list(range(n))
+  for k, part in enumerate(parts):
+    assert all((i // rows) % count == k for i in part)

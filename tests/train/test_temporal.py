@@ -191,3 +191,11 @@ def test_paired_comparison_of_two_runs(synthetic_root, extracted, va_run, tmp_pa
   temporal.train_and_evaluate(au, str(tmp_path / "au"))
   with pytest.raises(ValueError, match="not the same task"):
     predict.compare_models(str(workdir), str(tmp_path / "au"))
+
+
+def test_modalities_from_the_command_line():
+  from configs import va
+  c = va.get_config("tiny")
+  assert temporal.modalities(c) == ("visual",)
+  c.model.modalities = ("visual,audio",)  # what --config.model.modalities=visual,audio gives
+  assert temporal.modalities(c) == ("visual", "audio")

@@ -133,11 +133,11 @@ def batch_rows(batch_size: int, mesh: Mesh) -> int:
   return -(-batch_size // div) * div // procs
 
 
-def _one_flag(values) -> bool:
-  """Whether any process still has a batch (a tiny collective; local on one process)."""
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (a tiny collective; local on one process)."""
   if jax.process_count() == 1:
-    return bool(values)
-  return bool(multihost_utils.process_allgather(np.int32(values)).any())
+    return bool(flag)
+  return bool(multihost_utils.process_allgather(np.int32(flag)).any())
 
 
 def map_batches(fn: Callable[[dict], Any], batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh, *,
@@ -156,7 +156,7 @@ def map_batches(fn: Callable[[dict], Any], batches: Iterable[Mapping[str, np.nda
   it = iter(batches)
   while True:
     batch = next(it, None)
-    if not _one_flag(batch is not None):
+    if not _any_process(batch is not None):
       return
     n = 0 if batch is None else len(next(iter(batch[k] for k in row_spec)))
     if n > rows:

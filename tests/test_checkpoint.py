@@ -113,3 +113,28 @@ def test_load_params_names_what_is_missing(tmp_path):
     checkpoint.load_params(tmp_path, "latest")
   with pytest.raises(ValueError, match="use 'best' or 'latest'"):
     checkpoint.load_params(tmp_path, "final")
+
+
+def test_bucket_paths_reach_orbax_unchanged(monkeypatch):
+  import orbax.checkpoint as ocp
+  seen = []
+
+  class Recorder:
+    def __init__(self, directory, *a, **kw):
+      seen.append(directory)
+
+  monkeypatch.setattr(ocp, "CheckpointManager", Recorder)
+  checkpoint.make_manager("gs://bucket/run/checkpoints", save_every=1)
+  assert [str(d) for d in seen] == ["gs://bucket/run/checkpoints"]
+
+
+def test_metric_writer_rewrites_whole_file_where_it_cannot_append(tmp_path, monkeypatch):
+  from affect_jax import fileio
+  (tmp_path / "tb").mkdir()
+  (tmp_path / "tb" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+  monkeypatch.setattr(fileio, "is_remote", lambda p: True)  # as for gs://
+  writer = loop.MetricWriter(tmp_path / "tb")
+  writer.write(2, {"loss": 2.0})
+  writer.write(3, {"loss": 1.0})
+  writer.close()
+  assert [r["step"] for r in loop.read_metrics(tmp_path / "tb")] == [1, 2, 3]

@@ -173,8 +173,7 @@ def convert_checkpoint(input_path: str, model: str = "mae", preset: str = "base"
 
 def save_params(params: Any, output_dir: str) -> None:
   """Writes `params` atomically with orbax (read back with `checkpoint.restore_tree`, on any
-  device layout);
-  `output_dir` may be a bucket URL."""
+  device layout); `output_dir` may be a bucket URL."""
   # Imported here: orbax takes seconds to import and only this function needs it.
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.StandardCheckpointer()

@@ -208,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
       best_metric="f1", best_mode="max")
   if hasattr(data_iter, "close"):
     data_iter.close()
-  return {"state": state, "history": history, "best": loop.read_best(workdir), "num_steps": total}
+  return {"state": state, "history": history, "best": checkpoint.read_best(workdir), "num_steps": total}
 
 
 def load_finetuned(workdir: str) -> tuple[ml_collections.ConfigDict, vit.VisionTransformer, dict]:

@@ -116,15 +116,12 @@ def read_metrics(logdir: str | os.PathLike) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-BEST_DIR, BEST_FILE, read_best = checkpoint.BEST_DIR, checkpoint.BEST_FILE, checkpoint.read_best
-
-
 def maybe_save_best(workdir: str, step: int, state, scores: dict, metric: str, mode: str) -> bool:
   """Exports `state`'s params (and BatchNorm statistics) to `workdir/best` when
   `scores[metric]` beats the recorded best (see `checkpoint.save_best`)."""
   if metric not in scores:
     raise KeyError(f"best metric {metric!r} not among eval scalars {sorted(scores)}")
-  best = read_best(workdir)
+  best = checkpoint.read_best(workdir)
   value = scores[metric]
   if best is not None and not (value > best["value"] if mode == "max" else value < best["value"]):
     return False
@@ -135,9 +132,8 @@ def maybe_save_best(workdir: str, step: int, state, scores: dict, metric: str, m
 
 def load_best(workdir: str, state) -> dict:
   """{'params', ['batch_stats']} of the exported best state, laid out like `state`'s."""
-  best = read_best(workdir)
-  if best is None:
-    raise FileNotFoundError(f"{workdir}: no {BEST_FILE}: no evaluated best state yet")
+  if checkpoint.read_best(workdir) is None:
+    raise FileNotFoundError(f"{workdir}: no {checkpoint.BEST_FILE}: no evaluated best state yet")
   keys = [k for k in checkpoint.PARAM_KEYS if getattr(state, k, None) is not None and
           jax.tree.leaves(getattr(state, k))]
   target = {k: checkpoint.abstract_like(getattr(state, k)) for k in keys}
@@ -198,7 +194,7 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
   history: list[dict] = []
   t_start = time.perf_counter()
   t_last, step_last = t_start, start
-  best = read_best(workdir) if early_stop_steps and best_metric else None
+  best = checkpoint.read_best(workdir) if early_stop_steps and best_metric else None
   best_step = None if best is None else best["step"]
   state_step = start
   preempted = _Preemption()

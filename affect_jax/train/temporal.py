@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from affect_jax import fileio, losses, metrics, optim, sharding
+from affect_jax import checkpoint, fileio, losses, metrics, optim, sharding
 from affect_jax.data import affwild2, features, segments
 from affect_jax.models import temporal
 from affect_jax.train import loop
@@ -310,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best = {"params": best["params"], "batch_stats": best.get("batch_stats", state.batch_stats)}
   val_preds = predict(best, videos=val_frames)
   results = {"task": task, "fold": config.fold, "model": config.model.to_dict(),
-             "best_step": loop.read_best(workdir)["step"], "num_steps": total}
+             "best_step": checkpoint.read_best(workdir)["step"], "num_steps": total}
   thresholds = tune_thresholds(val_preds, labels) if task == "AU" else None
   results["val"] = score(task, val_preds, labels, thresholds)
   if thresholds is not None:

@@ -105,7 +105,7 @@ def runs(synthetic_root, tmp_path_factory):
     _run("finetune", [
         "--config=configs/expr_finetune.py:tiny", f"--workdir={w[f'ft{p}']}",
         f"--config.data.root={root}", f"--config.data.image_size={IMAGE}", "--config.batch_size=8",
-        "--config.eval_batch_size=12", "--config.num_steps=4", "--config.log_every=1",
+        "--config.eval_batch_size=12", "--config.num_steps=8", "--config.log_every=1",
         "--config.eval_every_epochs=100", f"--config.init.mae_workdir={w['mae1p']}"], procs, logs)
     _run("extract", [
         f"--workdir={w[f'x{p}']}", f"--config.data.root={root}", "--config.batch_size=24",
@@ -140,7 +140,7 @@ def test_training_losses_match_one_process(runs, stage):
 def test_finetune_validation_matches_one_process(runs):
   _, w = runs
   one, two = checkpoint.read_best(w["ft1p"]), checkpoint.read_best(w["ft2p"])
-  assert one["step"] == two["step"]
+  assert one["step"] == two["step"] and one["value"] > 0  # a score that can differ
   for k, v in one["scores"].items():
     assert two["scores"][k] == pytest.approx(v, abs=1e-6), k
 
@@ -179,26 +179,44 @@ def test_shared_files_written_once_and_readable(runs):
   assert json.loads((w["x2p"] / "visual" / "store.json").read_text())["kind"] == "visual"
 
 
-def test_killed_process_stops_the_other_and_a_rerun_resumes(runs, synthetic_root):
-  out, w = runs
-  workdir, logs = out / "mae_killed", out / "logs_killed"
-  args = _pretrain_args(synthetic_root, workdir, out / "index")
-  running = _start("pretrain", args, 2, logs)
-  (p0, log0), (p1, log1) = running
+def _wait_for_step(running, step: int, proc: int = 1):
+  p, log = running[proc]
   deadline = time.monotonic() + TIMEOUT
-  while "step 6/" not in log1.read_text():
-    assert p1.poll() is None and time.monotonic() < deadline, log1.read_text()[-3000:]
+  while f"step {step}/" not in log.read_text():
+    assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
     time.sleep(0.05)
-  p1.send_signal(signal.SIGKILL)
+
+
+def test_killed_or_preempted_processes_stop_and_a_rerun_resumes(runs, synthetic_root):
+  """SIGKILL one process: the other exits at once. Rerun: it resumes; SIGTERM (a preemption
+  notice) to one process: both save at the same step and exit. Rerun: it resumes from
+  there and ends with the params of an uninterrupted run."""
+  out, w = runs
+  workdir = out / "mae_interrupted"
+  args = _pretrain_args(synthetic_root, workdir, out / "index")
+  running = _start("pretrain", args, 2, out / "logs_killed")
+  _wait_for_step(running, 6)
+  running[1][0].send_signal(signal.SIGKILL)
   killed = time.monotonic()
-  code = _wait([(p0, log0)], timeout=60)[0]
-  p1.wait()
+  code = _wait(running[:1], timeout=60)[0]
+  running[1][0].wait()
   assert code != 0 and time.monotonic() - killed < 60
-  assert f"step {PRETRAIN_STEPS}/" not in log0.read_text()  # it did stop mid-run
+  assert f"step {PRETRAIN_STEPS}/" not in running[0][1].read_text()  # it stopped mid-run
   saved = checkpoint._item_dir(workdir, "latest")[1]
   assert 4 <= saved < PRETRAIN_STEPS
-  logs_again = _run("pretrain", args, 2, out / "logs_resumed")
-  assert all(f"resumed from step {saved}" in text for text in logs_again)
+
+  running = _start("pretrain", args, 2, out / "logs_preempted")
+  _wait_for_step(running, saved + 4)
+  running[0][0].send_signal(signal.SIGTERM)
+  codes = _wait(running, timeout=60)
+  texts = [log.read_text() for _, log in running]
+  assert all(f"resumed from step {saved}" in t for t in texts)
+  preempted = checkpoint._item_dir(workdir, "latest")[1]
+  assert codes == [1, 1] and all(f"preempted: saved step {preempted} in" in t for t in texts)
+  assert saved + 4 <= preempted < PRETRAIN_STEPS
+
+  texts = _run("pretrain", args, 2, out / "logs_resumed")
+  assert all(f"resumed from step {preempted}" in t for t in texts)
   final = checkpoint.load_params(workdir, "latest")
   reference = checkpoint.load_params(w["mae2p"], "latest")
   for (k, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(final),

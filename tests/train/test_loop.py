@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from affect_jax import sharding
+from affect_jax import checkpoint, sharding
 from affect_jax.train import loop
 
 
@@ -40,7 +40,7 @@ def test_eval_exports_best_state(tmp_path):
       config=ml_collections.ConfigDict(), workdir=str(tmp_path), state=state, step_fn=step,
       data_iter=batches, num_steps=6, mesh=mesh, items_per_step=2, log_every=1,
       checkpoint_every=3, eval_fn=eval_fn, eval_every=2, best_metric="f1")
-  best = loop.read_best(str(tmp_path))
+  best = checkpoint.read_best(str(tmp_path))
   assert best["step"] == 4 and best["value"] == 0.7
   restored = loop.load_best(str(tmp_path), state)
   assert set(restored) == {"params"}
@@ -48,9 +48,9 @@ def test_eval_exports_best_state(tmp_path):
   assert [h.get("eval/f1") for h in history if "eval/f1" in h] == [0.1, 0.7, 0.3]
   # A resumed run that scores worse leaves the export alone.
   assert not loop.maybe_save_best(str(tmp_path), 9, state, {"eval/f1": 0.5}, "eval/f1", "max")
-  assert loop.read_best(str(tmp_path))["step"] == 4
+  assert checkpoint.read_best(str(tmp_path))["step"] == 4
   assert loop.maybe_save_best(str(tmp_path), 9, state, {"eval/f1": 0.9}, "eval/f1", "max")
-  assert loop.read_best(str(tmp_path))["step"] == 9
+  assert checkpoint.read_best(str(tmp_path))["step"] == 9
 
 
 def test_resume_continues_from_latest_checkpoint(tmp_path):
@@ -85,6 +85,6 @@ def test_early_stopping_stops_when_the_best_is_old_and_a_rerun_stops_there_too(t
   final, history = loop.run(state=state, data_iter=batches, **kw)
   # Steps 4 and 5 do not improve on step 3: the run stops before step 6 (which would have won).
   assert [h["step"] for h in history if "eval/f1" in h] == [1, 2, 3, 4, 5]
-  assert int(final.step) == 5 and loop.read_best(str(tmp_path))["step"] == 3
+  assert int(final.step) == 5 and checkpoint.read_best(str(tmp_path))["step"] == 3
   again, history = loop.run(state=state, data_iter=batches, **kw)
   assert history == [] and int(again.step) == 5

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from affect_jax import metrics, sharding
+from affect_jax import checkpoint, metrics, sharding
 from affect_jax.data import features
 from affect_jax.train import loop, temporal
 from configs import common
@@ -70,7 +70,7 @@ def test_fold_run_reports_best_state_scores(synthetic_root, extracted, va_run):
   saved = json.loads((workdir / "results.json").read_text())
   assert saved["val"] == out["val"] and "test" in saved
   evals = [h["eval/mean"] for h in out["history"] if "eval/mean" in h]
-  assert out["best_step"] == loop.read_best(str(workdir))["step"]
+  assert out["best_step"] == checkpoint.read_best(str(workdir))["step"]
   np.testing.assert_allclose(out["val"]["mean"], max(evals), atol=1e-6)
   # Recompute the validation CCC independently: raw per-window outputs of the best state,
   # averaged per frame by hand, scored with a plain CCC.

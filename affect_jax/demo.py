@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Callable
 
@@ -61,8 +62,11 @@ VARIANTS = (  # (name, row label, encoder, model overrides)
 PAIRS = (("tcn_tf_va", "frame_mlp"), ("tcn_tf_v", "frame_mlp"))
 
 
-def _stage(out_dir: str, name: str, settings: dict, fn: Callable[[], dict]) -> tuple[dict, bool]:
-  """Runs fn unless out_dir/stages/name.json records the same settings; (result, ran)."""
+def _stage(out_dir: str, name: str, settings: dict, fn: Callable[[], dict],
+           workdir: str | None = None) -> tuple[dict, bool]:
+  """Runs fn unless out_dir/stages/name.json records the same settings; (result, ran). A
+  stage whose settings changed starts over in an emptied `workdir` (a training stage
+  refuses to continue a run of another config)."""
   path = os.path.join(out_dir, "stages", f"{name}.json")
   settings = json.loads(json.dumps(settings, default=str))
   if os.path.exists(path):
@@ -70,6 +74,8 @@ def _stage(out_dir: str, name: str, settings: dict, fn: Callable[[], dict]) -> t
       saved = json.load(f)
     if saved["settings"] == settings:
       return saved["result"], False
+    if workdir is not None:
+      shutil.rmtree(workdir, ignore_errors=True)
   result = fn()
   fileio.write_text_atomic(path, json.dumps({"settings": settings, "result": result},
                                             indent=1, default=float))
@@ -141,9 +147,9 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
   stages = 1 + 1 + 1 + 2 + 2 + len(VARIANTS) * len(affwild2.TASKS) + 3
   start, done, ran_s = time.perf_counter(), [0], []
 
-  def step(name, settings, fn):
+  def step(name, settings, fn, workdir=None):
     t0 = time.perf_counter()
-    result, ran = _stage(out_dir, name, settings, fn)
+    result, ran = _stage(out_dir, name, settings, fn, workdir)
     took = time.perf_counter() - t0
     done[0] += 1
     if ran:
@@ -171,14 +177,16 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
       bootstrap_samples=cfg["VA"].bootstrap_samples))
 
   step("mae_pretrain", cfg["mae"].to_dict(), lambda: {
-      "losses": [h["loss"] for h in pretrain.train_and_evaluate(cfg["mae"], os.path.join(out_dir, "mae"))["history"]]})
+      "losses": [h["loss"] for h in pretrain.train_and_evaluate(cfg["mae"], os.path.join(out_dir, "mae"))["history"]]},
+       os.path.join(out_dir, "mae"))
 
   ft_scores = {}
   for init in ("mae", "random"):
     c = ml_collections.ConfigDict(cfg["ft"].to_dict())
     c.init.kind = init
     res = step(f"finetune_{init}_init", c.to_dict(), lambda c=c, init=init: {
-        "best": finetune.train_and_evaluate(c, os.path.join(out_dir, f"finetune_{init}"))["best"]})
+        "best": finetune.train_and_evaluate(c, os.path.join(out_dir, f"finetune_{init}"))["best"]},
+        os.path.join(out_dir, f"finetune_{init}"))
     ft_scores[init] = res["best"]["value"]
 
   feats = {}
@@ -199,7 +207,7 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
         c.model[k] = v
       workdir = os.path.join(out_dir, "temporal", f"{task}_{name}")
       res = step(f"{task.lower()}_{name}", c.to_dict(), lambda c=c, w=workdir: {
-          k: v for k, v in temporal.train_and_evaluate(c, w).items() if k != "history"})
+          k: v for k, v in temporal.train_and_evaluate(c, w).items() if k != "history"}, workdir)
       results.setdefault(task, {})[name] = {"label": label, "workdir": workdir, **res}
 
   # The authors predict with disjoint windows (stride = segment length); ours overlaps them

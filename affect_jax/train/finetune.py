@@ -161,7 +161,7 @@ def predict_logits(model, params, records, *, image_size: int, batch_size: int, 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: tuple = ()) -> dict[str, Any]:
   """Fine-tunes (or resumes) in `workdir`; the state with the best validation macro-F1 is
   exported to `workdir/best`. Returns the final state, history and the best record."""
-  fileio.path(workdir).mkdir(parents=True, exist_ok=True)
+  workdir = loop.open_workdir(config, workdir, "finetune")
   root = config.data.root
   mesh = sharding.make_mesh(config.mesh_shape)
   sharding.check_batch_size(config.batch_size, mesh)

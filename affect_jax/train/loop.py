@@ -116,6 +116,76 @@ def read_metrics(logdir: str | os.PathLike) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+JOB_FILE = "job.json"
+# Config fields a continued run may change: they set how often to log or save, or how the
+# work is laid out, not what is computed.
+MAY_CHANGE_ON_RESUME = ("resume", "log_every", "checkpoint_every", "max_to_keep", "recon_every",
+                        "eval_batch_size", "bootstrap_samples", "mesh_shape", "data.worker_count",
+                        "data.index_cache")
+
+
+def code_version() -> str:
+  """affect_jax's version, with the git commit when it runs from a checkout
+  ('0.1.0+3b25f18', '+...-dirty' with uncommitted changes)."""
+  import subprocess
+  import affect_jax
+  here = os.path.dirname(os.path.abspath(affect_jax.__file__))
+  try:
+    commit = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty", "--abbrev=7"],
+                            capture_output=True, text=True, timeout=5)
+  except (OSError, subprocess.SubprocessError):
+    return affect_jax.__version__
+  tag = commit.stdout.strip()
+  return f"{affect_jax.__version__}+{tag}" if commit.returncode == 0 and tag else affect_jax.__version__
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def run_record(config: ml_collections.ConfigDict, job: str) -> dict:
+  """What a results file records about the run: job, config and code version."""
+  return {"job": job, "config": json.loads(json.dumps(config.to_dict(), default=str)),
+          "version": code_version()}
+
+
+def open_workdir(config: ml_collections.ConfigDict, workdir, job: str):
+  """`workdir` (an epath.Path, created) after checking that this run may write into it. The
+  one rule of every stage: a workdir of another job is refused; a workdir holding checkpoints
+  continues only with `config.resume` and a config that differs at most in fields that do
+  not change what is computed (MAY_CHANGE_ON_RESUME), else the differing fields are named.
+  Process 0 records job, config and code version in `workdir/job.json`."""
+  workdir = fileio.path(workdir)
+  record = run_record(config, job)
+  saved_path = workdir / JOB_FILE
+  saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
+  if saved is not None and saved["job"] != job:
+    raise FileExistsError(f"{workdir} holds a {saved['job']} run, not {job}: use a new --workdir")
+  ckpt_dir = workdir / checkpoint.CHECKPOINTS_DIR
+  if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+    if not config.get("resume", True):
+      raise FileExistsError(f"{workdir} already holds checkpoints of a {job} run and "
+                            "config.resume=False: use a new --workdir, or --config.resume=True "
+                            "to continue it")
+    if saved is not None:
+      old, new = _flat(saved["config"]), _flat(record["config"])
+      differ = sorted(k for k in set(old) | set(new)
+                      if old.get(k) != new.get(k) and k not in MAY_CHANGE_ON_RESUME)
+      if differ:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:6])
+        raise FileExistsError(f"{workdir} holds a {job} run of another config ({shown}"
+                              f"{', ...' if len(differ) > 6 else ''}): use a new --workdir")
+  workdir.mkdir(parents=True, exist_ok=True)
+  fileio.write_shared_text(saved_path, json.dumps(record, indent=1))
+  return workdir
+
+
 def maybe_save_best(workdir: str, step: int, state, scores: dict, metric: str, mode: str) -> bool:
   """Exports `state`'s params (and BatchNorm statistics) to `workdir/best` when
   `scores[metric]` beats the recorded best (see `checkpoint.save_best`)."""

@@ -125,12 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `hooks` run after each logged step with (step, state, metrics), after that step's
   checkpoint (if due) was started.
   """
-  workdir = fileio.path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  ckpt_dir = workdir / checkpoint.CHECKPOINTS_DIR
-  if not config.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-    raise FileExistsError(f"{ckpt_dir} exists and config.resume=False: use a new "
-                          "--workdir, or resume=True to continue it")
+  workdir = loop.open_workdir(config, workdir, "pretrain")
   mesh = sharding.make_mesh(config.mesh_shape)
   sharding.check_batch_size(config.batch_size, mesh)
   paths = faces.index_roots(image_roots(config), cache_dir=os.path.expanduser(config.data.index_cache))

@@ -256,9 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains one fold, keeps the best state by the task's validation metric (whole videos,
   after overlap merge), then scores validation and, where labels exist, test with it.
   Writes `workdir/results.json`; returns it."""
-  workdir = fileio.path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   task, root = config.task, config.data.root
+  workdir = loop.open_workdir(config, workdir, f"temporal {task}")
   stores = open_stores(config)
   splits = split_videos(config)
   labels = load_labels(root, task, splits["train"] + splits["val"])
@@ -309,7 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best = loop.load_best(workdir, state)
   best = {"params": best["params"], "batch_stats": best.get("batch_stats", state.batch_stats)}
   val_preds = predict(best, videos=val_frames)
-  results = {"task": task, "fold": config.fold, "model": config.model.to_dict(),
+  results = {"task": task, "fold": config.fold, "run": loop.run_record(config, f"temporal {task}"),
+             "model": config.model.to_dict(),
              "best_step": checkpoint.read_best(workdir)["step"], "num_steps": total}
   thresholds = tune_thresholds(val_preds, labels) if task == "AU" else None
   results["val"] = score(task, val_preds, labels, thresholds)
@@ -350,7 +350,8 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     table.append(f"| {i} | " + " | ".join(f"{f[k]:.4f}" for k in keys) + " |")
   table.append("| mean ± std | " + " | ".join(
       f"{summary[k]['mean']:.4f} ± {summary[k]['std']:.4f}" for k in keys) + " |")
-  out = {"task": config.task, "folds": per_fold, "summary": summary, "table": "\n".join(table)}
+  out = {"task": config.task, "run": loop.run_record(config, f"temporal {config.task} 5-fold"),
+         "folds": per_fold, "summary": summary, "table": "\n".join(table)}
   fileio.write_shared_text(fileio.path(workdir) / "cross_validation.json", json.dumps(out, indent=1))
   fileio.write_shared_text(fileio.path(workdir) / "cross_validation.md", out["table"] + "\n")
   return out

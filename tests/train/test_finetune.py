@@ -120,3 +120,16 @@ def test_mixup_cutmix_run_on_the_sharded_step(synthetic_root, tmp_path):
   out = finetune.train_and_evaluate(c, str(tmp_path / "ft"))
   losses = [h["loss"] for h in out["history"] if "loss" in h]
   assert len(losses) == 3 and np.isfinite(losses).all()
+
+
+def test_rerun_into_a_used_workdir_with_another_seed_is_refused(synthetic_root, mae_workdir,
+                                                                finetune_workdir):
+  from configs import expr_finetune
+  c = expr_finetune.get_config("tiny")
+  c.data.root, c.data.image_size = str(synthetic_root), 32
+  c.batch_size, c.eval_batch_size = 16, 64
+  c.num_steps, c.log_every, c.eval_every_epochs = 4, 2, 100.0
+  c.init.mae_workdir = str(mae_workdir)
+  c.seed = 1
+  with pytest.raises(FileExistsError, match=r"holds a finetune run of another config \(seed: 0 -> 1\)"):
+    finetune.train_and_evaluate(c, str(finetune_workdir))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from affect_jax import checkpoint, sharding
 from affect_jax.train import loop
@@ -88,3 +89,58 @@ def test_early_stopping_stops_when_the_best_is_old_and_a_rerun_stops_there_too(t
   assert int(final.step) == 5 and checkpoint.read_best(str(tmp_path))["step"] == 3
   again, history = loop.run(state=state, data_iter=batches, **kw)
   assert history == [] and int(again.step) == 5
+
+
+# ---- One rule for continuing a workdir ----
+
+
+def _job_config(**kw):
+  c = ml_collections.ConfigDict({"seed": 0, "resume": True, "log_every": 10,
+                                 "optim": {"lr": 1e-3}, "data": {"worker_count": 0}})
+  c.update(kw)
+  return c
+
+
+def _with_checkpoint(workdir):
+  (workdir / "checkpoints" / "5").mkdir(parents=True)
+
+
+def test_open_workdir_records_the_run(tmp_path):
+  import json
+  workdir = loop.open_workdir(_job_config(), tmp_path / "w", "pretrain")
+  record = json.loads((workdir / "job.json").read_text())
+  assert record["job"] == "pretrain" and record["config"]["optim"] == {"lr": 1e-3}
+  assert record["version"].startswith("0.1.0")
+
+
+def test_open_workdir_continues_the_same_config(tmp_path):
+  loop.open_workdir(_job_config(), tmp_path, "finetune")
+  _with_checkpoint(tmp_path)
+  loop.open_workdir(_job_config(), tmp_path, "finetune")
+  # How often to log, or how many loader workers, does not change what is computed.
+  changed = _job_config(log_every=1)
+  changed.data.worker_count = 8
+  loop.open_workdir(changed, tmp_path, "finetune")
+
+
+def test_open_workdir_refuses_another_config_naming_the_fields(tmp_path):
+  loop.open_workdir(_job_config(), tmp_path, "finetune")
+  _with_checkpoint(tmp_path)
+  other = _job_config(seed=3)
+  other.optim.lr = 0.5
+  with pytest.raises(FileExistsError, match=r"another config \(optim.lr: 0.001 -> 0.5, seed: 0 -> 3\)"):
+    loop.open_workdir(other, tmp_path, "finetune")
+
+
+def test_open_workdir_without_resume_refuses_a_used_workdir(tmp_path):
+  loop.open_workdir(_job_config(), tmp_path, "temporal VA")
+  loop.open_workdir(_job_config(resume=False), tmp_path, "temporal VA")  # nothing saved yet
+  _with_checkpoint(tmp_path)
+  with pytest.raises(FileExistsError, match="config.resume=False: use a new --workdir"):
+    loop.open_workdir(_job_config(resume=False), tmp_path, "temporal VA")
+
+
+def test_open_workdir_refuses_a_workdir_of_another_job(tmp_path):
+  loop.open_workdir(_job_config(), tmp_path, "pretrain")
+  with pytest.raises(FileExistsError, match="holds a pretrain run, not temporal VA: use a new"):
+    loop.open_workdir(_job_config(), tmp_path, "temporal VA")

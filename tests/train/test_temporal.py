@@ -199,3 +199,10 @@ def test_modalities_from_the_command_line():
   assert temporal.modalities(c) == ("visual",)
   c.model.modalities = ("visual,audio",)  # what --config.model.modalities=visual,audio gives
   assert temporal.modalities(c) == ("visual", "audio")
+
+
+def test_results_record_the_run(va_run):
+  workdir, out = va_run
+  saved = json.loads((workdir / "results.json").read_text())
+  assert saved["run"]["job"] == "temporal VA" and saved["run"]["config"]["task"] == "VA"
+  assert saved["run"]["version"].startswith("0.1.0")

@@ -25,7 +25,7 @@ from affect_jax.data import features
 def frame_pixels(root: str | os.PathLike, video: str, num_frames: int, has_image: np.ndarray,
                  size: int = 12) -> np.ndarray:
   """float32 [T, size*size*3] in [0, 1]; a frame without image uses the nearest one's."""
-  src = aw.nearest_image(has_image)
+  src = aw.nearest_image(has_image, os.path.join(root, aw.FRAMES_DIR, video))
   cache: dict[int, np.ndarray] = {}
   out = np.empty((num_frames, size * size * 3), np.float32)
   for t in range(num_frames):

@@ -126,7 +126,7 @@ def parse_annotation(path: str | os.PathLike, task: str) -> np.ndarray:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
   path = Path(path)
   try:
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8-sig")  # many editors start UTF-8 with a BOM
   except UnicodeDecodeError as e:
     raise AnnotationError(path, None, f"not a text file ({e})") from None
   lines = text.splitlines()
@@ -240,15 +240,18 @@ def image_mask(root: str | os.PathLike, video: str, num_frames: int) -> np.ndarr
   return _has_image(image_indices(root, video), num_frames)
 
 
-def nearest_image(has_image: np.ndarray) -> np.ndarray:
+def nearest_image(has_image: np.ndarray, frames_dir: str | os.PathLike | None = None) -> np.ndarray:
   """int [T]: for each frame, the 0-based frame whose image stands in for it.
 
   A frame without an image takes the previous available frame (the next one before a
   video's first image), as the authors did. Frames with an image map to themselves.
+  `frames_dir` (the video's image folder) names the culprit when there is no image at all.
   """
   has_image = np.asarray(has_image, dtype=bool)
   if not has_image.any():
-    raise ValueError("video has no image at all")
+    where = f"{frames_dir}: " if frames_dir is not None else ""
+    raise ValueError(f"{where}no frame image at all (an empty or missing frames folder; "
+                     f"expected {frame_name(1)} ... {frame_name(max(has_image.size, 1))})")
   idx = np.arange(has_image.size)
   prev = np.maximum.accumulate(np.where(has_image, idx, -1))
   first = int(np.argmax(has_image))

@@ -90,7 +90,8 @@ def read_wav(path) -> tuple[np.ndarray, int]:
   except wave.Error:  # Python 3.11's wave reads plain PCM only: float/extensible come here
     tag, channels, width, rate, raw = _read_riff(path)
   except (EOFError, struct.error) as e:
-    raise ValueError(f"{path}: not a readable WAV file ({e or 'truncated header'})") from None
+    raise ValueError(f"{path}: not a readable WAV file "
+                     f"({str(e) or 'empty or truncated header'})") from None
   return _decode(path, raw, tag, width, channels), int(rate)
 
 

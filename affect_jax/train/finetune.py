@@ -34,7 +34,7 @@ def frame_records(root: str, split: str) -> list[dict]:
   frame without an image takes its nearest image (as DESIGN.md's repair rule)."""
   records = []
   for v in affwild2.load_split(root, TASK, split):
-    src = affwild2.nearest_image(v.has_image)
+    src = affwild2.nearest_image(v.has_image, os.path.join(root, affwild2.FRAMES_DIR, v.video))
     for t in np.flatnonzero(v.valid):
       records.append({"path": os.path.join(root, affwild2.FRAMES_DIR, v.video,
                                            affwild2.frame_name(int(src[t]) + 1)),

@@ -273,3 +273,14 @@ def test_image_mask_marks_the_frames_with_an_image(tmp_path):
     (frames / aw.frame_name(k)).write_bytes(b"")
   (frames / "notes.txt").write_text("not a frame")
   np.testing.assert_array_equal(aw.image_mask(tmp_path, "v1", 5), [True, False, True, False, False])
+
+
+def test_annotation_with_a_utf8_bom_parses(tmp_path):
+  path = tmp_path / "v.txt"
+  path.write_bytes("\ufeffvalence,arousal\n0.5,-0.25\n-5,-5\n".encode("utf-8"))
+  np.testing.assert_array_equal(aw.parse_annotation(path, "VA"), [[0.5, -0.25], [-5, -5]])
+
+
+def test_no_image_at_all_names_the_frames_folder():
+  with pytest.raises(ValueError, match=r"/data/cropped_aligned/v1: no frame image at all .*00001.jpg \.\.\. 00003.jpg"):
+    aw.nearest_image(np.zeros(3, bool), "/data/cropped_aligned/v1")

@@ -293,3 +293,10 @@ def test_video_audio_features_on_synthetic(tmp_path):
   (root / AUDIO_DIR / f"{pairs[0]}.wav").unlink()
   with pytest.raises(FileNotFoundError, match=f"{pairs[0]}.wav"):
     audio.video_audio_features(root, pairs[0] + "_right", 10, fps)
+
+
+def test_zero_byte_wav_says_why(tmp_path):
+  path = tmp_path / "empty.wav"
+  path.write_bytes(b"")
+  with pytest.raises(ValueError, match=r"empty.wav: not a readable WAV file \([a-z]"):
+    audio.read_wav(path)

@@ -100,6 +100,11 @@ def load_config(directory: str | os.PathLike, step: int | None = None) -> dict:
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
 
+def run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The config of a training run, as saved with its newest checkpoint."""
+  return ml_collections.ConfigDict(load_config(fileio.path(workdir) / CHECKPOINTS_DIR))
+
+
 # ---- The exported best state ----
 
 

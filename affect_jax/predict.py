@@ -13,7 +13,6 @@ import functools
 import json
 
 import jax
-import ml_collections
 import numpy as np
 
 from affect_jax import checkpoint, fileio, metrics, sharding
@@ -26,7 +25,7 @@ def load(workdir: str, stride: int | None = None):
   best state of a temporal run, on all devices of all processes (any layout may have
   trained it). The function predicts with windows every `stride` frames (default: the
   run's predict_stride), or every `stride=` frames given at the call."""
-  config = ml_collections.ConfigDict(checkpoint.load_config(fileio.path(workdir) / checkpoint.CHECKPOINTS_DIR))
+  config = checkpoint.run_config(workdir)
   mesh = sharding.make_mesh(config.mesh_shape)
   loaded = checkpoint.load_params(workdir, "best")
   variables = jax.device_put({"params": loaded["params"], "batch_stats": loaded.get("batch_stats", {})},

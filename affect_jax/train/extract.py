@@ -89,8 +89,7 @@ def extract_visual(config: ml_collections.ConfigDict, out_dir: str, videos: dict
   log(f"visual features: {len(mine) - len(todo)} of {len(mine)} videos already complete")
   mesh = sharding.make_mesh(config.mesh_shape)
   params = jax.device_put(params, sharding.replicated(mesh))
-  forward = jax.jit(lambda p, x: model.apply({"params": p}, loaders.normalize_images(x)),
-                    out_shardings=sharding.batch_sharding(mesh, 2))
+  forward = finetune.make_apply_fn(model, mesh)
   records, has_image = [], {}
   for i, video in enumerate(todo):
     has_image[video] = affwild2.image_mask(root, video, videos[video])

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from affect_jax import checkpoint, fileio, losses, metrics, optim, sharding
+from affect_jax import checkpoint, losses, metrics, optim, sharding
 from affect_jax.data import affwild2, loaders, mixing
 from affect_jax.models import vit
 from affect_jax.train import loop, pretrain
@@ -214,5 +214,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
 def load_finetuned(workdir: str) -> tuple[ml_collections.ConfigDict, vit.VisionTransformer, dict]:
   """(config, model, params) of the best state of a fine-tuning run, as host arrays (any
   mesh or process count may have written it)."""
-  config = ml_collections.ConfigDict(checkpoint.load_config(fileio.path(workdir) / checkpoint.CHECKPOINTS_DIR))
+  config = checkpoint.run_config(workdir)
   return config, create_model(config), checkpoint.load_params(workdir, "best")["params"]

@@ -176,5 +176,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def load_pretrained(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
   """(config, params) of the newest checkpoint of a pretraining run, as host arrays (any
   mesh or process count may have written it)."""
-  config = ml_collections.ConfigDict(checkpoint.load_config(fileio.path(workdir) / checkpoint.CHECKPOINTS_DIR))
+  config = checkpoint.run_config(workdir)
   return config, checkpoint.load_params(workdir, "latest")["params"]

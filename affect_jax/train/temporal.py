@@ -159,45 +159,41 @@ def predict_videos(predict_fn, variables, stores: Mapping[str, features.FeatureS
   other processes', merges its outputs back to one per frame, and the merged predictions
   are gathered."""
   names = list(videos)
+  if not names:
+    return {}
   owners = sharding.process_owners(len(names), [videos[v] for v in names])
   mine = [v for v, p in zip(names, owners) if p == jax.process_index()]
-  windows, plan = [], []
+  windows = []
   for video in mine:
-    num_frames = videos[video]
     feats = {m: np.asarray(s.read(video), np.float32) for m, s in stores.items()}
     for m, f in feats.items():
-      if len(f) != num_frames:
-        raise ValueError(f"{video}: {m} features have {len(f)} frames, expected {num_frames}")
+      if len(f) != videos[video]:
+        raise ValueError(f"{video}: {m} features have {len(f)} frames, expected {videos[video]}")
     inputs, mask, starts = segments.predict_windows(feats, segment_len, stride)
-    windows.append({"mask": mask, **inputs})
-    plan.append((video, num_frames, starts))
+    windows.append(({"mask": mask, **inputs}, starts))
   spec = {"mask": jax.ShapeDtypeStruct((segment_len,), np.float32),
           **{m: jax.ShapeDtypeStruct((segment_len, s.dim), np.float32) for m, s in stores.items()}}
   rows = sharding.batch_rows(batch_size, mesh)
-  batches = _row_batches({k: np.concatenate([w[k] for w in windows]) if windows else
+  batches = _row_batches({k: np.concatenate([w[k] for w, _ in windows]) if windows else
                           np.zeros((0, *x.shape), x.dtype) for k, x in spec.items()}, rows)
   outs = [out for _, out in sharding.map_batches(
       lambda b: predict_fn(variables, {m: b[m] for m in stores}, b["mask"]), batches, mesh,
       rows=rows, row_spec=spec)]
   out = np.concatenate(outs) if outs else None
   merged, at = [], 0
-  for (video, num_frames, starts), w in zip(plan, windows):
-    count = len(starts)
-    merged.append(segments.merge(out[at:at + count], starts, num_frames, weighting=merge,
-                                 mask=w["mask"]))
-    at += count
-  if not merged:  # this process had no video: an empty block of the right width
-    some = {k: jax.ShapeDtypeStruct((sharding.batch_divisor(mesh), *x.shape), x.dtype)
-            for k, x in spec.items()}
-    width = jax.eval_shape(predict_fn, variables, {m: some[m] for m in stores}, some["mask"]).shape[-1]
-    merged = [np.zeros((0, width), np.float32)]
-  frames = sharding.allgather_rows(np.concatenate(merged))
+  for video, (w, starts) in zip(mine, windows):
+    merged.append(segments.merge(out[at:at + len(starts)], starts, videos[video],
+                                 weighting=merge, mask=w["mask"]).ravel())
+    at += len(starts)
+  # Gathered flat: a process without videos cannot know the output width, the total can.
+  flat = sharding.allgather_rows(np.concatenate(merged) if merged else np.zeros(0, np.float32))
+  width = flat.size // sum(videos.values())
   preds, at = {}, 0
   for p in range(jax.process_count()):
     for v, owner in zip(names, owners):
       if owner == p:
-        preds[v] = frames[at:at + videos[v]]
-        at += videos[v]
+        preds[v] = flat[at:at + videos[v] * width].reshape(videos[v], width)
+        at += videos[v] * width
   return {v: preds[v] for v in names}
 
 

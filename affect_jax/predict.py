@@ -45,9 +45,11 @@ def load(workdir: str, stride: int | None = None):
   return config, predict, thresholds
 
 
-def split_frames(root: str, task: str, split: str) -> dict[str, int]:
+def split_frames(root: str, task: str, split: str,
+                 max_unmatched: float = affwild2.MAX_UNMATCHED_FRAMES) -> dict[str, int]:
   """{video: num_frames} of a split (test videos: from their images)."""
-  return {v.video: v.num_frames for v in affwild2.load_split(root, task, split)}
+  return {v.video: v.num_frames for v in affwild2.load_split(root, task, split,
+                                                             max_unmatched=max_unmatched)}
 
 
 def write_submission(out_dir: str, workdirs: dict[str, str], split: str = affwild2.TEST_SET,
@@ -56,7 +58,7 @@ def write_submission(out_dir: str, workdirs: dict[str, str], split: str = affwil
   paths = {}
   for task, workdir in workdirs.items():
     config, predict, thresholds = load(workdir, stride)
-    outputs = predict(split_frames(config.data.root, task, split))
+    outputs = predict(split_frames(config.data.root, task, split, affwild2.max_unmatched(config)))
     decisions = {v: temporal.decide(task, o, 0.5 if thresholds is None else thresholds)
                  for v, o in outputs.items()}
     path = fileio.path(out_dir) / f"{affwild2.TASK_DIRS[task][0]}_{split}.csv"
@@ -74,8 +76,9 @@ def compare_strides(workdir: str, strides, splits=(affwild2.VALIDATION_SET, affw
   scores need labels, which only the synthetic set ships (`test_labels/`).
   """
   config, predict, thresholds = load(workdir)
+  unmatched = affwild2.max_unmatched(config)
   labels = {split: {v.video: v for v in affwild2.load_split(config.data.root, config.task, split,
-                                                            with_test_labels=True)}
+                                                            True, unmatched)}
             for split in splits}
   return {int(stride): {split: temporal.score(config.task, predict(
       {v: l.num_frames for v, l in labels[split].items()}, stride=int(stride)), labels[split],
@@ -100,8 +103,8 @@ def compare_models(workdir_a: str, workdir_b: str,
   score = functools.partial(metrics.main_score, task)
   out = {}
   for split in splits:
-    videos = {v.video: v for v in affwild2.load_split(config_a.data.root, task, split,
-                                                      with_test_labels=True)}
+    videos = {v.video: v for v in affwild2.load_split(config_a.data.root, task, split, True,
+                                                      affwild2.max_unmatched(config_a))}
     frames = {name: v.num_frames for name, v in videos.items()}
     a, labels = temporal.per_video(task, predict_a(frames), videos)
     b, _ = temporal.per_video(task, predict_b(frames), videos)

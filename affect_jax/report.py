@@ -183,7 +183,8 @@ def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summa
       continue
     config, fn, thresholds = predict.load(run["workdir"])
     video = affwild2.list_videos(config.data.root, task, affwild2.VALIDATION_SET)[0]
-    v = affwild2.load_video(config.data.root, task, affwild2.VALIDATION_SET, video)
+    v = affwild2.load_video(config.data.root, task, affwild2.VALIDATION_SET, video,
+                            max_unmatched=affwild2.max_unmatched(config))
     out = fn({video: v.num_frames})[video]
     name = "va_prediction.png" if task == "VA" else "au_raster.png"
     predict.plot_video(os.path.join(report, name), task, out, v.labels,

@@ -7,6 +7,7 @@ Task configs call `get_data_config()` and override fields, e.g.
 import ml_collections
 
 from affect_jax import sharding
+from affect_jax.data import affwild2
 
 # Where launchers write (and read) the embedded synthetic dataset when no root is given.
 DEFAULT_SYNTHETIC_ROOT = "/tmp/affect_jax/synthetic"
@@ -20,6 +21,10 @@ def get_data_config() -> ml_collections.ConfigDict:
   data.fps = 30.0
   # Pixel size frames are resized to before they enter a model.
   data.image_size = 112
+  # Label rows vs frame images (affwild2.check_frames): the largest fraction of a video's
+  # frames that may be unmatched (images past the last label row, label rows past the last
+  # image) before its annotation is refused as not belonging to its frames.
+  data.max_unmatched_frames = affwild2.MAX_UNMATCHED_FRAMES
   return data
 
 

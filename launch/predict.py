@@ -36,7 +36,7 @@ def main(argv):
     for task, workdir in workdirs.items():
       config, fn, _ = predict.load(workdir, _STRIDE.value or None)
       video = affwild2.load_video(config.data.root, task, _SPLIT.value, _PLOT.value,
-                                  with_test_labels=True)
+                                  True, affwild2.max_unmatched(config))
       out = fn({video.video: video.num_frames})[video.video]
       png = fileio.path(_OUT.value) / f"{task}_{video.video}.png"
       predict.plot_video(png, task, out, video.labels, f"{task} {video.video}", config.data.fps)

@@ -58,6 +58,12 @@ TEST_LABELS_DIR = "test_labels"
 FRAME_EXT = ".jpg"
 AUDIO_RATE = 16000
 
+# Label rows and frame images of a video may disagree at the end (the annotation runs past the
+# last detected face, or a few images past the last label row). Up to this fraction of the
+# frames is a warning; more is an error (an annotation of another video, a cut frames folder).
+# Stages read it from `config.data.max_unmatched_frames`.
+MAX_UNMATCHED_FRAMES = 0.1
+
 
 def frame_name(index: int) -> str:
   """1-based frame index -> file name, e.g. 1 -> '00001.jpg'."""
@@ -313,9 +319,12 @@ def list_videos(root: str | os.PathLike, task: str, split: str) -> list[str]:
 
 
 def load_video(root: str | os.PathLike, task: str, split: str, video: str,
-               with_test_labels: bool = False) -> VideoLabels:
+               with_test_labels: bool = False,
+               max_unmatched: float = MAX_UNMATCHED_FRAMES) -> VideoLabels:
   """Labels of one video; for Test_Set they come from `test_labels/` (synthetic only)
-  when `with_test_labels`, else they are all invalid (frame count from the images)."""
+  when `with_test_labels`, else they are all invalid (frame count from the images).
+
+  The label rows set the frame count T; `check_frames` compares it with the images."""
   root = Path(root)
   if split == TEST_SET:
     ann = root / TEST_LABELS_DIR / TASK_DIRS[task][0] / f"{video}.txt"
@@ -331,7 +340,54 @@ def load_video(root: str | os.PathLike, task: str, split: str, video: str,
     ann = task_dir(root, task) / split / f"{video}.txt"
     labels = parse_annotation(ann, task)
     indices = _check_frames(root, video, ann)
+  if ann is not None:
+    check_frames(ann, root / FRAMES_DIR / video, labels.shape[0], indices, max_unmatched)
   return VideoLabels(video, task, split, labels, _has_image(indices, labels.shape[0]), ann)
+
+
+_warned: set = set()
+
+
+def max_unmatched(config) -> float:
+  """A stage config's `data.max_unmatched_frames` (configs saved before it existed: the default)."""
+  return float(config.data.get("max_unmatched_frames", MAX_UNMATCHED_FRAMES))
+
+
+def check_frames(ann_path, frames_dir, num_frames: int, indices: np.ndarray,
+                 max_unmatched: float = MAX_UNMATCHED_FRAMES) -> int:
+  """Label rows vs frame images, the one rule every stage applies (the temporal stage's
+  features are made on the label clock, so it inherits it).
+
+  Images numbered past the last label row are never used; label rows past the last image
+  reuse that image. Either is counted as unmatched: none is silent, up to `max_unmatched`
+  of the frames is a warning (once per file), more is an AnnotationError naming both sides.
+  Returns the unmatched count.
+  """
+  indices = np.asarray(indices)
+  past = int((indices > num_frames).sum())
+  inside = indices[indices <= num_frames]
+  last = int(inside.max()) if inside.size else 0
+  tail = num_frames - last
+  unmatched = past + tail
+  if not unmatched:
+    return 0
+  parts = []
+  if past:
+    parts.append(f"{past} image(s) in {frames_dir} past the last label row "
+                 f"(up to {frame_name(int(indices.max()))}) are unused")
+  if tail:
+    parts.append(f"the last {tail} label row(s) have no image"
+                 + (f" and reuse frame {frame_name(last)}" if last else ""))
+  what = f"{num_frames} label rows, but " + "; ".join(parts)
+  if unmatched > max_unmatched * num_frames:
+    raise AnnotationError(ann_path, None, f"{what}: {unmatched / num_frames:.0%} of the frames, "
+                          f"more than {max_unmatched:.0%}. Is this the annotation of this video? "
+                          "(to accept it, raise --config.data.max_unmatched_frames)")
+  key = (str(ann_path), num_frames, past, tail)
+  if key not in _warned:
+    _warned.add(key)
+    logging.warning("%s: %s", ann_path, what)
+  return unmatched
 
 
 def _invalid_labels(task: str, num_frames: int) -> np.ndarray:
@@ -342,9 +398,10 @@ def _invalid_labels(task: str, num_frames: int) -> np.ndarray:
   return np.full((num_frames, len(AU_NAMES)), INVALID_AU, np.int32)
 
 
-def load_split(root: str | os.PathLike, task: str, split: str,
-               with_test_labels: bool = False) -> list[VideoLabels]:
-  return [load_video(root, task, split, v, with_test_labels) for v in list_videos(root, task, split)]
+def load_split(root: str | os.PathLike, task: str, split: str, with_test_labels: bool = False,
+               max_unmatched: float = MAX_UNMATCHED_FRAMES) -> list[VideoLabels]:
+  return [load_video(root, task, split, v, with_test_labels, max_unmatched)
+          for v in list_videos(root, task, split)]
 
 
 # ---- Folds (the authors' 5-fold scheme) ----
@@ -352,7 +409,8 @@ def load_split(root: str | os.PathLike, task: str, split: str,
 NUM_FOLDS = 5
 
 
-def all_videos(root: str | os.PathLike, with_test: bool = True) -> dict[str, int]:
+def all_videos(root: str | os.PathLike, with_test: bool = True,
+               max_unmatched: float = MAX_UNMATCHED_FRAMES) -> dict[str, int]:
   """{video: num_frames} over every task's Train/Validation sets (and test lists)."""
   frames: dict[str, int] = {}
   for task in TASKS:
@@ -367,7 +425,7 @@ def all_videos(root: str | os.PathLike, with_test: bool = True) -> dict[str, int
       except FileNotFoundError:
         continue
       for name in names:
-        n = load_video(root, task, split, name).num_frames
+        n = load_video(root, task, split, name, max_unmatched=max_unmatched).num_frames
         if frames.get(name, n) != n:
           logging.warning("%s: %d frames in one task's annotations, %d in another's; using the "
                           "larger", name, frames[name], n)

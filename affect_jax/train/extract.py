@@ -146,7 +146,7 @@ def extract_audio(config: ml_collections.ConfigDict, out_dir: str, videos: dict[
 
 def run(config: ml_collections.ConfigDict, out_dir: str, log=logging.info) -> dict[str, str]:
   """Extracts what the config asks for into `out_dir/{visual,audio}`; returns their paths."""
-  videos = affwild2.all_videos(config.data.root, config.test_split)
+  videos = affwild2.all_videos(config.data.root, config.test_split, affwild2.max_unmatched(config))
   out = {}
   if config.visual:
     out["visual"] = str(extract_visual(config, out_dir, videos, log).root)

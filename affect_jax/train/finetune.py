@@ -29,11 +29,12 @@ TASK = "EXPR"
 NUM_CLASSES = len(affwild2.EXPR_NAMES)
 
 
-def frame_records(root: str, split: str) -> list[dict]:
+def frame_records(root: str, split: str,
+                  max_unmatched: float = affwild2.MAX_UNMATCHED_FRAMES) -> list[dict]:
   """{'path', 'label'} for every frame of `split` with a valid expression label. A labelled
   frame without an image takes its nearest image (as DESIGN.md's repair rule)."""
   records = []
-  for v in affwild2.load_split(root, TASK, split):
+  for v in affwild2.load_split(root, TASK, split, max_unmatched=max_unmatched):
     src = affwild2.nearest_image(v.has_image, os.path.join(root, affwild2.FRAMES_DIR, v.video))
     for t in np.flatnonzero(v.valid):
       records.append({"path": os.path.join(root, affwild2.FRAMES_DIR, v.video,
@@ -165,8 +166,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
   root = config.data.root
   mesh = sharding.make_mesh(config.mesh_shape)
   sharding.check_batch_size(config.batch_size, mesh)
-  train = frame_records(root, affwild2.TRAIN_SET)
-  val = frame_records(root, affwild2.VALIDATION_SET)
+  unmatched = affwild2.max_unmatched(config)
+  train = frame_records(root, affwild2.TRAIN_SET, unmatched)
+  val = frame_records(root, affwild2.VALIDATION_SET, unmatched)
   train_labels = np.array([r["label"] for r in train])
   weights = class_weights(train_labels, config.class_weighting)
   steps_per_epoch = max(len(train) // config.batch_size, 1)

@@ -47,7 +47,8 @@ def open_stores(config: ml_collections.ConfigDict) -> dict[str, features.Feature
   return stores
 
 
-def load_labels(root: str, task: str, videos, with_test_labels: bool = False) -> dict[str, affwild2.VideoLabels]:
+def load_labels(root: str, task: str, videos, with_test_labels: bool = False,
+                max_unmatched: float = affwild2.MAX_UNMATCHED_FRAMES) -> dict[str, affwild2.VideoLabels]:
   """Labels of named videos, from whichever split folder holds each (folds mix them)."""
   where = {}
   for split in affwild2.SPLITS:
@@ -62,7 +63,8 @@ def load_labels(root: str, task: str, videos, with_test_labels: bool = False) ->
   missing = [v for v in videos if v not in where]
   if missing:
     raise KeyError(f"{root}: no {task} annotation for videos {missing[:5]}")
-  return {v: affwild2.load_video(root, task, where[v], v, with_test_labels) for v in videos}
+  return {v: affwild2.load_video(root, task, where[v], v, with_test_labels, max_unmatched)
+          for v in videos}
 
 
 def split_videos(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
@@ -256,7 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = loop.open_workdir(config, workdir, f"temporal {task}")
   stores = open_stores(config)
   splits = split_videos(config)
-  labels = load_labels(root, task, splits["train"] + splits["val"])
+  unmatched = affwild2.max_unmatched(config)
+  labels = load_labels(root, task, splits["train"] + splits["val"], max_unmatched=unmatched)
   train_labels = {v: labels[v].labels for v in splits["train"]}
   source = segments.SegmentSource(stores, train_labels, task, segment_len=config.data.segment_len,
                                   stride=config.data.stride)
@@ -314,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   test_labels = {}
   if splits["test"]:
     try:
-      test_labels = load_labels(root, task, splits["test"], with_test_labels=True)
+      test_labels = load_labels(root, task, splits["test"], True, unmatched)
     except (FileNotFoundError, KeyError):
       test_labels = {}  # real ABAW: test labels are not public
   if test_labels:

@@ -284,3 +284,37 @@ def test_annotation_with_a_utf8_bom_parses(tmp_path):
 def test_no_image_at_all_names_the_frames_folder():
   with pytest.raises(ValueError, match=r"/data/cropped_aligned/v1: no frame image at all .*00001.jpg \.\.\. 00003.jpg"):
     aw.nearest_image(np.zeros(3, bool), "/data/cropped_aligned/v1")
+
+
+def _va_video(root, rows, images, split="Train_Set", video="clip"):
+  _frames(root, video, images)
+  return _write(root / f"VA_Estimation_Challenge/{split}/{video}.txt",
+                VA_HEADER + "\n" + "0.1,0.2\n" * rows)
+
+
+@pytest.mark.parametrize("rows,images,fragment", [
+    (50, 30, "50 label rows, but the last 20 label row(s) have no image and reuse frame 00030.jpg"),
+    (20, 30, "20 label rows, but 10 image(s) in"),
+])
+def test_labels_that_do_not_match_the_frames_are_refused(tmp_path, rows, images, fragment):
+  ann = _va_video(tmp_path, rows, range(1, images + 1))
+  with pytest.raises(aw.AnnotationError, match=re.escape(fragment)) as e:
+    aw.load_video(tmp_path, "VA", aw.TRAIN_SET, "clip")
+  assert str(e.value).startswith(str(ann)) and "max_unmatched_frames" in str(e.value)
+  # Every entry point that reads labels applies the same rule.
+  with pytest.raises(aw.AnnotationError, match=re.escape(fragment)):
+    aw.all_videos(tmp_path)
+  # A user who knows better raises the tolerance.
+  v = aw.load_video(tmp_path, "VA", aw.TRAIN_SET, "clip", max_unmatched=0.5)
+  assert v.num_frames == rows and v.has_image.sum() == min(rows, images)
+
+
+def test_a_few_unmatched_frames_warn_once(tmp_path, caplog):
+  ann = _va_video(tmp_path, 21, range(1, 21))  # the last row has no image: 1 of 21 frames
+  with caplog.at_level("WARNING"):
+    for _ in range(3):
+      assert aw.load_video(tmp_path, "VA", aw.TRAIN_SET, "clip").num_frames == 21
+  warned = [r.getMessage() for r in caplog.records if str(ann) in r.getMessage()]
+  assert len(warned) == 1 and "the last 1 label row(s) have no image" in warned[0]
+  # Gaps inside the video are ordinary (no face detected) and not counted.
+  assert aw.check_frames(ann, tmp_path, 5, np.array([1, 3, 5])) == 0

@@ -3,6 +3,7 @@ or a job resumed after a kill, sees the old file or the new one, never a half-wr
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 import re
@@ -92,3 +93,18 @@ def write_shared_text(path: str | os.PathLike, text: str) -> None:
   if jax.process_index() == 0:
     write_text_atomic(path, text)
   sharding.barrier(f"write {path}")
+
+
+def stat_fingerprint(paths, root: str | os.PathLike | None = None) -> str:
+  """A short hash of the files' names (relative to `root`), sizes and modification times:
+  what a rerun compares to tell changed inputs from unchanged ones without reading them (a
+  missing file counts too). Local files only."""
+  h = hashlib.sha256()
+  for p in paths:
+    p = os.fspath(p)
+    try:
+      st = os.stat(p)
+      h.update(f"{os.path.relpath(p, root) if root else p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except FileNotFoundError:
+      h.update(f"{os.path.relpath(p, root) if root else p}\0missing\n".encode())
+  return h.hexdigest()[:16]

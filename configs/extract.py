@@ -27,5 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.visual = True
   c.audio = True
   c.audio_features = dataclasses.asdict(audio.AudioFeatureConfig())
+  # A WAV shorter than its video leaves the frames past its end silent (counted in the store
+  # as frames_without_audio, with a warning); covering less than this fraction is an error.
+  c.min_audio_coverage = 0.5
   c.test_split = True  # also every video of the tasks' test lists
   return c

@@ -137,3 +137,26 @@ def test_shared_text_is_written_by_process_0_only(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   fileio.write_shared_text(tmp_path / "b.json", "{}\n")
   assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_stat_fingerprint_changes_with_any_file_and_not_with_the_root(tmp_path):
+  files = [tmp_path / "a" / f"{i}.jpg" for i in range(3)]
+  files[0].parent.mkdir()
+  for f in files:
+    f.write_bytes(b"x")
+  fp = fileio.stat_fingerprint(files, tmp_path / "a")
+  assert fp == fileio.stat_fingerprint(files, tmp_path / "a")
+  moved = tmp_path / "b"
+  os.rename(tmp_path / "a", moved)  # a renamed dataset root keeps its fingerprint
+  assert fileio.stat_fingerprint([moved / f.name for f in files], moved) == fp
+  files = [moved / f.name for f in files]
+  st = os.stat(files[1])
+  os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # touched
+  assert fileio.stat_fingerprint(files, moved) != fp
+  fp = fileio.stat_fingerprint(files, moved)
+  files[2].write_bytes(b"xy")  # same name, other size
+  os.utime(files[2], ns=(st.st_atime_ns, st.st_mtime_ns))
+  assert fileio.stat_fingerprint(files, moved) != fp
+  fp = fileio.stat_fingerprint(files, moved)
+  files[0].unlink()  # gone
+  assert fileio.stat_fingerprint(files, moved) != fp

@@ -20,7 +20,7 @@ from pathlib import Path
 from absl import logging
 import numpy as np
 
-from affect_jax.fileio import write_shared_text, write_text_atomic
+from affect_jax.fileio import stat_fingerprint, write_shared_text, write_text_atomic
 
 # ---- Constants of the format (shared by the reader, the synthetic writer, predict) ----
 
@@ -226,8 +226,9 @@ def task_dir(root: str | os.PathLike, task: str) -> Path:
                           f"(looked for {', '.join(TASK_DIRS[task])})")
 
 
-@functools.lru_cache(maxsize=None)
-def _image_indices(frames_dir: str) -> tuple[int, ...]:
+@functools.lru_cache(maxsize=4096)
+def _image_indices(frames_dir: str, mtime_ns: int) -> tuple[int, ...]:
+  del mtime_ns  # a key only: adding or removing a file changes the folder's mtime
   names = (e.name for e in os.scandir(frames_dir) if e.name.endswith(FRAME_EXT))
   return tuple(sorted(int(n[: -len(FRAME_EXT)]) for n in names if n[: -len(FRAME_EXT)].isdigit()))
 
@@ -237,7 +238,23 @@ def image_indices(root: str | os.PathLike, video: str) -> np.ndarray:
   frames_dir = Path(root) / FRAMES_DIR / video
   if not frames_dir.is_dir():
     raise FileNotFoundError(f"{frames_dir}: no frames folder for video {video!r}")
-  return np.asarray(_image_indices(str(frames_dir)), dtype=np.int64)
+  return np.asarray(_image_indices(str(frames_dir), frames_dir.stat().st_mtime_ns), dtype=np.int64)
+
+
+def frames_fingerprint(root: str | os.PathLike, video: str, num_frames: int) -> str:
+  """What a video's visual features are made from: the names, sizes and mtimes of its frame
+  images 1..num_frames (`fileio.stat_fingerprint`). A replaced, added or removed image
+  changes it."""
+  frames_dir = Path(root) / FRAMES_DIR / video
+  indices = image_indices(root, video)
+  return stat_fingerprint([frames_dir / frame_name(int(i)) for i in indices if i <= num_frames],
+                          frames_dir)
+
+
+def audio_fingerprint(root: str | os.PathLike, video: str) -> str:
+  """What a video's audio features are made from: its WAV's size and mtime."""
+  path = audio_path(root, video)
+  return stat_fingerprint([path], path.parent)
 
 
 def image_mask(root: str | os.PathLike, video: str, num_frames: int) -> np.ndarray:

@@ -288,13 +288,18 @@ def frame_features(samples: np.ndarray, sample_rate: int, num_frames: int, fps: 
 
 
 def video_audio_features(root, video: str, num_frames: int, fps: float,
-                         config: AudioFeatureConfig | None = None, **overrides) -> np.ndarray:
-  """float32 [num_frames, D] from the video's source WAV (shared by `_left`/`_right`) at 16 kHz."""
+                         config: AudioFeatureConfig | None = None, **overrides
+                         ) -> tuple[np.ndarray, int]:
+  """(float32 [num_frames, D], frames without audio) from the video's source WAV (shared by
+  `_left`/`_right`) at 16 kHz. A frame is without audio when its time k / fps is at or past
+  the track's end: its row describes silence, and the caller decides what that means."""
   path = affwild2.audio_path(root, video)
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no audio track for video {video!r}")
   x, rate = read_wav(path)
-  return frame_features(resample(x, rate, AUDIO_RATE), AUDIO_RATE, num_frames, fps, config, **overrides)
+  x = resample(x, rate, AUDIO_RATE)
+  silent = int((frame_centres(num_frames, fps, AUDIO_RATE) >= x.size).sum())
+  return frame_features(x, AUDIO_RATE, num_frames, fps, config, **overrides), silent
 
 
 # ---- Features computed elsewhere (e.g. a speech model) ----

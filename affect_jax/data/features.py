@@ -2,11 +2,12 @@
 
   <root>/store.json            kind, dim, dtype, model_hash, config (what every array shares)
   <root>/videos/<video>.npy    [num_frames, dim], read lazily with mmap (local stores)
-  <root>/videos/<video>.json   num_frames, repaired_frames, ... (written last: its presence
-                               marks the video complete)
+  <root>/videos/<video>.json   num_frames, inputs, repaired_frames, ... (written last: its
+                               presence marks the video complete)
 
 Every file is written to a temporary name and renamed, so a crash mid-video leaves no
-half-written array visible, and a rerun skips the videos already complete. Videos are
+half-written array visible. A rerun skips the videos already complete whose `inputs` (a
+fingerprint of the files they were made from) still match, and recomputes the rest. Videos are
 independent files, so several hosts can fill one store without sharing a manifest file.
 `root` may be a bucket URL (`gs://...`).
 """
@@ -96,16 +97,24 @@ class FeatureStore:
       raise KeyError(f"{self.root}: no features for video {video!r}")
     return json.loads(path.read_text())
 
-  def has(self, video: str, num_frames: int | None = None) -> bool:
+  def has(self, video: str, num_frames: int | None = None, inputs: str | None = None) -> bool:
     """True when the video is complete and its array matches its metadata (and
-    `num_frames`, when given): what a resumed extraction may skip."""
+    `num_frames` and the `inputs` fingerprint it was written with, when given): what a
+    resumed extraction may skip."""
     try:
       meta = self.meta(video)
       arr = self._load(video, mmap=True)
     except (KeyError, FileNotFoundError, ValueError):
       return False
     ok = arr.shape == (meta["num_frames"], self.dim) and arr.dtype == self.dtype
+    ok = ok and (inputs is None or meta.get("inputs") == inputs)
     return ok and (num_frames is None or meta["num_frames"] == num_frames)
+
+  def plan(self, videos: dict[str, int], inputs: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(to compute, of them the ones complete but made from other inputs) among `videos`
+    ({video: num_frames}), in their order."""
+    todo = [v for v in videos if not self.has(v, videos[v], inputs[v])]
+    return todo, [v for v in todo if self.has(v, videos[v])]
 
   def write(self, video: str, features: np.ndarray, **meta) -> None:
     """Stores [num_frames, dim] features (cast to the store dtype) and their metadata."""

@@ -2,7 +2,10 @@
 encoder's pooled feature) and one audio vector (on the same frame clock), in feature stores.
 
 Frames without an image (or with an unreadable one) take the previous available frame's
-feature (the next one at a video's start), counted per video. Reruns skip complete videos.
+feature (the next one at a video's start), counted per video. Frames past the end of a short
+audio track read as silence, counted per video; below `min_audio_coverage` that is an error.
+Reruns skip the complete videos whose input files (names, sizes, mtimes) are unchanged and
+recompute the rest.
 """
 
 from __future__ import annotations
@@ -51,16 +54,28 @@ def load_encoder(config: ml_collections.ConfigDict):
   return model, params, config.data.image_size or size
 
 
-def _finish_video(store, video, num_frames, has_image, feats_by_frame):
+def _finish_video(store, video, num_frames, has_image, feats_by_frame, inputs, frames_dir):
   """Assemble [T, D] from the features of frames whose image was read, repairing the rest."""
   got = np.zeros(num_frames, bool)
   got[list(feats_by_frame)] = True
   if not got.any():
-    raise RuntimeError(f"{video}: no readable frame image at all")
+    raise RuntimeError(f"{frames_dir}: no readable frame image at all (video {video}); "
+                       "every image is missing or unreadable")
   src = affwild2.nearest_image(got)
   rows = np.stack([feats_by_frame[int(s)] for s in src])
-  store.write(video, rows, repaired_frames=int(num_frames - got.sum()),
+  store.write(video, rows, inputs=inputs, repaired_frames=int(num_frames - got.sum()),
               frames_without_image=int((~has_image).sum()))
+
+
+def _plan(store, kind: str, videos: dict[str, int], inputs: dict[str, str], log) -> list[str]:
+  """The videos to compute: missing, incomplete, or made from input files that changed since."""
+  todo, changed = store.plan(videos, inputs)
+  msg = f"{kind} features: {len(videos) - len(todo)} of {len(videos)} videos already complete"
+  if changed:
+    msg += (f"; {len(changed)} recomputed because their input files changed: "
+            + ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
+  log(msg)
+  return todo
 
 
 def open_store(path, **kwargs) -> features.FeatureStore:
@@ -84,9 +99,9 @@ def extract_visual(config: ml_collections.ConfigDict, out_dir: str, videos: dict
       config={"encoder_workdir": str(fileio.path(config.encoder_workdir)),
               "encoder_kind": config.encoder_kind, "pool": model.pool, "image_size": size})
   names = list(videos)
-  mine = sharding.process_share(names, [videos[v] for v in names])
-  todo = [v for v in mine if not store.has(v, videos[v])]
-  log(f"visual features: {len(mine) - len(todo)} of {len(mine)} videos already complete")
+  mine = {v: videos[v] for v in sharding.process_share(names, [videos[v] for v in names])}
+  inputs = {v: affwild2.frames_fingerprint(root, v, n) for v, n in mine.items()}
+  todo = _plan(store, "visual", mine, inputs, log)
   mesh = sharding.make_mesh(config.mesh_shape)
   params = jax.device_put(params, sharding.replicated(mesh))
   forward = finetune.make_apply_fn(model, mesh)
@@ -104,7 +119,8 @@ def extract_visual(config: ml_collections.ConfigDict, out_dir: str, videos: dict
     nonlocal current, feats, done_frames
     while current < upto:
       v = todo[current]
-      _finish_video(store, v, videos[v], has_image[v], feats)
+      _finish_video(store, v, videos[v], has_image[v], feats, inputs[v],
+                    os.path.join(root, affwild2.FRAMES_DIR, v))
       done_frames += videos[v]
       rate = done_frames / max(time.perf_counter() - start, 1e-9)
       log(f"visual {current + 1}/{len(todo)} {v}: {videos[v]} frames | {rate:.0f} frames/s | "
@@ -132,15 +148,29 @@ def extract_audio(config: ml_collections.ConfigDict, out_dir: str, videos: dict[
       model_hash=hashlib.sha256(blob.encode()).hexdigest()[:16],
       config={**config.audio_features, "fps": config.data.fps})
   names = list(videos)
-  mine = sharding.process_share(names, [videos[v] for v in names])
-  todo = [v for v in mine if not store.has(v, videos[v])]
-  log(f"audio features: {len(mine) - len(todo)} of {len(mine)} videos already complete")
-  start = time.perf_counter()
+  mine = {v: videos[v] for v in sharding.process_share(names, [videos[v] for v in names])}
+  inputs = {v: affwild2.audio_fingerprint(config.data.root, v) for v in mine}
+  todo = _plan(store, "audio", mine, inputs, log)
+  min_coverage = float(config.get("min_audio_coverage", 0.0))
+  start, refused = time.perf_counter(), []
   for video in todo:
-    feats = audio.video_audio_features(config.data.root, video, videos[video], config.data.fps, cfg)
-    store.write(video, feats)
+    n = videos[video]
+    feats, silent = audio.video_audio_features(config.data.root, video, n, config.data.fps, cfg)
+    if silent:
+      what = (f"{affwild2.audio_path(config.data.root, video)}: the audio ends before video "
+              f"{video}: it covers {1 - silent / n:.0%} of its {n} frames; the last {silent} "
+              "read as silence")
+      if 1 - silent / n < min_coverage:
+        refused.append(what)
+        continue
+      logging.warning("%s", what)
+    store.write(video, feats, inputs=inputs[video], frames_without_audio=silent)
   if todo:
     log(f"audio: {len(todo)} videos, {sum(videos[v] for v in todo) / (time.perf_counter() - start):.0f} frames/s")
+  if refused:
+    raise ValueError(f"{len(refused)} video(s) with too little audio (config.min_audio_coverage="
+                     f"{min_coverage:g}): " + "; ".join(refused[:10])
+                     + ". Give them a complete WAV, or lower min_audio_coverage to accept silence")
   return store
 
 

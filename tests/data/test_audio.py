@@ -283,13 +283,24 @@ def test_video_audio_features_on_synthetic(tmp_path):
   fps = manifest["config"]["fps"]
   feats = {}
   for video, entry in manifest["videos"].items():
-    feats[video] = audio.video_audio_features(root, video, entry["num_frames"], fps, kind="logmel+prosody")
+    feats[video], silent = audio.video_audio_features(root, video, entry["num_frames"], fps,
+                                                      kind="logmel+prosody")
+    assert silent == 0  # the synthetic tracks cover their videos
     assert feats[video].shape == (entry["num_frames"], 68) and np.isfinite(feats[video]).all()
     assert feats[video][:, LOG_RMS].std() > 0  # speech turns and syllables, not a flat track
   pairs = [v[: -len("_left")] for v in feats if v.endswith("_left")]
   assert pairs
   for source in pairs:
     np.testing.assert_array_equal(feats[source + "_left"], feats[source + "_right"])
+  # A track cut to 40 % of its video: the frames past its end are counted.
+  video = pairs[0] + "_left"
+  n = manifest["videos"][video]["num_frames"]
+  wav = root / AUDIO_DIR / f"{pairs[0]}.wav"
+  x, rate = audio.read_wav(wav)
+  keep = int(0.4 * n / fps * rate)
+  _write_pcm(wav, (x[:keep] * 32767).astype(np.int16), 2, 1, rate)
+  _, silent = audio.video_audio_features(root, video, n, fps)
+  assert silent == sum(k / fps >= keep / rate for k in range(n))
   (root / AUDIO_DIR / f"{pairs[0]}.wav").unlink()
   with pytest.raises(FileNotFoundError, match=f"{pairs[0]}.wav"):
     audio.video_audio_features(root, pairs[0] + "_right", 10, fps)

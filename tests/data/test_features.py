@@ -104,3 +104,15 @@ def test_remote_store_reads_into_memory_what_a_local_one_maps(tmp_path, monkeypa
   empty = _store(tmp_path / "empty")
   (tmp_path / "empty" / "store" / "videos").rmdir()
   assert features.FeatureStore(empty.root).videos() == []
+
+
+def test_plan_recomputes_what_is_missing_or_made_from_other_inputs(tmp_path):
+  store = features.FeatureStore.create(tmp_path, kind="visual", dim=2, dtype="float32",
+                                       model_hash="m")
+  store.write("a", np.zeros((3, 2)), inputs="fa")
+  store.write("b", np.zeros((4, 2)), inputs="fb")
+  store.write("c", np.zeros((2, 2)))  # written before inputs were recorded
+  todo, changed = store.plan({"a": 3, "b": 4, "c": 2, "d": 5},
+                             {"a": "fa", "b": "fb2", "c": "fc", "d": "fd"})
+  assert todo == ["b", "c", "d"] and changed == ["b", "c"]
+  assert store.plan({"a": 4}, {"a": "fa"}) == (["a"], [])  # another frame count: not complete

@@ -1,12 +1,16 @@
 """Feature extraction: every frame of every video, repairs, resume, matches a direct forward."""
 
 import json
+import os
+import re
+import shutil
+import wave
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from affect_jax.data import affwild2, features, loaders
+from affect_jax.data import affwild2, audio, features, loaders
 from affect_jax.train import extract
 
 
@@ -89,3 +93,61 @@ def test_rerun_skips_complete_videos_and_resumes_after_a_crash(synthetic_root, f
   logs.clear()
   extract.run(config, str(tmp_path), log=logs.append)
   assert logs == [f"visual features: {total} of {total} videos already complete"]
+
+
+def test_changed_inputs_are_recomputed_and_only_they(synthetic_root, finetune_workdir, tmp_path):
+  root = tmp_path / "data"
+  shutil.copytree(synthetic_root, root)
+  config, out = _config(root, finetune_workdir), tmp_path / "features"
+  extract.run(config, str(out), log=lambda s: None)
+  visual, sound = features.FeatureStore(out / "visual"), features.FeatureStore(out / "audio")
+  videos = affwild2.all_videos(str(root))
+  solo = next(v for v in videos if affwild2.source_video(v) == v)
+  frames = affwild2.image_indices(root, solo)
+  a, b = int(frames[2]), int(frames[5])
+  before = {s: {v: s.read(v, mmap=False) for v in videos} for s in (visual, sound)}
+  written = {s: {v: os.stat(s._meta_path(v)).st_mtime_ns for v in videos} for s in (visual, sound)}
+
+  # Frame a's image becomes frame b's: only that video is recomputed, and row a now holds
+  # frame b's feature.
+  folder = root / affwild2.FRAMES_DIR / solo
+  shutil.copyfile(folder / affwild2.frame_name(b), folder / affwild2.frame_name(a))
+  logs = []
+  extract.run(config, str(out), log=logs.append)
+  n = len(videos)
+  assert logs[0] == (f"visual features: {n - 1} of {n} videos already complete; 1 recomputed "
+                     f"because their input files changed: {solo}")
+  assert logs[-1] == f"audio features: {n} of {n} videos already complete"
+  after = visual.read(solo, mmap=False)
+  np.testing.assert_allclose(after[a - 1], before[visual][solo][b - 1], rtol=1e-4, atol=1e-4)
+  assert not np.allclose(before[visual][solo][a - 1], before[visual][solo][b - 1], atol=1e-3)
+  for v in videos:
+    if v != solo:
+      assert os.stat(visual._meta_path(v)).st_mtime_ns == written[visual][v]
+    assert os.stat(sound._meta_path(v)).st_mtime_ns == written[sound][v]
+
+  # The WAV cut to 70 % of the video: recomputed, the silent frames counted and warned about;
+  # cut to 30 %: refused, naming the file and the setting.
+  wav = affwild2.audio_path(root, solo)
+  x, rate = audio.read_wav(wav)
+  fps, num = config.data.fps, videos[solo]
+  for fraction in (0.7, 0.3):
+    with wave.open(str(wav), "wb") as f:
+      f.setnchannels(1), f.setsampwidth(2), f.setframerate(rate)
+      f.writeframes((x[: int(fraction * num / fps * rate)] * 32767).astype("<i2").tobytes())
+    if fraction == 0.3:
+      with pytest.raises(ValueError, match=re.escape(f"{wav}: the audio ends before video {solo}: "
+                                                     "it covers 31% of its")) as e:
+        extract.run(config, str(out), log=lambda s: None)
+      assert "min_audio_coverage=0.5" in str(e.value)
+      break
+    logs.clear()
+    extract.run(config, str(out), log=logs.append)
+    assert logs[-2] == (f"audio features: {n - 1} of {n} videos already complete; 1 recomputed "
+                        f"because their input files changed: {solo}")
+    silent = sound.meta(solo)["frames_without_audio"]
+    assert silent == sum(k / fps >= int(fraction * num / fps * rate) / rate for k in range(num)) > 0
+    np.testing.assert_allclose(sound.read(solo)[: num // 2], before[sound][solo][: num // 2],
+                               rtol=1e-3, atol=1e-3)
+  # Nothing already written was lost: the refused video keeps its last good features.
+  assert sound.meta(solo)["frames_without_audio"] == silent and sound.has(solo, num)

@@ -8,12 +8,16 @@
 Every stage runs the real launchers' code (`affect_jax.train.*`) with the task configs at a
 small size. A stage records its settings and result in `out_dir/stages/<name>.json` when it
 finishes; a rerun with the same settings reuses it, so a second run is fast and an
-interrupted one resumes (training stages also resume from their own checkpoints).
+interrupted one resumes (training stages also resume from their own checkpoints). A stage's
+settings include what it is made from: the records of the stages it reads and, for those
+reading the dataset, a fingerprint of its files (names, sizes, mtimes), so a changed input
+reruns exactly the stages downstream of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -62,6 +66,36 @@ VARIANTS = (  # (name, row label, encoder, model overrides)
 PAIRS = (("tcn_tf_va", "frame_mlp"), ("tcn_tf_v", "frame_mlp"))
 
 
+class Stages:
+  """Runs the pipeline's stages, each unless `out_dir/stages/<name>.json` records the same
+  settings and the same fingerprints of what it is made from (`after`: earlier stages, or
+  "data", whose fingerprint `made_from["data"]` the caller sets). Logs one line per stage
+  with an estimate of the time left."""
+
+  def __init__(self, out_dir: str, total: int, log: Callable[[str], None]):
+    self.out_dir, self.total, self.log = out_dir, total, log
+    self.made_from: dict[str, str] = {}  # stage -> the fingerprint later stages key on
+    self.start, self.done, self.ran_s = time.perf_counter(), 0, []
+
+  def __call__(self, name: str, settings: dict, fn: Callable[[], dict],
+               workdir: str | None = None, after=("data",)) -> dict:
+    t0 = time.perf_counter()
+    settings = {**settings, "after": {n: self.made_from[n] for n in after}}
+    result, ran = _stage(self.out_dir, name, settings, fn, workdir)
+    self.made_from[name] = _record_fingerprint(self.out_dir, name)
+    took = time.perf_counter() - t0
+    self.done += 1
+    if ran:
+      self.ran_s.append(took)
+    # Reused stages take no time: estimate the rest from the stages that ran (a resumed run's
+    # first lines have none yet).
+    eta = (f"{sum(self.ran_s) / len(self.ran_s) * (self.total - self.done):5.0f} s"
+           if self.ran_s else "    ? s")
+    self.log(f"[{self.done:2d}/{self.total}] {name:34s} {'ran' if ran else 'reused':6s} "
+             f"{took:6.1f} s | elapsed {time.perf_counter() - self.start:6.1f} s | ETA {eta}")
+    return result
+
+
 def _stage(out_dir: str, name: str, settings: dict, fn: Callable[[], dict],
            workdir: str | None = None) -> tuple[dict, bool]:
   """Runs fn unless out_dir/stages/name.json records the same settings; (result, ran). A
@@ -80,6 +114,21 @@ def _stage(out_dir: str, name: str, settings: dict, fn: Callable[[], dict],
   fileio.write_text_atomic(path, json.dumps({"settings": settings, "result": result},
                                             indent=1, default=float))
   return result, True
+
+
+def _record_fingerprint(out_dir: str, name: str) -> str:
+  """What a later stage keys on: the hash of a finished stage's record."""
+  with open(os.path.join(out_dir, "stages", f"{name}.json"), "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def data_fingerprint(root: str) -> str:
+  """`fileio.stat_fingerprint` of every file of the dataset."""
+  files = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    files += [os.path.join(dirpath, n) for n in sorted(filenames)]
+  return fileio.stat_fingerprint(files, root)
 
 
 def make_data(root: str, config: synthetic.SyntheticConfig) -> bool:
@@ -144,29 +193,14 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
   out_dir = os.path.abspath(out_dir)
   root = os.path.join(out_dir, "data")
   cfg = _configs(p, root, out_dir)
-  stages = 1 + 1 + 1 + 2 + 2 + len(VARIANTS) * len(affwild2.TASKS) + 3
-  start, done, ran_s = time.perf_counter(), [0], []
-
-  def step(name, settings, fn, workdir=None):
-    t0 = time.perf_counter()
-    result, ran = _stage(out_dir, name, settings, fn, workdir)
-    took = time.perf_counter() - t0
-    done[0] += 1
-    if ran:
-      ran_s.append(took)
-    elapsed = time.perf_counter() - start
-    # Reused stages take no time: estimate the rest from the stages that ran (a resumed run's
-    # first lines have none yet).
-    eta = f"{sum(ran_s) / len(ran_s) * (stages - done[0]):5.0f} s" if ran_s else "    ? s"
-    log(f"[{done[0]:2d}/{stages}] {name:34s} {'ran' if ran else 'reused':6s} "
-        f"{took:6.1f} s | elapsed {elapsed:6.1f} s | ETA {eta}")
-    return result
+  step = Stages(out_dir, 1 + 1 + 1 + 2 + 2 + len(VARIANTS) * len(affwild2.TASKS) + 3, log)
 
   def data_stage():
     make_data(root, p["data"])
     return {"summary": check_data(root)}
 
-  data = step("data", dataclasses.asdict(p["data"]), data_stage)
+  data = step("data", dataclasses.asdict(p["data"]), data_stage, after=())
+  step.made_from["data"] = data_fingerprint(root)  # the files as they are now, edits included
   with open(os.path.join(root, ORACLE)) as f:
     oracle = json.load(f)
 
@@ -186,7 +220,8 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
     c.init.kind = init
     res = step(f"finetune_{init}_init", c.to_dict(), lambda c=c, init=init: {
         "best": finetune.train_and_evaluate(c, os.path.join(out_dir, f"finetune_{init}"))["best"]},
-        os.path.join(out_dir, f"finetune_{init}"))
+        os.path.join(out_dir, f"finetune_{init}"),
+        after=("data", "mae_pretrain") if init == "mae" else ("data",))
     ft_scores[init] = res["best"]["value"]
 
   feats = {}
@@ -195,7 +230,8 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
     c.encoder_workdir = os.path.join(out_dir, f"finetune_{init}")
     c.audio = init == "mae"  # audio features do not depend on the encoder
     feats[init] = step(f"features_{init}_init", c.to_dict(), lambda c=c, init=init: extract.run(
-        c, os.path.join(out_dir, f"features_{init}"), log=lambda s: None))
+        c, os.path.join(out_dir, f"features_{init}"), log=lambda s: None),
+        after=("data", f"finetune_{init}_init"))
   feats["random"]["audio"] = feats["mae"]["audio"]
 
   results: dict = {}
@@ -207,7 +243,8 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
         c.model[k] = v
       workdir = os.path.join(out_dir, "temporal", f"{task}_{name}")
       res = step(f"{task.lower()}_{name}", c.to_dict(), lambda c=c, w=workdir: {
-          k: v for k, v in temporal.train_and_evaluate(c, w).items() if k != "history"}, workdir)
+          k: v for k, v in temporal.train_and_evaluate(c, w).items() if k != "history"}, workdir,
+          after=("data", f"features_{encoder}_init", "features_mae_init"))
       results.setdefault(task, {})[name] = {"label": label, "workdir": workdir, **res}
 
   # The authors predict with disjoint windows (stride = segment length); ours overlaps them
@@ -216,7 +253,7 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
   strides = step("prediction_strides", {
       "strides": compare, "runs": {t: results[t]["tcn_tf_va"].get("best_step") for t in results}},
       lambda: {t: predict.compare_strides(results[t]["tcn_tf_va"]["workdir"], compare)
-               for t in results})
+               for t in results}, after=("data", *(f"{t.lower()}_tcn_tf_va" for t in results)))
 
   samples = cfg["VA"].bootstrap_samples
   pairs = step("paired_differences", {
@@ -224,16 +261,18 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
       "runs": {t: {n: results[t][n].get("best_step") for pair in PAIRS for n in pair} for t in results}},
       lambda: {t: {f"{a}-{b}": predict.compare_models(
           results[t][a]["workdir"], results[t][b]["workdir"], num_samples=samples)
-                   for a, b in PAIRS} for t in results})
+                   for a, b in PAIRS} for t in results},
+      after=("data", *sorted({f"{t.lower()}_{n}" for t in results for pair in PAIRS for n in pair})))
 
   summary = step("report", {"v": 4, "results": {t: {n: r.get("best_step") for n, r in v.items()}
                                                  for t, v in results.items()}, "strides": strides,
                            "pixels": pixels, "pairs": pairs},
                  lambda: report.write(out_dir, results, oracle, ft_scores, data["summary"],
-                                      strides, p["segment_len"], pixels, pairs))
+                                      strides, p["segment_len"], pixels, pairs),
+                 after=tuple(step.made_from))  # the report draws on every stage
   table = summary["table"]
   log("\n" + table)
   log(f"\nresults: {os.path.join(out_dir, 'results.md')}, report: {os.path.join(out_dir, 'report')}"
-      f" (total {time.perf_counter() - start:.0f} s)")
+      f" (total {time.perf_counter() - step.start:.0f} s)")
   return {"data_root": root, "summary": data["summary"], "oracle": oracle, "results": results,
           "finetune_f1": ft_scores, "table": table}

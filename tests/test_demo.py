@@ -64,3 +64,30 @@ def test_full_preset_configures_the_paper_sizes(tmp_path):
     assert (t.data.segment_len, t.data.stride, t.data.predict_stride) == (300, 200, 200)
     assert t.model.preset == "paper"  # the authors' model, checked against torch elsewhere
     assert t.num_steps <= 0 and t.num_epochs == {"VA": 40, "EXPR": 10, "AU": 30}[task]
+
+
+def test_a_changed_input_reruns_exactly_the_stages_downstream_of_it(tmp_path):
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "a.txt").write_text("1")
+  runs, lines = [], []
+
+  def pipeline(settings_b=1):
+    step = demo.Stages(str(tmp_path), 4, lines.append)
+    step.made_from["data"] = demo.data_fingerprint(str(data))
+    a = step("a", {"x": 1}, lambda: runs.append("a") or {"v": 1})
+    step("b", {"x": settings_b}, lambda: runs.append("b") or {"v": a["v"] + 1}, after=())
+    step("c", {}, lambda: runs.append("c") or {}, after=("a",))
+    step("d", {}, lambda: runs.append("d") or {}, after=("b", "c"))
+
+  pipeline()
+  assert runs == ["a", "b", "c", "d"] and all(" ran " in l for l in lines)
+  runs.clear()
+  pipeline()
+  assert runs == []  # nothing changed
+  pipeline(settings_b=2)
+  assert runs == ["b", "d"]  # b's settings, and what reads b
+  runs.clear()
+  (data / "a.txt").write_text("22")  # a data file edited: what reads the data
+  pipeline(settings_b=2)
+  assert runs == ["a", "c", "d"]

@@ -388,6 +388,11 @@ def check_frames(ann_path, frames_dir, num_frames: int, indices: np.ndarray,
   unmatched = past + tail
   if not unmatched:
     return 0
+  if not last:
+    raise AnnotationError(ann_path, None, f"{frames_dir} holds no frame image for its "
+                          f"{num_frames} label rows (expected {frame_name(1)} ... "
+                          f"{frame_name(num_frames)}): an empty frames folder, or another "
+                          "video's annotation")
   parts = []
   if past:
     parts.append(f"{past} image(s) in {frames_dir} past the last label row "

@@ -316,5 +316,9 @@ def test_a_few_unmatched_frames_warn_once(tmp_path, caplog):
       assert aw.load_video(tmp_path, "VA", aw.TRAIN_SET, "clip").num_frames == 21
   warned = [r.getMessage() for r in caplog.records if str(ann) in r.getMessage()]
   assert len(warned) == 1 and "the last 1 label row(s) have no image" in warned[0]
+  # No image at all is an error whatever the tolerance, naming the folder.
+  with pytest.raises(aw.AnnotationError, match=re.escape(f"{tmp_path} holds no frame image for "
+                                                         "its 5 label rows (expected 00001.jpg")):
+    aw.check_frames(ann, tmp_path, 5, np.array([]), max_unmatched=1.0)
   # Gaps inside the video are ordinary (no face detected) and not counted.
   assert aw.check_frames(ann, tmp_path, 5, np.array([1, 3, 5])) == 0

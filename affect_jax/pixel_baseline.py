@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from PIL import Image
 
 from affect_jax import losses, metrics
@@ -22,20 +23,34 @@ from affect_jax.data import affwild2 as aw
 from affect_jax.data import features
 
 
+def _pixels_and_repaired(root, video, num_frames, has_image, size) -> tuple[np.ndarray, int]:
+  """(frame_pixels, number of frames that took another frame's pixels)."""
+  frames_dir = os.path.join(root, aw.FRAMES_DIR, video)
+  has_image = np.asarray(has_image, bool)
+  read = {}
+  for k in np.flatnonzero(has_image):
+    path = os.path.join(frames_dir, aw.frame_name(int(k) + 1))
+    try:
+      with Image.open(path) as im:
+        read[int(k)] = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BOX),
+                                  np.float32).reshape(-1) / 255.0
+    except Exception as e:  # noqa: BLE001 - repaired as a missing frame, as extraction does
+      logging.warning("%s: unreadable image (%s: %s); using the nearest readable frame's "
+                      "pixels (replace or delete the file)", path, type(e).__name__, e)
+  got = np.zeros(num_frames, bool)
+  got[list(read)] = True
+  if has_image.any() and not got.any():
+    raise ValueError(f"{frames_dir}: no readable frame image at all "
+                     f"({int(has_image.sum())} unreadable); replace or delete the files")
+  src = aw.nearest_image(got, frames_dir)
+  return np.stack([read[int(k)] for k in src]), int(num_frames - got.sum())
+
+
 def frame_pixels(root: str | os.PathLike, video: str, num_frames: int, has_image: np.ndarray,
                  size: int = 12) -> np.ndarray:
-  """float32 [T, size*size*3] in [0, 1]; a frame without image uses the nearest one's."""
-  src = aw.nearest_image(has_image, os.path.join(root, aw.FRAMES_DIR, video))
-  cache: dict[int, np.ndarray] = {}
-  out = np.empty((num_frames, size * size * 3), np.float32)
-  for t in range(num_frames):
-    k = int(src[t])
-    if k not in cache:
-      with Image.open(os.path.join(root, aw.FRAMES_DIR, video, aw.frame_name(k + 1))) as im:
-        cache[k] = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BOX),
-                              np.float32).reshape(-1) / 255.0
-    out[t] = cache[k]
-  return out
+  """float32 [T, size*size*3] in [0, 1]; a frame without a (readable) image uses the nearest
+  one's, as feature extraction repairs it (unreadable images are logged with their path)."""
+  return _pixels_and_repaired(root, video, num_frames, has_image, size)[0]
 
 
 def write_feature_store(root: str | os.PathLike, out_dir: str | os.PathLike,
@@ -43,16 +58,19 @@ def write_feature_store(root: str | os.PathLike, out_dir: str | os.PathLike,
   """The downsampled pixels of every frame of every video as a visual feature store, so the
   temporal models can be trained on them (`--config.data.visual_features=<returned path>`):
   what the temporal stage makes of features that do carry per-frame affect. Returns the path.
+  A rerun recomputes only the videos whose frame images changed (`aw.frames_fingerprint`).
   """
   kind = "visual"  # the store is named by its kind, as launch/extract.py names its stores
   store = features.FeatureStore.create(
       os.path.join(out_dir, kind), kind=kind, dim=size * size * 3,
       dtype="float16", model_hash=f"pixels{size}", config={"pixels": size})
   for video, num_frames in aw.all_videos(root).items():
-    if store.has(video, num_frames):
+    inputs = aw.frames_fingerprint(root, video, num_frames)
+    if store.has(video, num_frames, inputs):
       continue
     has_image = aw.image_mask(root, video, num_frames)
-    store.write(video, frame_pixels(root, video, num_frames, has_image, size).astype(np.float16),
+    pixels, repaired = _pixels_and_repaired(root, video, num_frames, has_image, size)
+    store.write(video, pixels.astype(np.float16), inputs=inputs, repaired_frames=repaired,
                 frames_without_image=int((~has_image).sum()))
   return str(store.root)
 

@@ -1,4 +1,7 @@
+import shutil
+
 import numpy as np
+import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from affect_jax import pixel_baseline
@@ -101,3 +104,40 @@ def test_feature_store_holds_every_frame_of_every_video(synthetic_root, tmp_path
         missing_checked += 1
   assert missing_checked > 0  # the tiny synthetic set drops some images on purpose
   assert pixel_baseline.write_feature_store(synthetic_root, tmp_path, size=4) == path  # reopens
+
+
+def test_unreadable_frames_are_named_and_repaired_like_missing_ones(synthetic_root, tmp_path,
+                                                                    caplog):
+  from affect_jax.data import affwild2 as aw
+  from affect_jax.data import features
+  root = shutil.copytree(synthetic_root, tmp_path / "data")
+  video = aw.load_split(root, "VA", aw.TRAIN_SET)[0].video
+  have = aw.image_indices(root, video)
+  cut, empty = (root / aw.FRAMES_DIR / video / aw.frame_name(int(k)) for k in have[3:5])
+  cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])
+  empty.write_bytes(b"")
+  n = aw.all_videos(str(root))[video]
+  before = pixel_baseline.frame_pixels(synthetic_root, video, n, aw.image_mask(root, video, n), 4)
+  with caplog.at_level("WARNING"):
+    store = features.FeatureStore(pixel_baseline.write_feature_store(root, tmp_path, size=4))
+  for path in (cut, empty):
+    assert f"{path}: unreadable image (" in caplog.text
+  assert "replace or delete the file" in caplog.text
+  # Both frames take the previous readable frame's pixels, as extraction repairs them.
+  x = store.read(video)
+  np.testing.assert_array_equal(x[have[3] - 1], x[have[2] - 1])
+  np.testing.assert_array_equal(x[have[4] - 1], x[have[2] - 1])
+  np.testing.assert_allclose(x[have[5] - 1], before[have[5] - 1], atol=1e-3)
+  assert store.meta(video)["repaired_frames"] == n - len(have) + 2
+  assert pixel_baseline.evaluate(root, size=4, tasks=("VA",))["VA"]["l2"] in pixel_baseline.RIDGE_L2
+
+
+def test_a_video_with_no_readable_frame_names_its_folder(synthetic_root, tmp_path):
+  from affect_jax.data import affwild2 as aw
+  root = shutil.copytree(synthetic_root, tmp_path / "data")
+  video = aw.load_split(root, "VA", aw.TRAIN_SET)[0].video
+  for f in (root / aw.FRAMES_DIR / video).iterdir():
+    f.write_bytes(b"")
+  n = aw.all_videos(str(root))[video]
+  with pytest.raises(ValueError, match=f"{root / aw.FRAMES_DIR / video}: no readable frame image"):
+    pixel_baseline.frame_pixels(root, video, n, aw.image_mask(root, video, n), 4)

@@ -57,18 +57,40 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
 _skipped = 0  # per worker process
 
 
+def _load_rgb(path: str) -> Image.Image:
+  with Image.open(path) as im:
+    im.load()
+    return im.convert("RGB")
+
+
 def _open_rgb(path: str) -> Image.Image | None:
   """The image, or None (logged with its path and counted) when it cannot be decoded."""
   global _skipped
   try:
-    with Image.open(path) as im:
-      im.load()
-      return im.convert("RGB")
+    return _load_rgb(path)
   except Exception as e:  # noqa: BLE001 - any decoder failure skips the file, never the job
     _skipped += 1
     logging.warning("skipping unreadable image %s (%s: %s); %d skipped so far in this process",
                     path, type(e).__name__, e, _skipped)
     return None
+
+
+def check_readable(items: Sequence, where: str, corpus: str = "the data") -> None:
+  """Raises ValueError naming `where` unless some image of `items` (paths or records)
+  decodes: the pipelines skip unreadable files, and with none left would stop or spin.
+  Reads up to the first readable image (one file, normally)."""
+  first = None
+  for item in items:
+    path = _as_record(item)["path"]
+    try:
+      _load_rgb(path)
+      return
+    except Exception as e:  # noqa: BLE001 - the same failures the pipelines skip
+      first = first or f"{path}: {type(e).__name__}: {e}"
+  if first is None:
+    raise ValueError(f"{where}: no image in {corpus}")
+  raise ValueError(f"{where}: no readable image in {corpus} ({len(items)} of {len(items)} "
+                   f"unreadable, e.g. {first}); replace them with decodable jpg/png files")
 
 
 def _as_record(item) -> dict:

@@ -18,8 +18,10 @@ torch Linear weights are [out, in]; our kernels are [in..., out...]. `pos_embed`
 and otherwise ignored.
 """
 
+import os
 import re
 from typing import Any
+import zipfile
 
 from absl import logging
 import flax.linen as nn
@@ -37,14 +39,33 @@ from affect_jax.models import vit
 POSITION_KEYS = {"pos_embed": "width", "decoder_pos_embed": "decoder_width"}
 
 
+_EXPECTED = {
+    "safetensors": "a state dict saved by safetensors (safetensors.torch.save_file): "
+                   "download or export it again",
+    "npz": "a numpy.savez archive of {torch name: array} without object arrays: "
+           "export it again",
+}
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a flat {torch name: array} dict from .safetensors or .npz."""
-  if path.endswith(".safetensors"):
-    return dict(safetensors.numpy.load_file(path))
-  if path.endswith(".npz"):
-    with np.load(path) as data:
+  """Reads a flat {torch name: array} dict from .safetensors or .npz; neither can run code
+  when read (no pickle), which is why PyTorch's .pth/.bin are refused."""
+  if not path.endswith((".safetensors", ".npz")):
+    raise ValueError(f"{path}: expected a .safetensors or .npz state dict; a PyTorch .pth/.bin "
+                     "is a pickle, which is never loaded here: re-save it with "
+                     "safetensors.torch.save_file where you trust it")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such weight file")
+  kind = "safetensors" if path.endswith(".safetensors") else "npz"
+  try:
+    if kind == "safetensors":
+      return dict(safetensors.numpy.load_file(path))
+    if not zipfile.is_zipfile(path):
+      raise ValueError("not a zip archive")  # np.load would take it for a pickle
+    with np.load(path, allow_pickle=False) as data:
       return {k: data[k] for k in data.files}
-  raise ValueError(f"Expected a .safetensors or .npz file, got {path!r}")
+  except Exception as e:  # noqa: BLE001 - whatever the reader says, the file is at fault
+    raise ValueError(f"{path}: not a readable {kind} file ({e}); expected {_EXPECTED[kind]}") from e
 
 
 def _torch_name(path: tuple[str, ...]) -> str:
@@ -166,9 +187,14 @@ def params_shapes(module: nn.Module) -> Any:
 
 def convert_checkpoint(input_path: str, model: str = "mae", preset: str = "base",
                        **overrides) -> dict[str, Any]:
-  """Reads a timm/MAE checkpoint file and returns params for `build_model(...)`."""
+  """Reads a timm/MAE checkpoint file and returns params for `build_model(...)`; errors name
+  the file."""
   module = build_model(model, preset, **overrides)
-  return convert_timm_state_dict(load_state_dict(input_path), params_shapes(module))
+  state = load_state_dict(input_path)
+  try:
+    return convert_timm_state_dict(state, params_shapes(module))
+  except ValueError as e:
+    raise ValueError(f"{input_path}: {e}") from None
 
 
 def save_params(params: Any, output_dir: str) -> None:

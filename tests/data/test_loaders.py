@@ -78,6 +78,19 @@ def test_pretrain_batches_deterministic_and_skip_corrupt(image_root, caplog):
   assert any(not np.array_equal(a["image"], b["image"]) for a, b in zip(batches, other))
 
 
+
+def test_check_readable_needs_one_decodable_image(image_root, tmp_path):
+  good = str(image_root / "video0" / "00001.jpg")
+  bad = tmp_path / "00001.jpg"
+  bad.write_bytes(b"")
+  (tmp_path / "00002.jpg").write_bytes(np.random.default_rng(0).bytes(300))
+  loaders.check_readable([str(bad), {"path": good, "label": 1}], "somewhere")
+  with pytest.raises(ValueError) as error:
+    loaders.check_readable([str(bad), str(tmp_path / "00002.jpg")], str(tmp_path), "the corpus")
+  assert str(error.value).startswith(
+      f"{tmp_path}: no readable image in the corpus (2 of 2 unreadable, e.g. {bad}: "
+      "UnidentifiedImageError: ")
+
 def test_each_image_once_per_epoch_and_shards_disjoint(image_root):
   paths = [p for p in faces.index_images(image_root, cache_dir=None) if p.endswith(".jpg")]
   def colours(shard_index, shard_count):

@@ -210,3 +210,54 @@ def test_convert_checkpoint_and_save_round_trip(tmp_path):
   np.testing.assert_array_equal(
       restored["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"],
       state["blocks.0.attn.qkv.weight"].T.reshape(D, 3, HEADS, D // HEADS))
+
+
+class _WritesMarker:
+  """A pickle that, if ever unpickled, creates the file `marker`."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return open, (self.marker, "w")
+
+
+def _broken_weight_files(tmp_path):
+  """{file name: (bytes, expected message fragment)} of files that are not what they claim."""
+  import pickle
+  good = str(tmp_path / "good.safetensors")
+  safetensors.numpy.save_file({"cls_token": np.ones((1, 1, D), np.float32)}, good)
+  st = open(good, "rb").read()
+  np.savez(tmp_path / "good.npz", cls_token=np.ones((1, 1, D), np.float32))
+  npz = (tmp_path / "good.npz").read_bytes()
+  payload = pickle.dumps(_WritesMarker(str(tmp_path / "pwned")))
+  bad_st, bad_npz = "not a readable safetensors file", "not a readable npz file"
+  return {
+      "x.safetensors": (np.random.default_rng(0).bytes(4096),
+                        f"{bad_st} (Error while deserializing header: header too large)"),
+      "empty.safetensors": (b"", f"{bad_st} (Error while deserializing header: header too small)"),
+      "cut.safetensors": (st[:len(st) // 2], bad_st),
+      "x.npz": (np.random.default_rng(0).bytes(4096), f"{bad_npz} (not a zip archive)"),
+      "empty.npz": (b"", f"{bad_npz} (not a zip archive)"),
+      "cut.npz": (npz[:len(npz) // 2], f"{bad_npz} (not a zip archive)"),
+      "pickle.npz": (payload, f"{bad_npz} (not a zip archive)"),
+      "model.pth": (payload, "expected a .safetensors or .npz state dict"),
+  }
+
+
+def test_unreadable_weight_files_are_named_and_never_unpickled(tmp_path):
+  for name, (data, fragment) in _broken_weight_files(tmp_path).items():
+    path = str(tmp_path / name)
+    with open(path, "wb") as f:
+      f.write(data)
+    with pytest.raises(ValueError) as error:
+      convert.load_state_dict(path)
+    assert str(error.value).startswith(f"{path}: {fragment}"), str(error.value)
+    assert "expected" in str(error.value)
+  obj = str(tmp_path / "objects.npz")
+  np.savez(obj, cls_token=np.array([_WritesMarker(str(tmp_path / "pwned"))], dtype=object))
+  with pytest.raises(ValueError, match="not a readable npz file .*Object arrays"):
+    convert.load_state_dict(obj)
+  assert not (tmp_path / "pwned").exists()
+  with pytest.raises(FileNotFoundError, match="missing.safetensors: no such weight file"):
+    convert.load_state_dict(str(tmp_path / "missing.safetensors"))

@@ -20,12 +20,15 @@ from typing import Callable
 import numpy as np
 import pytest
 from PIL import Image
+import safetensors.numpy
 
 from affect_jax import pixel_baseline
 from affect_jax.data import affwild2 as aw
 from affect_jax.data import audio, features
+from affect_jax.models import convert
 from affect_jax.train import extract, finetune, loop, pretrain, temporal
 from configs import common, expr_finetune, mae_pretrain
+from tests.models import test_convert
 from tests.train.conftest import IMAGE, extract_config_for
 
 VA_DIR = "VA_Estimation_Challenge/Train_Set"
@@ -180,6 +183,7 @@ def _audio_partly_silent(root, names, store):
 
 ANNOTATION_STAGES = ("temporal", "extract", "pixel")  # the stages that read VA annotations
 FRAMES_STAGES = ANNOTATION_STAGES + ("finetune",)  # the video is in the EXPR set too
+FRAME_STAGES = ("extract_visual", "pixel_store")  # the stages that turn images into features
 
 CASES = [
     # -- annotations
@@ -207,12 +211,12 @@ CASES = [
     Case("annotation_without_folder", _labels_for(num_images_kept=-1), FRAMES_STAGES,
          "annotation for video '{video}' has no frames folder {frames}"),
     # -- frames
-    Case("truncated_jpeg", _rewrite_frame(_truncate), ("extract_visual",), check=_frame_repaired),
-    Case("zero_byte_jpeg", _rewrite_frame(_zero), ("extract_visual",), check=_frame_repaired),
-    Case("grey_frame", _rewrite_frame(_recolour("L")), ("extract_visual",), check=_frame_used),
-    Case("rgba_png_frame", _rewrite_frame(_recolour("RGBA", "PNG")), ("extract_visual",),
+    Case("truncated_jpeg", _rewrite_frame(_truncate), FRAME_STAGES, check=_frame_repaired),
+    Case("zero_byte_jpeg", _rewrite_frame(_zero), FRAME_STAGES, check=_frame_repaired),
+    Case("grey_frame", _rewrite_frame(_recolour("L")), FRAME_STAGES, check=_frame_used),
+    Case("rgba_png_frame", _rewrite_frame(_recolour("RGBA", "PNG")), FRAME_STAGES,
          check=_frame_used),
-    Case("cmyk_frame", _rewrite_frame(_recolour("CMYK")), ("extract_visual",), check=_frame_used),
+    Case("cmyk_frame", _rewrite_frame(_recolour("CMYK")), FRAME_STAGES, check=_frame_used),
     # -- audio
     Case("stereo_wav", _wav(_stereo), ("extract_audio",), check=_audio_like_clean),
     Case("wav_48khz", _wav(_48k), ("extract_audio",), check=_audio_like_clean),
@@ -262,6 +266,8 @@ def _run_stage(stage, root, tmp_path, finetune_workdir, out):
     return finetune.train_and_evaluate(c, str(tmp_path / "finetune"))
   if stage == "pixel":
     return pixel_baseline.evaluate(root, tasks=("VA",), size=4)
+  if stage == "pixel_store":
+    return features.FeatureStore(pixel_baseline.write_feature_store(root, tmp_path / "pixels", 4))
   config = extract_config_for(root, finetune_workdir)
   config.visual, config.audio = stage in ("extract", "extract_visual"), stage in ("extract", "extract_audio")
   extract.run(config, str(out), log=lambda s: None)
@@ -306,7 +312,10 @@ def _pretrain(root, workdir, **changes):
   c = mae_pretrain.get_config("tiny")
   c.data.root, c.data.image_size, c.batch_size, c.num_steps = str(root), IMAGE, 16, 1
   for k, v in changes.items():
-    c[k] = v
+    if k.startswith("data."):
+      c.data[k[5:]] = v
+    else:
+      c[k] = v
   return pretrain.train_and_evaluate(c, str(workdir))
 
 
@@ -370,3 +379,74 @@ def test_refused_run_changes_nothing(name, synthetic_root, finetune_workdir, mae
     run(synthetic_root, workdir, clean, mae_workdir)
   after = _files(workdir)
   assert {k: v for k, v in after.items() if k in before} == before
+
+
+# ---- Weight files a user converts (launch/convert_weights.py), and a corpus of bad images ----
+
+
+def _state_file(tmp_path, name, edit=None):
+  state = test_convert._timm_state("vit_cls")
+  if edit:
+    edit(state)
+  path = str(tmp_path / name)
+  safetensors.numpy.save_file(state, path)
+  return path
+
+
+def _raw_file(tmp_path, name, data: bytes):
+  path = tmp_path / name
+  path.write_bytes(data)
+  return str(path)
+
+
+WEIGHTS = {
+    "random_bytes_safetensors": (
+        lambda t: _raw_file(t, "w.safetensors", b"\x93" * 4096),
+        "{path}: not a readable safetensors file (Error while deserializing header: header too large)"),
+    "zero_byte_safetensors": (
+        lambda t: _raw_file(t, "w.safetensors", b""),
+        "{path}: not a readable safetensors file ("),
+    "truncated_safetensors": (
+        lambda t: _raw_file(t, "w.safetensors", open(_state_file(t, "x.safetensors"), "rb").read()[:300]),
+        "{path}: not a readable safetensors file ("),
+    "text_named_npz": (
+        lambda t: _raw_file(t, "w.npz", b"not weights\n"),
+        "{path}: not a readable npz file (not a zip archive)"),
+    "pytorch_pickle": (
+        lambda t: _raw_file(t, "w.pth", b"\x80\x04K\x01."),
+        "{path}: expected a .safetensors or .npz state dict; a PyTorch .pth/.bin is a pickle"),
+    "wrong_shape": (
+        lambda t: _state_file(t, "w.safetensors", lambda s: s.update(
+            {"blocks.0.mlp.fc1.weight": np.ones((65, 32), np.float32)})),
+        "{path}: The checkpoint does not match the model.\nwrong shape (1):\n  "
+        "blocks.0.mlp.fc1.weight: checkpoint (65, 32), expected (64, 32)"),
+    "extra_key": (
+        lambda t: _state_file(t, "w.safetensors", lambda s: s.update(
+            {"blocks.0.attn.q_norm.weight": np.ones(32, np.float32)})),
+        "{path}: The checkpoint does not match the model.\nunexpected (1):\n  "
+        "blocks.0.attn.q_norm.weight"),
+    "missing_key": (
+        lambda t: _state_file(t, "w.safetensors", lambda s: s.pop("blocks.1.mlp.fc2.bias")),
+        "{path}: The checkpoint does not match the model.\nmissing (1):\n  blocks.1.mlp.fc2.bias"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTS))
+def test_weight_file_errors_name_the_file(name, tmp_path):
+  make, message = WEIGHTS[name]
+  path = make(tmp_path)
+  with pytest.raises(ValueError, match=re.escape(message.format(path=path))):
+    convert.convert_checkpoint(path, "vit", "tiny", **test_convert.ENCODER)
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xd8\xff garbage"], ids=["zero_bytes", "garbage"])
+def test_pretraining_on_a_corpus_of_unreadable_images_names_it(content, synthetic_root, tmp_path):
+  root = tmp_path / "data"
+  shutil.copytree(synthetic_root, root)
+  images = sorted((root / aw.FRAMES_DIR).rglob("*.jpg"))
+  for p in images:
+    p.write_bytes(content)
+  with pytest.raises(ValueError, match=re.escape(
+      f"{root / aw.FRAMES_DIR}: no readable image in the face corpus ({len(images)} of "
+      f"{len(images)} unreadable, e.g. {images[0]}: ")):
+    _pretrain(root, tmp_path / "mae", **{"data.index_cache": str(tmp_path / "index")})

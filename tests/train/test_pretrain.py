@@ -162,6 +162,25 @@ def test_refuses_to_overwrite_without_resume(face_root, tmp_path):
     pretrain.train_and_evaluate(config, str(tmp_path / "w"))
 
 
+
+def test_a_corpus_without_readable_images_is_named(tmp_path):
+  root = tmp_path / "faces"
+  os.makedirs(root / "v0")
+  (root / "v0" / "00001.jpg").write_bytes(np.random.default_rng(0).bytes(500))
+  (root / "v0" / "00002.jpg").write_bytes(b"")
+  config = _config(num_steps=1, recon_every=1)  # the recon sample is read first
+  config.data.roots = str(root)
+  config.data.index_cache = str(tmp_path / "index")
+  with pytest.raises(ValueError) as error:
+    pretrain.train_and_evaluate(config, str(tmp_path / "w"))
+  assert str(error.value).startswith(
+      f"{root}: no readable image in the face corpus (2 of 2 unreadable, e.g. "
+      f"{root / 'v0' / '00001.jpg'}: UnidentifiedImageError: ")
+  for f in (root / "v0").iterdir():
+    f.unlink()
+  with pytest.raises(FileNotFoundError, match=f"{root}: no .jpg/.jpeg/.png images found"):
+    pretrain.train_and_evaluate(config, str(tmp_path / "w"))
+
 def test_tiny_loss_falls_on_synthetic_faces(synthetic_root, tmp_path):
   config = _config(num_steps=40, log_every=1, checkpoint_every=40, recon_every=40)
   config.data.root = str(synthetic_root)  # roots empty: <root>/cropped_aligned

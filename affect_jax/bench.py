@@ -190,13 +190,13 @@ def bench_matmul_layouts(preset: str = "base", batch: int = 8, *, image_size: in
   """GFLOP/s of each of the MAE step's matmuls in each operand layout its step runs.
 
   Three rates per product: float32; bf16 operands accumulating in float32 as the step
-  computes them (`layers.einsum_f32acc`); and the same bf16 product as plain `jnp.einsum`.
+  computes them (`cpu_kernels.einsum_f32acc`); and the same bf16 product as plain `jnp.einsum`.
   A plain n^3 product (`bench_matmul`) flatters a CPU backend: XLA:CPU takes a bf16
   product with one contracted axis that is batched or major in both operands (attention's
   products, p^T dO) off its bf16 kernel unless it is rewritten (the last two columns).
   """
   import jax.numpy as jnp
-  from affect_jax.models import layers
+  from affect_jax.models import cpu_kernels
   from configs import mae_pretrain
 
   config = mae_pretrain.get_config(preset)
@@ -204,7 +204,7 @@ def bench_matmul_layouts(preset: str = "base", batch: int = 8, *, image_size: in
   f32 = jnp.float32
   paths = (("float32", f32, lambda s, x, y: jnp.einsum(s, x, y, preferred_element_type=f32)),
            ("bfloat16_f32acc", jnp.bfloat16,
-            lambda s, x, y: layers.einsum_f32acc(s, x, y, out_dtype=f32)),
+            lambda s, x, y: cpu_kernels.einsum_f32acc(s, x, y, out_dtype=f32)),
            ("bfloat16_plain", jnp.bfloat16,
             lambda s, x, y: jnp.einsum(s, x, y, preferred_element_type=f32)))
   rows = []

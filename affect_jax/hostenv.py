@@ -1,5 +1,8 @@
 """Host settings that must be in place when the process starts: huge pages for malloc, and
-XLA:CPU's multi-output fusion. `configure()` at a launcher's `__main__` guard applies both.
+XLA:CPU's multi-output fusion. `configure()` at a launcher's `__main__` guard applies both,
+and only to a CPU-only run (`cpu_only`: `JAX_PLATFORMS` names only the CPU, or no GPU/TPU
+plugin is installed, decided before jax starts); the restart never under a multi-process
+launcher (`multi_process`), which expects the process it started to stay as it is.
 
 XLA:CPU allocates an executable's temporary buffers afresh at every call (1.4 GiB for the
 ViT-B/16 MAE train step at batch 8) and frees them at its end. glibc serves blocks that large
@@ -32,6 +35,8 @@ or TPU pass reads this one). XLA reads XLA_FLAGS once, when jax creates its firs
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import sys
 
@@ -126,8 +131,64 @@ def use_xla_cpu_options() -> None:
     os.environ["XLA_FLAGS"] = flags
 
 
+# Distributions that give jax a GPU or TPU backend.
+ACCELERATOR_PACKAGES = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-cuda12-pjrt",
+                        "jax-cuda13-pjrt", "jax-rocm60-plugin", "jax-rocm7-plugin", "libtpu",
+                        "libtpu-nightly")
+
+
+def accelerator_plugins() -> list[str]:
+  """The installed packages (or `jax_plugins` modules) that give jax a GPU/TPU backend."""
+  found = []
+  for name in ACCELERATOR_PACKAGES:
+    try:
+      importlib.metadata.version(name)
+      found.append(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  try:
+    found += [e.name for e in importlib.metadata.entry_points(group="jax_plugins")]
+  except Exception:  # noqa: BLE001 - unreadable metadata: decide from the packages alone
+    pass
+  if importlib.util.find_spec("libtpu") is not None and "libtpu" not in found:
+    found.append("libtpu")
+  return sorted(set(found))
+
+
+def cpu_only(environ, plugins) -> bool:
+  """True when this run will compute on the CPU: `JAX_PLATFORMS` names only 'cpu', or it is
+  unset and no accelerator plugin is installed."""
+  platforms = [p.strip().lower() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return set(platforms) == {"cpu"}
+  return not plugins
+
+
+def multi_process(environ, argv) -> bool:
+  """True under a launcher that starts several processes of one job (SLURM, Open MPI,
+  torchrun-style WORLD_SIZE, jax's own variables, or `--num_processes` > 1)."""
+  def count(name):
+    try:
+      return int(environ.get(name, "0"))
+    except ValueError:
+      return 0
+  if any(count(n) > 1 for n in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
+                                "WORLD_SIZE", "JAX_NUM_PROCESSES")):
+    return True
+  for i, arg in enumerate(argv):
+    value = arg.split("=", 1)[1] if arg.startswith("--num_processes=") else (
+        argv[i + 1] if arg == "--num_processes" and i + 1 < len(argv) else None)
+    if value is not None and value.isdigit() and int(value) > 1:
+      return True
+  return False
+
+
 def configure() -> None:
-  """A launcher's process setup, first thing at its `__main__` guard: XLA:CPU's options,
-  then the huge-page restart (which carries the environment over)."""
+  """A launcher's process setup, first thing at its `__main__` guard: on a CPU-only run
+  XLA:CPU's options, then (in a single process) the huge-page restart, which carries the
+  environment over. On GPU/TPU hosts it does nothing."""
+  if not cpu_only(os.environ, accelerator_plugins()):
+    return
   use_xla_cpu_options()
-  use_huge_pages()
+  if not multi_process(os.environ, sys.argv[1:]):
+    use_huge_pages()

@@ -65,6 +65,7 @@ def get_temporal_config(task: str, preset: str = "paper") -> ml_collections.Conf
   c.model.dropout = 0.0
   c.model.mlp_hidden = 512     # frame_mlp only
   c.model.dtype = "float32"
+  c.model.kernels = "auto"     # affect_jax.models.layers.KERNELS
 
   c.batch_size = 32
   c.num_epochs = PAPER_EPOCHS[task]

@@ -30,7 +30,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.pool = "mean"  # 'mean' (MAE fine-tuning's global pool + fc_norm) or 'cls'
   c.model.drop_path_rate = 0.1
   c.model.dtype = "float32"
-  c.model.f32_accumulation = True
+  c.model.kernels = "auto"  # affect_jax.models.layers.KERNELS
 
   c.data = common.get_data_config()
   c.data.image_size = 224

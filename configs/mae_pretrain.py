@@ -26,7 +26,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.norm_pix_loss = True
   c.model.drop_path_rate = 0.0
   c.model.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU (params stay float32)
-  c.model.f32_accumulation = True  # bf16 matmuls accumulate (and return) float32
+  # Backend kernels (affect_jax.models.layers): "auto" = the XLA:CPU kernels on a CPU host,
+  # stock XLA (and JAX's pick of attention, cuDNN on GPUs) elsewhere; "xla", "cudnn", "cpu".
+  c.model.kernels = "auto"
 
   c.data = common.get_data_config()
   # Comma-separated folder trees of face images; empty means <data.root>/cropped_aligned.

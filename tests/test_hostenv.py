@@ -152,3 +152,51 @@ def test_launcher_setup_reaches_the_compiler(tmp_path, opt_out, fusions):
   out = subprocess.run([sys.executable, str(script)], check=True, capture_output=True,
                        text=True, env=env).stdout
   assert json.loads(out.splitlines()[-1]) == fusions
+
+
+@pytest.mark.parametrize("env, plugins, expected", [
+    ({}, [], True),                                   # nothing but the CPU wheel
+    ({}, ["jax-cuda12-plugin"], False),               # a GPU host
+    ({}, ["libtpu"], False),                          # a TPU VM
+    ({"JAX_PLATFORMS": "cpu"}, ["jax-cuda12-plugin"], True),  # told to use the CPU
+    ({"JAX_PLATFORMS": "cuda,cpu"}, [], False),
+    ({"JAX_PLATFORMS": " CPU "}, [], True),
+])
+def test_cpu_only_is_decided_before_jax_starts(env, plugins, expected):
+  assert hostenv.cpu_only(env, plugins) is expected
+
+
+@pytest.mark.parametrize("env, argv, expected", [
+    ({}, [], False),
+    ({}, ["--num_processes=1"], False),
+    ({}, ["--num_processes=2", "--process_id=0"], True),
+    ({}, ["--num_processes", "4"], True),
+    ({"SLURM_NTASKS": "8"}, [], True),
+    ({"SLURM_NTASKS": "1"}, [], False),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, [], True),
+    ({"JAX_NUM_PROCESSES": "2"}, [], True),
+    ({"WORLD_SIZE": "x"}, [], False),
+])
+def test_multi_process_launchers_are_recognised(env, argv, expected):
+  assert hostenv.multi_process(env, argv) is expected
+
+
+def test_configure_does_nothing_on_an_accelerator_host_and_never_restarts_a_multi_process_job(
+    monkeypatch):
+  calls = []
+  monkeypatch.setattr(hostenv, "use_xla_cpu_options", lambda: calls.append("xla"))
+  monkeypatch.setattr(hostenv, "use_huge_pages", lambda: calls.append("restart"))
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE", "JAX_NUM_PROCESSES"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(hostenv, "accelerator_plugins", lambda: ["jax-cuda13-plugin"])
+  monkeypatch.setattr(hostenv.sys, "argv", ["launch/pretrain.py"])
+  hostenv.configure()
+  assert calls == []
+  monkeypatch.setattr(hostenv, "accelerator_plugins", lambda: [])
+  hostenv.configure()
+  assert calls == ["xla", "restart"]
+  calls.clear()
+  monkeypatch.setattr(hostenv.sys, "argv", ["launch/pretrain.py", "--num_processes=2"])
+  hostenv.configure()
+  assert calls == ["xla"]

@@ -88,13 +88,13 @@ class MaskedAutoencoder(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, imgs, *, mask_ratio: float | None = None, train: bool):
     mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              f32_accumulation=self.f32_accumulation)
+              kernels=self.kernels)
     batch = imgs.shape[0]
     grid = (imgs.shape[1] // self.patch_size, imgs.shape[2] // self.patch_size)
     pos = vit.sincos_pos_embed_2d(self.width, grid)  # [1 + N, D]

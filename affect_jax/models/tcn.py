@@ -11,10 +11,8 @@ slope each) and, when the widths differ, `downsample` ({kernel [C_in, C_out], bi
 Initialisation follows torch: v ~ N(0, 0.01) (the authors' `init_weights`), g = ||v|| so the
 initial kernel is v, PReLU slope 0.25, biases uniform +-1/sqrt(fan_in) (torch's Conv1d default).
 
-Float32 convolutions run as Winograd F(4, 5) (`winograd_conv`): the same function with 2.5x
-fewer multiplications. Its tiles mix a few neighbouring frames that cancel exactly only in
-exact arithmetic, so 'causal' holds to float32 rounding (~1e-7 relative), not bit for bit;
-padded frames are zeros and never leak.
+The convolutions are `layers.conv1d` (on the CPU kernels, float32 ones run as Winograd
+F(4, 5): `cpu_kernels.winograd_conv`).
 """
 
 import functools
@@ -23,7 +21,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from affect_jax.models import layers
 
@@ -54,79 +51,6 @@ def conv_padding(kernel_size: int, dilation: int, padding: str) -> tuple[int, in
   raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
 
 
-# Winograd / Toom-Cook F(m, k) over 8 points: 0, +-1, +-2, +-1/2 and infinity. These keep the
-# transforms well conditioned (float32 results within ~3e-6 of a direct convolution).
-WINOGRAD_POINTS = (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5)
-
-
-@functools.lru_cache(maxsize=None)
-def winograd_matrices(kernel_size: int):
-  """(A^T [m, a], G [a, k], B^T [a, a]) of F(m, k), m = a - k + 1, a = 8.
-
-  For one tile s of a inputs, the m correlation outputs y_i = sum_j g_j s_{i+j} are
-  A^T [(G g) * (B^T s)]: polynomial evaluation at the points, a pointwise product, and
-  interpolation back, transposed from convolution to correlation (Lavin & Gray 2016).
-  """
-  num = len(WINOGRAD_POINTS) + 1
-  m = num - kernel_size + 1
-
-  def evaluate(n):  # [a, n]: an n-coefficient polynomial at the points and at infinity
-    rows = [[p ** j for j in range(n)] for p in WINOGRAD_POINTS]
-    return np.array(rows + [[0.0] * (n - 1) + [1.0]])
-
-  return (evaluate(m).T.astype(np.float32), evaluate(kernel_size).astype(np.float32),
-          np.linalg.inv(evaluate(num)).T.astype(np.float32))
-
-
-def _ceil_div(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def winograd_conv(x, kernel, dilation: int, padding: tuple[int, int]):
-  """`dilated_conv` by Winograd's minimal filtering: F(4, 5) costs 8 channel matmuls per 4
-  outputs where the direct convolution costs 20.
-
-  A dilated convolution is `dilation` interleaved undilated ones (the polyphase split), so
-  tiles are cut from each phase. Each tile of a inputs gives m outputs.
-  """
-  batch, length, channels = x.shape
-  k = kernel.shape[0]
-  at, g, bt = winograd_matrices(k)
-  num, m = bt.shape[0], at.shape[0]
-  tiles_per_phase = _ceil_div(_ceil_div(length, dilation), m)
-  span = tiles_per_phase * m  # outputs per phase, rounded up to whole tiles
-  # Zeros on the right beyond `padding` only reach outputs past `length`, which are cut.
-  total = (span + k - 1) * dilation
-  xp = jnp.pad(x, ((0, 0), (padding[0], total - length - padding[0]), (0, 0)))
-  phases = xp.reshape(batch, -1, dilation, channels)  # [B, T'/d, d, C]: phase p = [:, :, p]
-  tiles = jnp.stack([phases[:, i:i + span:m] for i in range(num)])  # [a, B, n, d, C]
-  v = jnp.einsum("ai,ibnpc->abnpc", bt, tiles).reshape(num, -1, channels)  # [a, N, C]
-  u = jnp.einsum("aj,jco->aco", g, kernel)  # [a, C, O]
-  # The whole cost: a batched matmul with the point axis leading, [a, N, C] x [a, C, O].
-  prod = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # [a, N, O]
-  prod = prod.reshape(num, batch, tiles_per_phase, dilation, -1)
-  y = jnp.einsum("ia,abnpo->bnipo", at, prod)  # [B, n, m, d, O]: time = (n*m + i)*d + p
-  return y.reshape(batch, span * dilation, -1)[:, :length]
-
-
-def dilated_conv(x, kernel, dilation: int, padding: tuple[int, int], f32_accumulation=True):
-  """[B, T, C_in] * [k, C_in, C_out] -> [B, T, C_out], zero padded along T.
-
-  Float32 kernels of 3-7 taps take Winograd's algorithm (`winograd_conv`), which ran the
-  paper's TCN 1.5-1.8x faster than XLA:CPU's convolution (2-core AVX-512). Low-precision
-  inputs keep the direct convolution (accumulated in float32): the transforms would round
-  bfloat16 tiles that they scale by up to 2^6.
-  """
-  low = layers.is_low_precision(x.dtype)
-  if not low and 3 <= kernel.shape[0] <= 7:
-    return winograd_conv(x, kernel, dilation, padding)
-  y = jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(1,), padding=[padding], rhs_dilation=(dilation,),
-      dimension_numbers=("NWC", "WIO", "NWC"),
-      preferred_element_type=jnp.float32 if low and f32_accumulation else None)
-  return y.astype(x.dtype)
-
-
 class WeightNormConv(nn.Module):
   """Conv1d under torch's `weight_norm` (dim 0): kernel = g * v / ||v||, per output channel.
 
@@ -138,7 +62,7 @@ class WeightNormConv(nn.Module):
   padding: str = "causal"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x):  # [B, T, C_in]
@@ -161,7 +85,7 @@ class WeightNormConv(nn.Module):
     kernel = g.astype(jnp.float32) * v32 / jnp.sqrt(jnp.sum(jnp.square(v32), axis=(0, 1)))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     pad = conv_padding(self.kernel_size, self.dilation, self.padding)
-    return dilated_conv(x, kernel, self.dilation, pad, self.f32_accumulation) + bias
+    return layers.conv1d(x, kernel, self.dilation, pad, self.kernels) + bias
 
 
 def keep_valid(x, mask):
@@ -181,12 +105,12 @@ class TemporalBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool = False):  # [B, T, C_in], [B, T]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              f32_accumulation=self.f32_accumulation)
+              kernels=self.kernels)
     conv = functools.partial(WeightNormConv, self.features, self.kernel_size, self.dilation,
                              self.padding, **kw)
     prelu = functools.partial(nn.PReLU, param_dtype=self.param_dtype,
@@ -216,7 +140,7 @@ class TemporalConvNet(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool = False):  # [B, T, C_in]
@@ -226,6 +150,6 @@ class TemporalConvNet(nn.Module):
     for i, width in enumerate(self.channels):
       x = TemporalBlock(width, self.kernel_size, 2 ** i, self.padding, self.dropout,
                         dtype=self.dtype, param_dtype=self.param_dtype,
-                        f32_accumulation=self.f32_accumulation,
+                        kernels=self.kernels,
                         name=f"level_{i}")(x, mask, train=train)
     return keep_valid(x, mask)  # [B, T, channels[-1]]

@@ -49,8 +49,8 @@ PRESETS = {
 torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def layer_norm(name, param_dtype):
-  return vit.layer_norm(name, param_dtype, epsilon=1e-5)  # torch's LayerNorm eps
+def layer_norm(name, param_dtype, kernels="auto"):
+  return vit.layer_norm(name, param_dtype, epsilon=1e-5, kernels=kernels)  # torch's eps
 
 
 def sincos_positions(length: int, width: int) -> np.ndarray:
@@ -69,18 +69,18 @@ class FeedForward(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):  # [B, T, D]
     dense = functools.partial(layers.Dense, kernel_init=torch_linear_init, dtype=self.dtype,
                               param_dtype=self.param_dtype,
-                              f32_accumulation=self.f32_accumulation)
+                              kernels=self.kernels)
     if self.activation not in ("relu", "gelu"):
       raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
     h = dense(self.ff_dim, ("embed", "mlp"), name="fc1")(x)  # [B, T, ff]
     # torch's "gelu" is the exact (erf) one.
-    h = nn.relu(h) if self.activation == "relu" else layers.gelu(h)
+    h = nn.relu(h) if self.activation == "relu" else layers.gelu(h, self.kernels)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return dense(x.shape[-1], ("mlp", "embed"), name="fc2")(h)
 
@@ -96,16 +96,17 @@ class TransformerEncoderLayer(nn.Module):
   norm_first: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, mask, *, train: bool = False):  # [B, T, D] float32, [B, T] bool
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              f32_accumulation=self.f32_accumulation)
+              kernels=self.kernels)
     attn = vit.MultiHeadSelfAttention(self.num_heads, self.dropout, out_name="out",
                                       out_init=torch_linear_init, name="attn", **kw)
     ff = FeedForward(self.ff_dim, self.activation, self.dropout, name="ff", **kw)
-    norm1, norm2 = layer_norm("norm1", self.param_dtype), layer_norm("norm2", self.param_dtype)
+    norm1 = layer_norm("norm1", self.param_dtype, self.kernels)
+    norm2 = layer_norm("norm2", self.param_dtype, self.kernels)
     drop = nn.Dropout(self.dropout, deterministic=not train)
 
     if self.norm_first:
@@ -126,7 +127,7 @@ class TransformerEncoder(nn.Module):
   norm_first: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, mask, *, train: bool = False):  # [B, T, D], [B, T] bool
@@ -135,9 +136,9 @@ class TransformerEncoder(nn.Module):
       x = TransformerEncoderLayer(
           self.num_heads, self.ff_dim, self.dropout, self.activation, self.norm_first,
           dtype=self.dtype, param_dtype=self.param_dtype,
-          f32_accumulation=self.f32_accumulation, name=f"layers_{i}")(x, mask, train=train)
+          kernels=self.kernels, name=f"layers_{i}")(x, mask, train=train)
     if self.norm_first:
-      x = layer_norm("norm", self.param_dtype)(x)
+      x = layer_norm("norm", self.param_dtype, self.kernels)(x)
     return x  # [B, T, D] float32
 
 
@@ -153,13 +154,13 @@ class PredictionHead(nn.Module):
   out_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, mask, *, train: bool = False):  # [B, T, D], [B, T] bool
     dense = functools.partial(layers.Dense, kernel_init=torch_linear_init, dtype=self.dtype,
                               param_dtype=self.param_dtype,
-                              f32_accumulation=self.f32_accumulation)
+                              kernels=self.kernels)
     h = dense(self.hidden, ("embed", "mlp"), name="fc1")(x)  # [B, T, hidden]
     h = nn.BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5,
@@ -210,12 +211,12 @@ class TemporalModel(nn.Module):
   use_transformer: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, inputs: Mapping[str, jax.Array], mask=None, train: bool = False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              f32_accumulation=self.f32_accumulation)
+              kernels=self.kernels)
     mask = _frame_mask(inputs, self.modalities, mask)  # [B, T] bool
 
     streams = []
@@ -254,7 +255,7 @@ class FrameMLP(nn.Module):
   modalities: Sequence[str] = ("visual",)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, inputs: Mapping[str, jax.Array], mask=None, train: bool = False):
@@ -262,7 +263,7 @@ class FrameMLP(nn.Module):
     _check_inputs(inputs, self.modalities)
     dense = functools.partial(layers.Dense, kernel_init=torch_linear_init, dtype=self.dtype,
                               param_dtype=self.param_dtype,
-                              f32_accumulation=self.f32_accumulation)
+                              kernels=self.kernels)
     x = jnp.concatenate([inputs[name] for name in self.modalities], axis=-1)  # [B, T, D]
     h = nn.relu(dense(self.hidden, ("channels", "mlp"), name="fc1")(x))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)

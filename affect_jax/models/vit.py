@@ -96,10 +96,10 @@ def sincos_pos_embed_2d(width, grid, cls_token=True):
   return emb.astype(np.float32)
 
 
-def layer_norm(name, param_dtype, epsilon: float = 1e-6):
+def layer_norm(name, param_dtype, epsilon: float = 1e-6, kernels: str = "auto"):
   """LayerNorm (`layers.LayerNorm`); eps 1e-6 as MAE/timm (torch's default is 1e-5).
   Statistics and output in float32 whatever the compute dtype; the next Dense casts."""
-  return layers.LayerNorm(epsilon=epsilon, param_dtype=param_dtype, name=name)
+  return layers.LayerNorm(epsilon=epsilon, param_dtype=param_dtype, kernels=kernels, name=name)
 
 
 class PatchEmbed(nn.Module):
@@ -112,14 +112,14 @@ class PatchEmbed(nn.Module):
   width: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, imgs):  # [B, H, W, C]
     patches = patchify(imgs, self.patch_size)  # [B, N, p*p*C]
     return layers.Dense(
         self.width, ("patch", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
-        f32_accumulation=self.f32_accumulation, name="proj")(patches)  # [B, N, D]
+        kernels=self.kernels, name="proj")(patches)  # [B, N, D]
 
 
 class DropPath(nn.Module):
@@ -152,14 +152,14 @@ class MultiHeadSelfAttention(nn.Module):
   out_init: Callable[..., Any] = nn.initializers.xavier_uniform()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool = False):  # [B, N, D], [B, N] bool
     width = x.shape[-1]
     head_dim = width // self.num_heads
     dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-                              f32_accumulation=self.f32_accumulation)
+                              kernels=self.kernels)
 
     qkv = dense((3, self.num_heads, head_dim), ("embed", "qkv", "heads", "kv"),
                 name="qkv")(x)  # [B, N, 3, H, hd]
@@ -171,10 +171,9 @@ class MultiHeadSelfAttention(nn.Module):
       b, n, _, h, _ = qkv.shape
       keep = nn.Dropout(self.dropout, deterministic=False)(
           jnp.ones((b, h, n, n), jnp.float32)) > 0
-    # Heads-major inside (XLA:CPU runs the batched dots several times faster so); token-major
-    # [B, N, H, hd] out.
-    out = layers.qkv_attention(qkv, mask=mask, dropout_keep=keep, dropout_rate=self.dropout,
-                               f32_accumulation=self.f32_accumulation)
+    # [B, N, H, hd]
+    out = layers.attention(qkv, mask=mask, dropout_keep=keep, dropout_rate=self.dropout,
+                           kernels=self.kernels)
     return dense(width, ("heads", "kv", "embed"), in_axes=2, kernel_init=self.out_init,
                  name=self.out_name)(out)
 
@@ -184,14 +183,14 @@ class MlpBlock(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x):  # [B, N, D]
     dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-                              f32_accumulation=self.f32_accumulation)
+                              kernels=self.kernels)
     h = dense(self.mlp_dim, ("embed", "mlp"), name="fc1")(x)  # [B, N, mlp]
-    h = layers.gelu(h)
+    h = layers.gelu(h, self.kernels)
     return dense(x.shape[-1], ("mlp", "embed"), name="fc2")(h)
 
 
@@ -202,17 +201,17 @@ class Encoder1DBlock(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, deterministic: bool):  # [B, N, D]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              f32_accumulation=self.f32_accumulation)
+              kernels=self.kernels)
     # The residual stream stays float32 (as under torch autocast); branches may be bf16.
-    y = layer_norm("norm1", self.param_dtype)(x)
+    y = layer_norm("norm1", self.param_dtype, kernels=self.kernels)(x)
     y = MultiHeadSelfAttention(self.num_heads, name="attn", **kw)(y)
     x = x + DropPath(self.drop_path_rate)(y, deterministic)
-    y = layer_norm("norm2", self.param_dtype)(x)
+    y = layer_norm("norm2", self.param_dtype, kernels=self.kernels)(x)
     y = MlpBlock(self.mlp_dim, name="mlp", **kw)(y)
     return x + DropPath(self.drop_path_rate)(y, deterministic)
 
@@ -229,7 +228,7 @@ class Encoder(nn.Module):
   final_norm: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):  # [B, N, D]
@@ -238,10 +237,10 @@ class Encoder(nn.Module):
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
       x = Encoder1DBlock(
           self.num_heads, self.mlp_dim, rate, dtype=self.dtype,
-          param_dtype=self.param_dtype, f32_accumulation=self.f32_accumulation,
+          param_dtype=self.param_dtype, kernels=self.kernels,
           name=f"blocks_{i}")(x, deterministic)
     if self.final_norm:
-      x = layer_norm("norm", self.param_dtype)(x)
+      x = layer_norm("norm", self.param_dtype, kernels=self.kernels)(x)
     return x  # [B, N, D] float32
 
 
@@ -271,14 +270,14 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  f32_accumulation: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, imgs, *, train: bool = False):  # [B, H, W, C]
     if self.pool not in ("cls", "mean"):
       raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              f32_accumulation=self.f32_accumulation)
+              kernels=self.kernels)
     grid = (imgs.shape[1] // self.patch_size, imgs.shape[2] // self.patch_size)
     pos = sincos_pos_embed_2d(self.width, grid)  # [1 + N, D]
 
@@ -293,7 +292,7 @@ class VisionTransformer(nn.Module):
     if self.pool == "cls":
       x = x[:, 0]
     else:
-      x = layer_norm("fc_norm", self.param_dtype)(x[:, 1:].mean(axis=1))
+      x = layer_norm("fc_norm", self.param_dtype, kernels=self.kernels)(x[:, 1:].mean(axis=1))
     if self.num_classes:
       # MAE fine-tuning starts the head near zero (trunc-normal, std 2e-5).
       x = layers.Dense(self.num_classes, ("embed", "classes"), name="head",

@@ -65,7 +65,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int = NUM_CLASS
   return vit.VisionTransformer(
       **vit.variant_config(m.variant, decoder=False), num_classes=num_classes, pool=m.pool,
       drop_path_rate=m.drop_path_rate, dtype=jnp.dtype(m.dtype),
-      f32_accumulation=m.f32_accumulation)
+      kernels=m.get("kernels", "auto"))
 
 
 def initial_encoder(config: ml_collections.ConfigDict) -> dict | None:

@@ -29,7 +29,7 @@ def create_model(config: ml_collections.ConfigDict) -> mae.MaskedAutoencoder:
   return mae.MaskedAutoencoder(
       **vit.variant_config(m.variant), mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss,
       drop_path_rate=m.drop_path_rate, dtype=jnp.dtype(m.dtype),
-      f32_accumulation=m.f32_accumulation)
+      kernels=m.get("kernels", "auto"))
 
 
 def image_roots(config: ml_collections.ConfigDict) -> list[str]:

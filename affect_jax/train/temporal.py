@@ -83,17 +83,17 @@ def split_videos(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
 def create_model(config: ml_collections.ConfigDict):
   m = config.model
   out = OUT_DIMS[config.task]
-  dtype = jnp.dtype(m.dtype)
+  dtype, kernels = jnp.dtype(m.dtype), m.get("kernels", "auto")
   if m.kind == "frame_mlp":
     return temporal.FrameMLP(out, hidden=m.mlp_hidden, dropout=m.dropout,
-                             modalities=modalities(config), dtype=dtype)
+                             modalities=modalities(config), dtype=dtype, kernels=kernels)
   if m.kind != "temporal":
     raise ValueError(f"config.model.kind: unknown {m.kind!r} (temporal | frame_mlp)")
   return temporal.make_temporal_model(
       m.preset, out, modalities=modalities(config),
       use_tcn=m.use_tcn, use_transformer=m.use_transformer, tcn_padding=m.tcn_padding,
       norm_first=m.norm_first, positional=m.positional, activation=m.activation,
-      va_tanh=m.va_tanh, dropout=m.dropout, dtype=dtype)
+      va_tanh=m.va_tanh, dropout=m.dropout, dtype=dtype, kernels=kernels)
 
 
 def task_loss(task: str, out, label, mask, class_weights=None, pos_weight=None):

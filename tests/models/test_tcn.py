@@ -131,20 +131,6 @@ def test_receptive_field_of_the_causal_tcn():
   assert touched.max() == x.shape[1] - 1
 
 
-@pytest.mark.parametrize("length,dilation,kernel_size,padding", [
-    (37, 4, 5, "causal"), (37, 2, 3, "same"), (300, 1, 5, "same"), (11, 8, 5, "causal"),
-    (5, 1, 5, "same"), (23, 3, 7, "causal")])
-def test_winograd_conv_equals_the_direct_convolution(length, dilation, kernel_size, padding):
-  rng = np.random.default_rng(6)
-  x = jnp.asarray(rng.normal(size=(2, length, 6)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(kernel_size, 6, 7)), jnp.float32)
-  pad = tcn.conv_padding(kernel_size, dilation, padding)
-  direct = jax.lax.conv_general_dilated(x, kernel, (1,), [pad], rhs_dilation=(dilation,),
-                                        dimension_numbers=("NWC", "WIO", "NWC"))
-  fast = tcn.winograd_conv(x, kernel, dilation, pad)
-  np.testing.assert_allclose(fast, direct, atol=1e-5 * float(jnp.abs(direct).max()))
-
-
 def test_init_matches_torch_weight_norm_and_prelu():
   model = tcn.TemporalConvNet((64,), K)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 32)))

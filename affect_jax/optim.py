@@ -82,6 +82,40 @@ def global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.vdot(x, x) for x in leaves)) if leaves else jnp.float32(0.0)
 
 
+def micro_batches(batch, steps: int):
+  """Each [B, ...] leaf as [steps, B / steps, ...], micro-batch i holding rows i, i + steps,
+  i + 2 steps, ...: strided, so with the batch split over devices in contiguous blocks every
+  micro-batch keeps an equal share on every device (no data moves between them)."""
+  def split(x):
+    if x.shape[0] % steps:
+      raise ValueError(f"a batch of {x.shape[0]} does not split into {steps} micro-batches")
+    return jnp.swapaxes(x.reshape(x.shape[0] // steps, steps, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_and_grad, params, batch, steps: int):
+  """((loss, aux), grads) averaged over `steps` micro-batches (`micro_batches`) of `batch`.
+
+  `loss_and_grad(params, micro_batch, index)` returns ((loss, aux), grads) of one micro-batch
+  (`index` is a traced int32, e.g. to fold into an rng). One optimizer update then sees the
+  mean gradient of the whole batch while only one micro-batch's activations are alive at a
+  time (a `lax.scan`); aux values are stacked along a leading [steps] axis. `steps=1` calls
+  it once on the whole batch (index 0), aux without the extra axis.
+  """
+  if steps == 1:
+    return loss_and_grad(params, batch, jnp.int32(0))
+
+  def body(total, inputs):
+    index, micro = inputs
+    (loss, aux), grads = loss_and_grad(params, micro, index)
+    return jax.tree.map(jnp.add, total, (loss.astype(jnp.float32), grads)), aux
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (loss, grads), aux = jax.lax.scan(body, zeros, (jnp.arange(steps, dtype=jnp.int32),
+                                                  micro_batches(batch, steps)))
+  return (loss / steps, aux), jax.tree.map(lambda g: g / steps, grads)
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, *,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
   """optax AdamW (decoupled, masked weight decay) with optional global-norm clipping."""

@@ -28,6 +28,22 @@ def get_data_config() -> ml_collections.ConfigDict:
   return data
 
 
+def set_vit_scale(c: ml_collections.ConfigDict, preset: str) -> None:
+  """Memory and scale fields of a ViT stage (pretraining, fine-tuning), with the defaults of
+  its size: bfloat16 compute for base/large/huge (params, optimizer state, losses stay
+  float32), and for large/huge the weights sharded over every device (FSDP, mesh
+  (1, -1, 1)) rather than replicated."""
+  big = preset in ("base", "large", "huge")
+  c.model.dtype = "bfloat16" if big else "float32"
+  # Activation rematerialisation of the transformer blocks: none | full | dots_saveable
+  # (models.vit.REMAT_POLICIES); the same function, less memory, more compute.
+  c.model.remat = "none"
+  # The gradient of one optimizer step as the mean over this many micro-batches (each of
+  # batch_size / grad_accum_steps, split over the devices): a large batch in less memory.
+  c.grad_accum_steps = 1
+  c.mesh_shape = (1, -1, 1) if preset in ("large", "huge") else (-1, 1, 1)
+
+
 # The paper's recipe per task (DESIGN.md "Paper training recipe"): epochs differ.
 PAPER_EPOCHS = {"VA": 40, "EXPR": 10, "AU": 30}
 

@@ -29,7 +29,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.variant = preset
   c.model.pool = "mean"  # 'mean' (MAE fine-tuning's global pool + fc_norm) or 'cls'
   c.model.drop_path_rate = 0.1
-  c.model.dtype = "float32"
+  # c.model.dtype, c.model.remat, c.grad_accum_steps, c.mesh_shape: common.set_vit_scale.
   c.model.kernels = "auto"  # affect_jax.models.layers.KERNELS
 
   c.data = common.get_data_config()
@@ -55,7 +55,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       name="adamw", lr=1e-4, base_lr=None, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
       schedule="cosine", min_lr=1e-6, init_lr=0.0, grad_clip=0.0))
 
-  c.mesh_shape = (-1, 1, 1)
   c.axis_rules = sharding.DEFAULT_RULES
   c.log_every = 50
   c.eval_every_epochs = 1.0
@@ -75,4 +74,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint_every = 200
   elif preset not in ("base", "large", "huge"):
     raise ValueError(f"unknown preset {preset!r}: use tiny, base, large or huge")
+  common.set_vit_scale(c, preset)
   return c

@@ -25,7 +25,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.mask_ratio = 0.75
   c.model.norm_pix_loss = True
   c.model.drop_path_rate = 0.0
-  c.model.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU (params stay float32)
+  # c.model.dtype, c.model.remat, c.grad_accum_steps, c.mesh_shape: common.set_vit_scale.
   # Backend kernels (affect_jax.models.layers): "auto" = the XLA:CPU kernels on a CPU host,
   # stock XLA (and JAX's pick of attention, cuDNN on GPUs) elsewhere; "xla", "cudnn", "cpu".
   c.model.kernels = "auto"
@@ -48,7 +48,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, schedule="cosine", min_lr=0.0,
       init_lr=0.0, grad_clip=0.0))
 
-  c.mesh_shape = (-1, 1, 1)  # ('data', 'fsdp', 'model'); -1 takes the remaining devices
   c.axis_rules = sharding.DEFAULT_RULES
   c.log_every = 50
   c.checkpoint_every = 1000
@@ -67,4 +66,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.recon_every = 200
   elif preset not in ("base", "large", "huge"):
     raise ValueError(f"unknown preset {preset!r}: use tiny, base, large or huge")
+  common.set_vit_scale(c, preset)
   return c

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from affect_jax import optim
 
@@ -104,3 +105,27 @@ def test_global_norm_matches_numpy_over_all_leaves():
   np.testing.assert_allclose(got, optax.tree.norm(jax.tree.map(
       lambda x: jnp.asarray(x, jnp.float32), tree)), rtol=1e-6)
   assert float(optim.global_norm({})) == 0.0
+
+
+def test_accumulated_gradients_are_the_mean_over_strided_micro_batches():
+  x = jnp.arange(24.0).reshape(12, 2)
+  y = jnp.sin(jnp.arange(12.0))
+  params = {"w": jnp.array([0.3, -0.2]), "b": jnp.array(0.1)}
+  seen = []
+
+  def loss_and_grad(p, batch, index):
+    seen.append(batch["x"].shape)
+    f = lambda p: (jnp.mean((batch["x"] @ p["w"] + p["b"] - batch["y"]) ** 2), index)
+    return jax.value_and_grad(f, has_aux=True)(p)
+
+  batch = {"x": x, "y": y}
+  (loss, idx), grads = optim.accumulate_gradients(loss_and_grad, params, batch, 3)
+  assert seen[-1] == (4, 2) and list(idx) == [0, 1, 2]
+  np.testing.assert_array_equal(optim.micro_batches(batch, 3)["x"][1], x[1::3])
+  # A mean loss over equal micro-batches: the same loss and gradient as the whole batch.
+  (full, _), full_grads = loss_and_grad(params, batch, 0)
+  np.testing.assert_allclose(loss, full, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  with pytest.raises(ValueError, match="does not split into 5 micro-batches"):
+    optim.micro_batches(batch, 5)

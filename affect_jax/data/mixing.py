@@ -8,6 +8,11 @@ image mixed with its mirror in the batch (image i with image B-1-i), CutMix chos
 with probability `switch_prob` when both are on, and CutMix's lambda corrected to the area of
 the box actually pasted. Cross-entropy is linear in its targets, so the loss on the mixed
 targets is exactly the lambda-weighted sum of the losses on the two integer labels.
+
+On a mesh the batch is split into `num_shards` contiguous blocks, one per data-parallel device;
+with `num_shards` set to that count each image is mirrored within its own block, so pairing
+never moves an image between devices (a mirror of the whole batch would gather it on every
+device). `num_shards=1` is timm's pairing.
 """
 
 from __future__ import annotations
@@ -16,9 +21,18 @@ import jax
 import jax.numpy as jnp
 
 
-def partner_index(batch_size: int) -> jax.Array:
-  """Whom each sample is mixed with: the batch reversed (timm's `x.flip(0)`)."""
-  return jnp.arange(batch_size)[::-1]
+def mirror(x: jax.Array, num_shards: int = 1) -> jax.Array:
+  """x with each of its `num_shards` contiguous blocks of rows reversed (timm's `x.flip(0)`
+  when 1): a reverse along an axis that is not sharded, so each device keeps its own rows."""
+  if x.shape[0] % num_shards:
+    raise ValueError(f"batch of {x.shape[0]} does not split into {num_shards} shards")
+  blocks = x.reshape(num_shards, x.shape[0] // num_shards, *x.shape[1:])
+  return blocks[:, ::-1].reshape(x.shape)
+
+
+def partner_index(batch_size: int, num_shards: int = 1) -> jax.Array:
+  """Whom each sample is mixed with: `mirror` of the row indices."""
+  return mirror(jnp.arange(batch_size), num_shards)
 
 
 def cutmix_box_mask(rng, height: int, width: int, lam) -> tuple[jax.Array, jax.Array]:
@@ -39,13 +53,15 @@ def cutmix_box_mask(rng, height: int, width: int, lam) -> tuple[jax.Array, jax.A
 
 
 def mix_batch(rng, images: jax.Array, *, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-              switch_prob: float = 0.5) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Mixes a batch of images [B, H, W, C] (float); returns (images, partner [B], lam).
+              switch_prob: float = 0.5, num_shards: int = 1
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Mixes a batch of images [B, H, W, C] (float); returns (images, partner [B], lam), the
+  partners paired within each of `num_shards` blocks (the labels' partners: `mirror`).
 
   With both alphas 0 the batch comes back unchanged with lam = 1.
   """
   batch = images.shape[0]
-  partner = partner_index(batch)
+  partner = partner_index(batch, num_shards)
   if not (mixup_alpha > 0 or cutmix_alpha > 0):
     return images, partner, jnp.float32(1.0)
   choice_rng, mix_rng, cut_rng, box_rng = jax.random.split(rng, 4)
@@ -53,7 +69,7 @@ def mix_batch(rng, images: jax.Array, *, mixup_alpha: float = 0.0, cutmix_alpha:
     use_cutmix = jax.random.uniform(choice_rng) < switch_prob
   else:
     use_cutmix = jnp.bool_(cutmix_alpha > 0)
-  mirrored = images[partner]
+  mirrored = mirror(images, num_shards)
 
   lam_mix = jax.random.beta(mix_rng, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
   mixed = lam_mix * images + (1.0 - lam_mix) * mirrored

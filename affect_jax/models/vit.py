@@ -216,10 +216,22 @@ class Encoder1DBlock(nn.Module):
     return x + DropPath(self.drop_path_rate)(y, deterministic)
 
 
+# Rematerialisation of the encoder blocks (`remat`): what the backward pass may keep from the
+# forward instead of recomputing it. 'full' keeps only each block's input; 'dots_saveable'
+# keeps the matmul outputs and recomputes the cheap elementwise work (GELU, LayerNorm, softmax).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class Encoder(nn.Module):
   """`depth` blocks (`blocks_{i}`) and, if `final_norm`, a LayerNorm (`norm`).
 
   Drop-path rates grow linearly from 0 to `drop_path_rate` over depth, as in timm/MAE.
+  `remat` (REMAT_POLICIES) trades the blocks' activation memory for recomputation; the
+  function and the parameters are the same whatever it is.
   """
   depth: int
   num_heads: int
@@ -229,13 +241,19 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernels: str = "auto"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):  # [B, N, D]
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+    block = Encoder1DBlock
+    if self.remat != "none":
+      block = nn.remat(Encoder1DBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
     x = x.astype(jnp.float32)
     for i in range(self.depth):
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-      x = Encoder1DBlock(
+      x = block(
           self.num_heads, self.mlp_dim, rate, dtype=self.dtype,
           param_dtype=self.param_dtype, kernels=self.kernels,
           name=f"blocks_{i}")(x, deterministic)
@@ -271,6 +289,7 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernels: str = "auto"
+  remat: str = "none"  # REMAT_POLICIES
 
   @nn.compact
   def __call__(self, imgs, *, train: bool = False):  # [B, H, W, C]
@@ -286,7 +305,7 @@ class VisionTransformer(nn.Module):
     cls = cls_token_param(self, self.width, self.param_dtype) + pos[:1]
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate,
-                final_norm=self.pool == "cls", name="encoder", **kw)(
+                final_norm=self.pool == "cls", name="encoder", remat=self.remat, **kw)(
                     x, deterministic=not train)  # [B, 1 + N, D]
 
     if self.pool == "cls":

@@ -65,7 +65,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int = NUM_CLASS
   return vit.VisionTransformer(
       **vit.variant_config(m.variant, decoder=False), num_classes=num_classes, pool=m.pool,
       drop_path_rate=m.drop_path_rate, dtype=jnp.dtype(m.dtype),
-      kernels=m.get("kernels", "auto"))
+      kernels=m.get("kernels", "auto"), remat=m.get("remat", "none"))
 
 
 def initial_encoder(config: ml_collections.ConfigDict) -> dict | None:
@@ -107,28 +107,37 @@ def create_train_state(config, model, rng, mesh, schedule, pretrained: dict | No
 
 
 def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing,
-               mixup_alpha=0.0, cutmix_alpha=0.0, mix_switch_prob=0.5):
+               mixup_alpha=0.0, cutmix_alpha=0.0, mix_switch_prob=0.5, mix_shards=1,
+               grad_accum_steps=1):
   """One step of masked (class-weighted, label-smoothed) cross-entropy, on Mixup/CutMix
-  batches when their alphas are > 0 (`affect_jax.data.mixing`)."""
+  batches when their alphas are > 0 (`affect_jax.data.mixing`; pairs within each of
+  `mix_shards` blocks of the batch, one per data-parallel device). With `grad_accum_steps`
+  > 1 the gradient is the mean over that many micro-batches (`optim.accumulate_gradients`)."""
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
-  images = loaders.normalize_images(batch["image"])
   mixed = mixup_alpha > 0 or cutmix_alpha > 0
-  if mixed:
-    images, partner, lam = mixing.mix_batch(
-        jax.random.fold_in(rng, 1), images, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-        switch_prob=mix_switch_prob)
-  mask = jnp.ones(batch["label"].shape, jnp.float32)
 
-  def loss_fn(params):
-    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
-    ce = functools.partial(losses.masked_cross_entropy, logits, mask=mask,
-                           class_weights=weights, label_smoothing=label_smoothing)
-    if not mixed:
-      return ce(batch["label"]), logits
-    return lam * ce(batch["label"]) + (1.0 - lam) * ce(batch["label"][partner]), logits
+  def loss_and_grad(params, micro, index):
+    micro_rng = rng if grad_accum_steps == 1 else jax.random.fold_in(rng, index + 2)
+    images, labels = loaders.normalize_images(micro["image"]), micro["label"]
+    if mixed:
+      images, _, lam = mixing.mix_batch(
+          jax.random.fold_in(micro_rng, 1), images, mixup_alpha=mixup_alpha,
+          cutmix_alpha=cutmix_alpha, switch_prob=mix_switch_prob, num_shards=mix_shards)
+    mask = jnp.ones(labels.shape, jnp.float32)
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    def loss_fn(p):
+      logits = model.apply({"params": p}, images, train=True, rngs={"dropout": micro_rng})
+      ce = functools.partial(losses.masked_cross_entropy, logits, mask=mask,
+                             class_weights=weights, label_smoothing=label_smoothing)
+      loss = ce(labels)
+      if mixed:
+        loss = lam * loss + (1.0 - lam) * ce(mixing.mirror(labels, mix_shards))
+      return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  (loss, acc), grads = optim.accumulate_gradients(loss_and_grad, state.params, batch,
+                                                  grad_accum_steps)
+  acc = jnp.mean(acc)
   return state.apply_gradients(grads=grads), {
       "loss": loss, "accuracy": acc, "grad_norm": optim.global_norm(grads), "lr": schedule(state.step)}
 
@@ -165,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
   workdir = loop.open_workdir(config, workdir, "finetune")
   root = config.data.root
   mesh = sharding.make_mesh(config.mesh_shape)
-  sharding.check_batch_size(config.batch_size, mesh)
+  pretrain.check_micro_batches(config, mesh)
   unmatched = affwild2.max_unmatched(config)
   train = frame_records(root, affwild2.TRAIN_SET, unmatched)
   val = frame_records(root, affwild2.VALIDATION_SET, unmatched)
@@ -182,7 +191,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
                            label_smoothing=config.label_smoothing,
                            mixup_alpha=config.get("mixup", 0.0),
                            cutmix_alpha=config.get("cutmix", 0.0),
-                           mix_switch_prob=config.get("mix_switch_prob", 0.5))
+                           mix_switch_prob=config.get("mix_switch_prob", 0.5),
+                           mix_shards=sharding.batch_divisor(mesh),
+                           grad_accum_steps=config.get("grad_accum_steps", 1))
   batch_sh = {"image": sharding.batch_sharding(mesh, 4), "label": sharding.batch_sharding(mesh, 1)}
   step_fn = jax.jit(step, in_shardings=(shardings, batch_sh),
                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

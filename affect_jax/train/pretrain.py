@@ -29,7 +29,7 @@ def create_model(config: ml_collections.ConfigDict) -> mae.MaskedAutoencoder:
   return mae.MaskedAutoencoder(
       **vit.variant_config(m.variant), mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss,
       drop_path_rate=m.drop_path_rate, dtype=jnp.dtype(m.dtype),
-      kernels=m.get("kernels", "auto"))
+      kernels=m.get("kernels", "auto"), remat=m.get("remat", "none"))
 
 
 def image_roots(config: ml_collections.ConfigDict) -> list[str]:
@@ -53,26 +53,44 @@ def create_train_state(config, model, rng, mesh, schedule):
 
 
 def train_step(state: loop.TrainState, batch: dict, *, model: mae.MaskedAutoencoder, seed: int,
-               schedule) -> tuple[loop.TrainState, dict]:
-  """One AdamW step on the MAE loss. batch['image']: uint8 [B, H, W, 3]."""
+               schedule, grad_accum_steps: int = 1) -> tuple[loop.TrainState, dict]:
+  """One AdamW step on the MAE loss. batch['image']: uint8 [B, H, W, 3]. With
+  `grad_accum_steps` > 1 the gradient is the mean over that many micro-batches
+  (`optim.accumulate_gradients`), each with masks of its own."""
   # Randomness is a function of (seed, step): a resumed run draws the same masks.
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
-  mask_rng, drop_rng = jax.random.split(rng)
-  images = loaders.normalize_images(batch["image"])
 
-  def loss_fn(params):
-    loss, _, _ = model.apply({"params": params}, images, train=True,
-                             rngs={"masking": mask_rng, "dropout": drop_rng})
-    return loss
+  def loss_and_grad(params, micro, index):
+    micro_rng = rng if grad_accum_steps == 1 else jax.random.fold_in(rng, index)
+    mask_rng, drop_rng = jax.random.split(micro_rng)
+    images = loaders.normalize_images(micro["image"])
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    def loss_fn(p):
+      loss, _, _ = model.apply({"params": p}, images, train=True,
+                               rngs={"masking": mask_rng, "dropout": drop_rng})
+      return loss, ()
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  (loss, _), grads = optim.accumulate_gradients(loss_and_grad, state.params, batch,
+                                                grad_accum_steps)
   metrics = {"loss": loss, "grad_norm": optim.global_norm(grads), "lr": schedule(state.step)}
   return state.apply_gradients(grads=grads), metrics
 
 
+def check_micro_batches(config, mesh) -> None:
+  """The batch, and each of its `grad_accum_steps` micro-batches, split over the devices."""
+  sharding.check_batch_size(config.batch_size, mesh)
+  steps = int(config.get("grad_accum_steps", 1))
+  if steps < 1 or config.batch_size % steps:
+    raise ValueError(f"config.grad_accum_steps={steps} must divide config.batch_size="
+                     f"{config.batch_size}")
+  sharding.check_batch_size(config.batch_size // steps, mesh)
+
+
 def jit_train_step(model, config, schedule, state_shardings, mesh):
   """The sharded, jitted step: explicit in/out shardings, state donated."""
-  step = functools.partial(train_step, model=model, seed=config.seed, schedule=schedule)
+  step = functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
+                           grad_accum_steps=config.get("grad_accum_steps", 1))
   batch_shardings = {"image": sharding.batch_sharding(mesh, 4)}
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -127,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   workdir = loop.open_workdir(config, workdir, "pretrain")
   mesh = sharding.make_mesh(config.mesh_shape)
-  sharding.check_batch_size(config.batch_size, mesh)
+  check_micro_batches(config, mesh)
   roots = image_roots(config)
   paths = faces.index_roots(roots, cache_dir=os.path.expanduser(config.data.index_cache))
   loaders.check_readable(paths, ",".join(roots), "the face corpus")

@@ -67,3 +67,26 @@ def test_lambda_weighted_loss_equals_cross_entropy_on_mixed_soft_targets():
   target = lam * onehot(labels) + (1 - lam) * onehot(labels[partner])
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   np.testing.assert_allclose(float(ours), -(target * logp).sum(-1).mean(), rtol=1e-5)
+
+
+def test_pairs_stay_within_each_devices_shard():
+  x = np.arange(8)
+  assert list(mixing.mirror(jnp.asarray(x), 4)) == [1, 0, 3, 2, 5, 4, 7, 6]
+  assert list(mixing.partner_index(8, 2)) == [3, 2, 1, 0, 7, 6, 5, 4]
+  with pytest.raises(ValueError, match="does not split into 3 shards"):
+    mixing.mirror(jnp.asarray(x), 3)
+  # On a 4-device mesh with the batch split over the devices, mixing moves no image between
+  # them: no collective in the compiled step (the whole-batch mirror all-gathers the images).
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from affect_jax import sharding
+  mesh = sharding.make_mesh((4, 1, 1), jax.devices()[:4])
+  spec = NamedSharding(mesh, P(("data", "fsdp")))
+  images = jax.device_put(jnp.zeros((8, 16, 16, 3)), spec)
+
+  def compiled(shards):
+    f = jax.jit(lambda rng, x: mixing.mix_batch(rng, x, mixup_alpha=0.8, cutmix_alpha=1.0,
+                                                num_shards=shards)[0], out_shardings=spec)
+    return f.lower(jax.random.key(0), images).compile().as_text()
+  collectives = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
+  assert not any(c in compiled(4) for c in collectives)
+  assert any(c in compiled(1) for c in collectives)

@@ -1,12 +1,13 @@
 """Frame fine-tuning: records, class weights, MAE initialisation, best-state export."""
 
+import functools
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from affect_jax import sharding
+from affect_jax import optim, sharding
 from affect_jax.train import finetune, pretrain
 from configs import expr_finetune
 
@@ -133,3 +134,29 @@ def test_rerun_into_a_used_workdir_with_another_seed_is_refused(synthetic_root, 
   c.seed = 1
   with pytest.raises(FileExistsError, match=r"holds a finetune run of another config \(seed: 0 -> 1\)"):
     finetune.train_and_evaluate(c, str(finetune_workdir))
+
+
+def test_accumulated_step_is_the_whole_batch_step(synthetic_root):
+  """Deterministic fine-tuning (no drop-path, Mixup, smoothing): the mean cross-entropy of two
+  equal micro-batches is the batch's, so grad_accum_steps=2 gives the plain step's update."""
+  out = []
+  for steps in (1, 2):
+    c = _ft_config(synthetic_root, grad_accum_steps=steps, label_smoothing=0.0)
+    c.model.drop_path_rate = 0.0
+    mesh = sharding.make_mesh((8, 1, 1))
+    model = finetune.create_model(c)
+    schedule = optim.schedule_for(c, 10)
+    state, shardings = finetune.create_train_state(c, model, jax.random.key(1), mesh, schedule,
+                                                   None)
+    step = jax.jit(functools.partial(
+        finetune.train_step, model=model, seed=0, schedule=schedule, weights=None,
+        label_smoothing=0.0, grad_accum_steps=steps, mix_shards=8))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (16, IMAGE, IMAGE, 3), dtype=np.uint8),
+             "label": rng.integers(0, 8, 16).astype(np.int32)}
+    out.append(step(state, sharding.shard_batch(batch, mesh)))
+  (s1, m1), (s2, m2) = out
+  for key in ("loss", "accuracy", "grad_norm"):
+    np.testing.assert_allclose(float(m2[key]), float(m1[key]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

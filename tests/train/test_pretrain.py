@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from affect_jax import optim, sharding
+from affect_jax.data import loaders
 from affect_jax.train import loop, pretrain
 from configs import mae_pretrain
 
@@ -192,3 +193,43 @@ def test_tiny_loss_falls_on_synthetic_faces(synthetic_root, tmp_path):
   assert last < 0.8 * first, (first, last)
   grid = np.asarray(Image.open(tmp_path / "run" / "recon" / "latest.png"))
   assert grid.shape == (3 * IMAGE, 8 * IMAGE, 3)  # original / masked / reconstruction rows
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_is_the_same_step(single_device, remat):
+  ref_state, ref_losses = single_device
+  state, losses = _two_steps((1, 1, 1), jax.devices()[:1], remat=remat)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_accumulated_step_averages_its_micro_batches_on_the_mesh():
+  """grad_accum_steps=2 on 8 devices: the update is the mean of the two strided micro-batches'
+  gradients, each with its own masks (fold_in(rng, i)), and its loss their mean."""
+  config = _config(grad_accum_steps=2)
+  mesh = sharding.make_mesh((8, 1, 1))
+  model = pretrain.create_model(config)
+  schedule = optim.schedule_for(config, 10)
+  state, shardings = pretrain.create_train_state(config, model, jax.random.key(0), mesh, schedule)
+  batch = _batch(3)
+  params = jax.device_get(state.params)  # the step donates the state
+  _, metrics = pretrain.jit_train_step(model, config, schedule, shardings, mesh)(
+      state, sharding.shard_batch(batch, mesh))
+  rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+  losses, grads = [], []
+  for i, micro in enumerate([{"image": batch["image"][i::2]} for i in range(2)]):
+    mask_rng, drop_rng = jax.random.split(jax.random.fold_in(rng, i))
+    f = lambda p: model.apply({"params": p}, loaders.normalize_images(micro["image"]), train=True,
+                              rngs={"masking": mask_rng, "dropout": drop_rng})[0]
+    loss, grad = jax.value_and_grad(f)(params)
+    losses.append(float(loss))
+    grads.append(grad)
+  np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
+  mean_grad = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), float(optim.global_norm(mean_grad)),
+                             rtol=1e-4)
+  with pytest.raises(ValueError, match="grad_accum_steps=3 must divide config.batch_size=16"):
+    pretrain.check_micro_batches(_config(grad_accum_steps=3), mesh)
+  with pytest.raises(ValueError, match="config.batch_size=4 must divide over the 8"):
+    pretrain.check_micro_batches(_config(grad_accum_steps=4), mesh)  # micro-batches of 4

@@ -12,6 +12,7 @@ model over each process's own rows and hands each its own outputs; `allgather_ro
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -77,6 +78,23 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):
   of `jax.eval_shape` of an init); unboxed leaves are replicated."""
   specs = nn.get_partition_spec(abstract_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+# Logical names of activations: the residual stream of a transformer block is split over the
+# batch and whole along tokens and width ('length' and 'act_embed' are in no rule), so FSDP
+# gathers weights rather than activations, whatever propagation would have picked.
+ACTIVATION_AXES = ("batch", "length", "act_embed")
+
+
+def with_rules(fn: Callable, mesh: Mesh, rules=DEFAULT_RULES) -> Callable:
+  """`fn` traced with `mesh` and the logical `rules` in scope, so the models'
+  `nn.with_logical_constraint` calls become sharding constraints (outside such a scope they
+  are no-ops: a model applied on one device, or in numpy-facing code, is unconstrained)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

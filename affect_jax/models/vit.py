@@ -207,13 +207,16 @@ class Encoder1DBlock(nn.Module):
   def __call__(self, x, deterministic: bool):  # [B, N, D]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
               kernels=self.kernels)
-    # The residual stream stays float32 (as under torch autocast); branches may be bf16.
+    # The residual stream stays float32 (as under torch autocast); branches may be bf16. It
+    # is split over the batch only (`sharding.ACTIVATION_AXES`, where a step sets the rules).
+    residual = lambda x: nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    x = residual(x)
     y = layer_norm("norm1", self.param_dtype, kernels=self.kernels)(x)
     y = MultiHeadSelfAttention(self.num_heads, name="attn", **kw)(y)
-    x = x + DropPath(self.drop_path_rate)(y, deterministic)
+    x = residual(x + DropPath(self.drop_path_rate)(y, deterministic))
     y = layer_norm("norm2", self.param_dtype, kernels=self.kernels)(x)
     y = MlpBlock(self.mlp_dim, name="mlp", **kw)(y)
-    return x + DropPath(self.drop_path_rate)(y, deterministic)
+    return residual(x + DropPath(self.drop_path_rate)(y, deterministic))
 
 
 # Rematerialisation of the encoder blocks (`remat`): what the backward pass may keep from the

@@ -195,6 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
                            mix_shards=sharding.batch_divisor(mesh),
                            grad_accum_steps=config.get("grad_accum_steps", 1))
   batch_sh = {"image": sharding.batch_sharding(mesh, 4), "label": sharding.batch_sharding(mesh, 1)}
+  step = sharding.with_rules(step, mesh, sharding.rules_from_config(config.axis_rules))
   step_fn = jax.jit(step, in_shardings=(shardings, batch_sh),
                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   apply_fn = make_apply_fn(model, mesh)

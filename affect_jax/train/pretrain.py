@@ -92,6 +92,7 @@ def jit_train_step(model, config, schedule, state_shardings, mesh):
   step = functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
                            grad_accum_steps=config.get("grad_accum_steps", 1))
   batch_shardings = {"image": sharding.batch_sharding(mesh, 4)}
+  step = sharding.with_rules(step, mesh, sharding.rules_from_config(config.axis_rules))
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 

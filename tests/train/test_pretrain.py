@@ -233,3 +233,23 @@ def test_accumulated_step_averages_its_micro_batches_on_the_mesh():
     pretrain.check_micro_batches(_config(grad_accum_steps=3), mesh)
   with pytest.raises(ValueError, match="config.batch_size=4 must divide over the 8"):
     pretrain.check_micro_batches(_config(grad_accum_steps=4), mesh)  # micro-batches of 4
+
+
+def test_the_residual_stream_is_constrained_to_the_batch_split_in_the_sharded_step():
+  config = _config()
+  mesh = sharding.make_mesh((1, 8, 1))  # FSDP: weights split over the devices
+  model = pretrain.create_model(config)
+  schedule = optim.schedule_for(config, 10)
+  state, shardings = pretrain.create_train_state(config, model, jax.random.key(0), mesh, schedule)
+  text = pretrain.jit_train_step(model, config, schedule, shardings, mesh).lower(
+      state, sharding.shard_batch(_batch(0), mesh)).as_text()
+  constraints = [l for l in text.splitlines() if "sharding_constraint" in l]
+  # Three per block (input and both residual adds), encoder and decoder (tiny: 4 + 2 blocks),
+  # forward and backward; each splits the batch only.
+  assert len(constraints) >= 3 * (4 + 2)
+  assert all('[{"data", "fsdp"}, {}, {}]' in l for l in constraints), constraints[0]
+  # Outside a step (no mesh or rules in scope) the model carries no constraint.
+  plain = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False,
+                                           rngs={"masking": jax.random.key(0)})[0])
+  assert "sharding_constraint" not in plain.lower(state.params, np.zeros((2, IMAGE, IMAGE, 3),
+                                                                np.float32)).as_text()

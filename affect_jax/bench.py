@@ -122,6 +122,66 @@ def bench_mae(preset: str, batch: int, *, dtype: str = "float32", image_size: in
   }
 
 
+def bench_memory(stage: str, preset: str, batch: int, *, dtype: str | None = None,
+                 mesh_shape=None, remat: str = "none", grad_accum_steps: int = 1,
+                 image_size: int | None = None) -> dict:
+  """Per-device memory of the compiled train step of `stage` ('mae' pretraining or
+  'finetune'), from XLA's `memory_analysis()`: arguments (parameters, optimizer state and
+  the batch shard), temporaries (activations kept for the backward pass, gradients,
+  workspace) and outputs. Nothing is allocated or run: the state is abstract. `dtype`,
+  `mesh_shape` default to the preset's config (configs.common.set_vit_scale)."""
+  from affect_jax import optim, sharding
+  from affect_jax.train import finetune, pretrain
+  from configs import expr_finetune, mae_pretrain
+
+  if stage not in ("mae", "finetune"):
+    raise ValueError(f"stage must be 'mae' or 'finetune', got {stage!r}")
+  config = (mae_pretrain if stage == "mae" else expr_finetune).get_config(preset)
+  config.batch_size, config.model.remat, config.grad_accum_steps = batch, remat, grad_accum_steps
+  if dtype:
+    config.model.dtype = dtype
+  if mesh_shape:
+    config.mesh_shape = tuple(mesh_shape)
+  if image_size:
+    config.data.image_size = image_size
+  size = config.data.image_size
+  mesh = sharding.make_mesh(config.mesh_shape)
+  pretrain.check_micro_batches(config, mesh)
+  schedule = optim.schedule_for(config, 1000)
+  batch_arrays = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8,
+                                                sharding=sharding.batch_sharding(mesh, 4))}
+  rng = jax.random.key(0)
+  if stage == "mae":
+    model = pretrain.create_model(config)
+    state, shardings = pretrain.create_train_state(config, model, rng, mesh, schedule,
+                                                   abstract=True)
+    step = pretrain.jit_train_step(model, config, schedule, shardings, mesh)
+  else:
+    model = finetune.create_model(config)
+    state, shardings = finetune.create_train_state(config, model, rng, mesh, schedule, None,
+                                                   abstract=True)
+    step = finetune.jit_train_step(model, config, schedule, shardings, mesh)
+    batch_arrays["label"] = jax.ShapeDtypeStruct((batch,), np.int32,
+                                                 sharding=sharding.batch_sharding(mesh, 1))
+  start = time.perf_counter()
+  compiled = step.lower(state, batch_arrays).compile()
+  m = compiled.memory_analysis()
+  gib = lambda b: None if b is None else b / 2**30
+  args, temp = getattr(m, "argument_size_in_bytes", None), getattr(m, "temp_size_in_bytes", None)
+  out, alias = getattr(m, "output_size_in_bytes", None), getattr(m, "alias_size_in_bytes", None)
+  total = None if None in (args, temp, out, alias) else args + temp + out - alias
+  return {
+      "what": "memory", "stage": stage, "preset": preset, "batch": batch, "image_size": size,
+      "dtype": config.model.dtype, "mesh_shape": list(mesh.devices.shape), "remat": remat,
+      "grad_accum_steps": grad_accum_steps, "devices": mesh.size,
+      "device_kind": jax.devices()[0].device_kind,
+      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+      "arguments_gib": gib(args), "temporaries_gib": gib(temp), "outputs_gib": gib(out),
+      "aliased_gib": gib(alias), "total_gib": gib(total),
+      "compile_s": time.perf_counter() - start,
+  }
+
+
 def bench_matmul(n: int = 2048, repeats: int = 10) -> dict:
   """This machine's XLA matmul rate (GFLOP/s) on one n^3 product: float32, and bfloat16
   operands accumulating into float32 (the fast bf16 path on CPUs with avx512_bf16).

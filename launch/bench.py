@@ -5,16 +5,19 @@
   python launch/bench.py --what=temporal --preset=paper
   python launch/bench.py --what=matmul        # this machine's XLA matmul GFLOP/s (the ceiling)
   python launch/bench.py --what=matmul_layouts --preset=base --batch=8   # the step's own matmuls
+  python launch/bench.py --what=memory --stage=mae --preset=large --batch=256 \
+      --cpu_devices=8 --remat=full                 # per-device memory of the compiled step
 """
 
 import json
+import sys
 
 from absl import app, flags
 
 from affect_jax import hostenv
 
 _WHAT = flags.DEFINE_enum("what", "mae", ["mae", "loader", "mae+loader", "temporal", "matmul",
-                                              "matmul_layouts"], "What to time.")
+                                              "matmul_layouts", "memory"], "What to time.")
 _PRESET = flags.DEFINE_string("preset", "tiny", "MAE size preset (configs/mae_pretrain.py).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
@@ -24,10 +27,21 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for the MFU "
                                   "(default: known per device kind; none for CPUs).")
 _WORKERS = flags.DEFINE_integer("worker_count", 0, "grain worker processes for --what=loader.")
+_STAGE = flags.DEFINE_enum("stage", "mae", ["mae", "finetune"], "--what=memory: whose step.")
+_MESH = flags.DEFINE_list("mesh_shape", [], "--what=memory: ('data', 'fsdp', 'model') sizes "
+                          "(default: the preset's).")
+_REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots_saveable"],
+                           "--what=memory: rematerialisation of the transformer blocks.")
+_ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "--what=memory: micro-batches per step.")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Emulate this many CPU devices (e.g. the "
+                                    "memory of a 64-device mesh, per device, on one host).")
 
 
 def main(argv):
   del argv
+  if _CPU_DEVICES.value:
+    import jax
+    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   from affect_jax import bench
   from configs import mae_pretrain
 
@@ -46,6 +60,12 @@ def main(argv):
     results.append(bench.bench_matmul_layouts(_PRESET.value, _BATCH.value,
                                               image_size=_IMAGE_SIZE.value or None,
                                               repeats=_STEPS.value))
+  if _WHAT.value == "memory":
+    dtype = _DTYPE.value if any(a.startswith("--dtype") for a in sys.argv) else None
+    results.append(bench.bench_memory(_STAGE.value, _PRESET.value, _BATCH.value, dtype=dtype,
+                                      mesh_shape=[int(s) for s in _MESH.value] or None,
+                                      remat=_REMAT.value, grad_accum_steps=_ACCUM.value,
+                                      image_size=_IMAGE_SIZE.value or None))
   if "loader" in _WHAT.value.split("+"):
     size = _IMAGE_SIZE.value or mae_pretrain.get_config(_PRESET.value).data.image_size
     results.append(bench.bench_loader(_BATCH.value, size, worker_count=_WORKERS.value))
@@ -77,6 +97,12 @@ def main(argv):
         print(f"  {row['part']:8s} {row['name']:9s} {row['product']:18s} {sizes:30s} "
               f"{row['float32_gflops']:8.0f} {row['bfloat16_f32acc_gflops']:11.0f} "
               f"{row['bfloat16_plain_gflops']:19.0f}  x{row['count']}")
+    elif r["what"] == "memory":
+      print(f"{r['stage']} {r['preset']} {r['image_size']}px batch {r['batch']} {r['dtype']} "
+            f"mesh {tuple(r['mesh_shape'])} remat {r['remat']} accum {r['grad_accum_steps']}: "
+            f"per device {r['total_gib']:.2f} GiB (arguments {r['arguments_gib']:.2f}, "
+            f"temporaries {r['temporaries_gib']:.2f}, outputs {r['outputs_gib']:.2f}, aliased "
+            f"{r['aliased_gib']:.2f}); compiled in {r['compile_s']:.0f} s")
     elif r["what"] == "matmul":
       print(f"XLA matmul {r['n']}^3 on {r['device_kind']}: float32 {r['float32_gflops']:.0f} "
             f"GFLOP/s, bfloat16 operands with float32 accumulation "

@@ -75,3 +75,20 @@ def test_matmul_layouts_bench_times_three_products_per_matmul():
       assert row["gflop"] * 1e9 == pytest.approx(2 * np.prod(shape))
   assert [row["product"] for row in r["rows"][:3]] == [
       "forward x.W", "input grad g.W^T", "weight grad x^T.g"]
+
+
+@pytest.mark.parametrize("stage", ["mae", "finetune"])
+def test_memory_bench_counts_the_state_per_device(stage):
+  """The compiled step's arguments are the state (float32 params and two AdamW moments) and
+  the batch shard: whole on every device when replicated, an eighth of it under FSDP."""
+  kw = dict(batch=64, image_size=32, dtype="float32")
+  replicated = bench.bench_memory(stage, "tiny", mesh_shape=(8, 1, 1), **kw)
+  fsdp = bench.bench_memory(stage, "tiny", mesh_shape=(1, 8, 1), **kw)
+  state = 3 * 4 * replicated["params"] / 2**30
+  images = 64 * 32 * 32 * 3 / 8 / 2**30
+  assert replicated["arguments_gib"] == pytest.approx(state + images, rel=0.02)
+  # 'embed' is split over 'fsdp': every matrix and most vectors; a few small ones stay whole.
+  assert fsdp["arguments_gib"] < 0.2 * replicated["arguments_gib"]
+  for r in (replicated, fsdp):
+    assert r["temporaries_gib"] > 0 and r["total_gib"] >= r["arguments_gib"]
+  assert replicated["mesh_shape"] == [8, 1, 1] and fsdp["devices"] == 8

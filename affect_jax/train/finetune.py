@@ -88,7 +88,8 @@ def initial_encoder(config: ml_collections.ConfigDict) -> dict | None:
   raise ValueError(f"config.init.kind: unknown {kind!r} (mae | converted | random)")
 
 
-def create_train_state(config, model, rng, mesh, schedule, pretrained: dict | None):
+def create_train_state(config, model, rng, mesh, schedule, pretrained: dict | None,
+                       abstract: bool = False):
   size = config.data.image_size
   tx = optax.chain(optim.make_optimizer(config.optim, schedule=schedule),
                    optim.layerwise_lr_decay(config.layer_decay, model.depth))
@@ -103,7 +104,8 @@ def create_train_state(config, model, rng, mesh, schedule, pretrained: dict | No
           is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     return loop.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
-  return loop.create_sharded_state(init, rng, mesh, sharding.rules_from_config(config.axis_rules))
+  return loop.create_sharded_state(init, rng, mesh, sharding.rules_from_config(config.axis_rules),
+                                   abstract)
 
 
 def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing,
@@ -140,6 +142,23 @@ def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing,
   acc = jnp.mean(acc)
   return state.apply_gradients(grads=grads), {
       "loss": loss, "accuracy": acc, "grad_norm": optim.global_norm(grads), "lr": schedule(state.step)}
+
+
+def jit_train_step(model, config, schedule, state_shardings, mesh, weights=None):
+  """The sharded, jitted step: explicit in/out shardings, state donated, the models'
+  activation constraints in force."""
+  step = functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
+                           weights=None if weights is None else jnp.asarray(weights),
+                           label_smoothing=config.label_smoothing,
+                           mixup_alpha=config.get("mixup", 0.0),
+                           cutmix_alpha=config.get("cutmix", 0.0),
+                           mix_switch_prob=config.get("mix_switch_prob", 0.5),
+                           mix_shards=sharding.batch_divisor(mesh),
+                           grad_accum_steps=config.get("grad_accum_steps", 1))
+  step = sharding.with_rules(step, mesh, sharding.rules_from_config(config.axis_rules))
+  batch_sh = {"image": sharding.batch_sharding(mesh, 4), "label": sharding.batch_sharding(mesh, 1)}
+  return jax.jit(step, in_shardings=(state_shardings, batch_sh),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def make_apply_fn(model, mesh):
@@ -186,18 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
   model = create_model(config)
   state, shardings = create_train_state(config, model, jax.random.key(config.seed), mesh, schedule,
                                         initial_encoder(config))
-  step = functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
-                           weights=None if weights is None else jnp.asarray(weights),
-                           label_smoothing=config.label_smoothing,
-                           mixup_alpha=config.get("mixup", 0.0),
-                           cutmix_alpha=config.get("cutmix", 0.0),
-                           mix_switch_prob=config.get("mix_switch_prob", 0.5),
-                           mix_shards=sharding.batch_divisor(mesh),
-                           grad_accum_steps=config.get("grad_accum_steps", 1))
-  batch_sh = {"image": sharding.batch_sharding(mesh, 4), "label": sharding.batch_sharding(mesh, 1)}
-  step = sharding.with_rules(step, mesh, sharding.rules_from_config(config.axis_rules))
-  step_fn = jax.jit(step, in_shardings=(shardings, batch_sh),
-                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  step_fn = jit_train_step(model, config, schedule, shardings, mesh, weights)
   apply_fn = make_apply_fn(model, mesh)
 
   def evaluate(st):

@@ -29,11 +29,17 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
-def create_sharded_state(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh, rules):
+def create_sharded_state(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh, rules,
+                         abstract: bool = False):
   """Runs `init_fn(rng)` (which may return logically-boxed params) directly into its
-  sharded layout: nothing is materialised on one device first. Returns (state, shardings)."""
-  abstract = jax.eval_shape(init_fn, rng)
-  shardings = sharding.logical_shardings(abstract, mesh, rules)
+  sharded layout: nothing is materialised on one device first. Returns (state, shardings).
+  With `abstract`, the state's leaves are `jax.ShapeDtypeStruct`s carrying their shardings
+  (nothing is computed: for compiling a step to read its memory use)."""
+  shapes = jax.eval_shape(init_fn, rng)
+  shardings = sharding.logical_shardings(shapes, mesh, rules)
+  if abstract:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nn.meta.unbox(shapes), shardings), shardings
   state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
   return state, shardings
 

@@ -38,7 +38,7 @@ def image_roots(config: ml_collections.ConfigDict) -> list[str]:
   return [os.path.join(config.data.root, affwild2.FRAMES_DIR)]
 
 
-def create_train_state(config, model, rng, mesh, schedule):
+def create_train_state(config, model, rng, mesh, schedule, abstract: bool = False):
   """Sharded TrainState; parameters and AdamW moments laid out by the logical rules."""
   size = config.data.image_size
   tx = optim.make_optimizer(config.optim, schedule=schedule)
@@ -49,7 +49,8 @@ def create_train_state(config, model, rng, mesh, schedule):
                            jnp.zeros((1, size, size, 3), jnp.float32), train=False)
     return loop.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
 
-  return loop.create_sharded_state(init, rng, mesh, sharding.rules_from_config(config.axis_rules))
+  return loop.create_sharded_state(init, rng, mesh, sharding.rules_from_config(config.axis_rules),
+                                   abstract)
 
 
 def train_step(state: loop.TrainState, batch: dict, *, model: mae.MaskedAutoencoder, seed: int,

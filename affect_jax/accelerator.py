@@ -1,0 +1,176 @@
+"""What a user runs first on a new GPU/TPU host (`launch/check_accelerator.py`): does this
+code compute the same on these devices, and how fast.
+
+1. devices: backend, kinds, count, jax version, the kernel set 'auto' picks here;
+2. sharded == one device: two tiny MAE train steps over all devices (data parallel, then
+   FSDP) against the same steps on one device;
+3. kernel sets: the tiny ViT's loss and gradients with kernels 'xla' against 'cpu' (both are
+   plain JAX and run anywhere) on this backend;
+4. the MAE ViT-B/16 bf16 train step: img/s, TFLOP/s and MFU (`bench.bench_mae`);
+5. attention at ViT-B's shapes, forward and backward, per implementation of
+   `jax.nn.dot_product_attention` ('xla', and 'cudnn' on GPUs);
+6. a short tiny pretraining run on synthetic faces: the loss must fall.
+Each check reports its figures or its error; the result is one JSON-able dict.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _tiny_mae_steps(mesh_shape, devices, steps: int = 2):
+  """(losses, params) of `steps` tiny MAE train steps on `devices` with `mesh_shape`."""
+  from affect_jax import optim, sharding
+  from affect_jax.train import pretrain
+  from configs import mae_pretrain
+  config = mae_pretrain.get_config("tiny")
+  config.data.image_size, config.batch_size = 32, 16
+  mesh = sharding.make_mesh(mesh_shape, devices)
+  model = pretrain.create_model(config)
+  schedule = optim.schedule_for(config, 10)
+  state, shardings = pretrain.create_train_state(config, model, jax.random.key(0), mesh, schedule)
+  step = pretrain.jit_train_step(model, config, schedule, shardings, mesh)
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(steps):
+    images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    state, metrics = step(state, sharding.shard_batch({"image": images}, mesh))
+    losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state.params)
+
+
+def check_sharded_steps() -> dict:
+  devices = jax.devices()
+  n = len(devices)
+  ref_losses, ref_params = _tiny_mae_steps((1, 1, 1), devices[:1])
+  out = {"devices": n}
+  shapes = {"data_parallel": (n, 1, 1)}
+  if n > 1:
+    shapes["fsdp"] = (1, n, 1)
+  if 16 % n:
+    return {**out, "skipped": f"the tiny batch of 16 does not split over {n} devices"}
+  for name, shape in shapes.items():
+    losses, params = _tiny_mae_steps(shape, devices)
+    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+    rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
+    out[name] = {"loss_rel_diff": rel, "max_param_diff": diff, "ok": rel < 1e-3 and diff < 1e-2}
+  return out
+
+
+def check_kernel_sets() -> dict:
+  import flax.linen as nn
+  from affect_jax.models import vit
+  tiny = dict(patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=64, num_classes=3)
+  x = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 16, 16, 3)), jnp.float32)
+  params = nn.unbox(vit.VisionTransformer(**tiny).init(jax.random.key(0), x))["params"]
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    results = {}
+    for kernels in ("xla", "cpu"):
+      model = vit.VisionTransformer(**tiny, dtype=jnp.dtype(dtype), kernels=kernels)
+      f = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+      results[kernels] = jax.jit(jax.value_and_grad(f))(params)
+    (va, ga), (vb, gb) = results["xla"], results["cpu"]
+    flat = lambda g: np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in jax.tree.leaves(g)])
+    rel = float(np.linalg.norm(flat(ga) - flat(gb)) / np.linalg.norm(flat(gb)))
+    tol = 1e-4 if dtype == "float32" else 5e-2
+    out[dtype] = {"loss_diff": abs(float(va) - float(vb)), "grad_rel_diff": rel, "ok": rel < tol}
+  return out
+
+
+def bench_attention(batch: int = 256, tokens: int = 197, heads: int = 12, head_dim: int = 64,
+                    steps: int = 10) -> dict:
+  """Forward + backward of `jax.nn.dot_product_attention` in bf16 per implementation (ms)."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(key, (batch, tokens, heads, head_dim), jnp.bfloat16) for key in keys)
+  impls = ["xla"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+  out = {"shape": [batch, tokens, heads, head_dim]}
+  for impl in impls:
+    try:
+      f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(
+          q, k, v, implementation=impl).astype(jnp.float32)), argnums=(0, 1, 2)))
+      jax.block_until_ready(f(q, k, v))
+      times = []
+      for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(f(q, k, v))
+        times.append(time.perf_counter() - start)
+      out[impl] = {"ms": 1e3 * statistics.median(times)}
+    except Exception as e:  # noqa: BLE001 - an implementation this device lacks is a finding
+      out[impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+  return out
+
+
+def tiny_pretraining(steps: int = 50) -> dict:
+  """`steps` tiny MAE steps on synthetic faces (written to a temporary folder)."""
+  from affect_jax.data import synthetic
+  from affect_jax.train import pretrain
+  from configs import mae_pretrain
+  with tempfile.TemporaryDirectory() as tmp:
+    root = os.path.join(tmp, "data")
+    synthetic.generate(root, synthetic.SyntheticConfig(num_videos=8, min_frames=60, max_frames=90,
+                                                       image_size=32, seed=3))
+    config = mae_pretrain.get_config("tiny")
+    config.data.root, config.data.image_size = root, 32
+    config.data.index_cache = os.path.join(tmp, "index")
+    n = jax.device_count()
+    config.batch_size = n * max(2, -(-16 // n))  # about 16, split over every device
+    config.num_steps, config.log_every, config.recon_every = steps, max(steps // 5, 1), 0
+    config.checkpoint_every = steps
+    start = time.perf_counter()
+    history = pretrain.train_and_evaluate(config, os.path.join(tmp, "mae"))["history"]
+  losses = [h["loss"] for h in history]
+  return {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1],
+          "seconds": time.perf_counter() - start, "ok": losses[-1] < losses[0]}
+
+
+def failures(result: dict, prefix: str = "") -> list[str]:
+  """The checks (dotted paths) that raised or report ok=False, at any depth."""
+  out = []
+  for key, value in result.items():
+    if isinstance(value, dict):
+      if "error" in value or value.get("ok") is False:
+        out.append(prefix + key)
+      out += failures(value, f"{prefix}{key}.")
+  return out
+
+
+def run(*, preset: str = "base", batch: int = 0, bench_steps: int = 10,
+        pretrain_steps: int = 50, attention_batch: int = 256, skip=()) -> dict:
+  """All checks (those named in `skip` left out); a failing check records its error."""
+  from affect_jax import bench
+  from affect_jax.models import layers
+  device = jax.devices()[0]
+  result = {"backend": jax.default_backend(), "device_kind": device.device_kind,
+            "devices": jax.device_count(), "processes": jax.process_count(),
+            "jax": jax.__version__, "kernels_auto": layers.resolve("auto")}
+  batch = batch or 32 * jax.device_count()
+  checks = {
+      "sharded_steps": check_sharded_steps,
+      "kernel_sets": check_kernel_sets,
+      "mae_step": lambda: {k: v for k, v in bench.bench_mae(
+          preset, batch, dtype="bfloat16", steps=bench_steps, warmup=2).items()
+          if not k.endswith("_all")},
+      "attention": lambda: bench_attention(attention_batch, steps=bench_steps),
+      "tiny_pretraining": lambda: tiny_pretraining(pretrain_steps),
+  }
+  for name, check in checks.items():
+    if name in skip:
+      continue
+    start = time.perf_counter()
+    try:
+      result[name] = check()
+    except Exception as e:  # noqa: BLE001 - report it and go on with the other checks
+      result[name] = {"error": f"{type(e).__name__}: {e}",
+                      "traceback": traceback.format_exc(limit=5)}
+    result[name]["check_s"] = time.perf_counter() - start
+  return result

@@ -1,0 +1,41 @@
+"""Run this first on a new GPU/TPU host: the sharded step against one device, both kernel
+sets, the MAE ViT-B/16 bf16 step (img/s, MFU), attention per implementation and a short
+tiny pretraining; one JSON line of results (see affect_jax/accelerator.py).
+
+  pip install -e '.[cuda]'     # or '.[tpu]'
+  python launch/check_accelerator.py [--preset=base --batch=256]
+"""
+
+import json
+
+from absl import app, flags
+
+from affect_jax import hostenv
+
+_PRESET = flags.DEFINE_string("preset", "base", "MAE size for the step benchmark.")
+_BATCH = flags.DEFINE_integer("batch", 0, "Global batch of the step benchmark (0: 32 per device).")
+_BENCH_STEPS = flags.DEFINE_integer("bench_steps", 10, "Timed steps of the step benchmark.")
+_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 50, "Steps of the tiny pretraining.")
+_SKIP = flags.DEFINE_list("skip", [], "Checks to leave out: sharded_steps, kernel_sets, "
+                          "mae_step, attention, tiny_pretraining.")
+_OUT = flags.DEFINE_string("out", "", "Also write the JSON line to this file.")
+
+
+def main(argv):
+  del argv
+  from affect_jax import accelerator, fileio
+  result = accelerator.run(preset=_PRESET.value, batch=_BATCH.value,
+                           bench_steps=_BENCH_STEPS.value, pretrain_steps=_PRETRAIN_STEPS.value,
+                           skip=tuple(_SKIP.value))
+  line = json.dumps(result, default=str)
+  print(line)
+  if _OUT.value:
+    fileio.write_text_atomic(_OUT.value, line + "\n")
+  failed = accelerator.failures(result)
+  if failed:
+    raise SystemExit(f"checks that failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+  hostenv.configure()
+  app.run(main)

@@ -1,0 +1,21 @@
+"""launch/check_accelerator.py's checks, run here on the emulated CPU devices at small sizes
+(on a GPU/TPU host the same code runs at ViT-B's)."""
+
+from affect_jax import accelerator
+
+
+def test_the_checks_run_and_pass_on_cpu():
+  # The step benchmark is bench.bench_mae, tested in test_bench.py.
+  result = accelerator.run(preset="tiny", batch=16, bench_steps=1, pretrain_steps=6,
+                           attention_batch=2, skip=("mae_step",))
+  assert accelerator.failures(result) == [], result
+  assert result["backend"] == "cpu" and result["kernels_auto"] == "cpu"
+  assert result["sharded_steps"]["data_parallel"]["ok"] and result["sharded_steps"]["fsdp"]["ok"]
+  assert result["kernel_sets"]["bfloat16"]["ok"]
+  assert "mae_step" not in result and result["attention"]["xla"]["ms"] > 0
+  assert result["tiny_pretraining"]["last_loss"] < result["tiny_pretraining"]["first_loss"]
+
+
+def test_failures_are_found_at_any_depth():
+  result = {"a": {"ok": True}, "b": {"x": {"ok": False}}, "c": {"error": "boom"}, "d": 1}
+  assert accelerator.failures(result) == ["b.x", "c"]

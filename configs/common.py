@@ -41,6 +41,8 @@ def set_vit_scale(c: ml_collections.ConfigDict, preset: str) -> None:
   # The gradient of one optimizer step as the mean over this many micro-batches (each of
   # batch_size / grad_accum_steps, split over the devices): a large batch in less memory.
   c.grad_accum_steps = 1
+  # Trace this many steps (after the first, which compiles) into <workdir>/profile.
+  c.profile_steps = 0
   c.mesh_shape = (1, -1, 1) if preset in ("large", "huge") else (-1, 1, 1)
 
 

@@ -127,7 +127,7 @@ JOB_FILE = "job.json"
 # work is laid out, not what is computed.
 MAY_CHANGE_ON_RESUME = ("resume", "log_every", "checkpoint_every", "max_to_keep", "recon_every",
                         "eval_batch_size", "bootstrap_samples", "mesh_shape", "data.worker_count",
-                        "data.index_cache", "model.remat")
+                        "data.index_cache", "model.remat", "profile_steps")
 
 
 def code_version() -> str:
@@ -237,6 +237,9 @@ class _Preemption:
       return False
 
 
+PROFILE_DIR = "profile"
+
+
 def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Callable,
         data_iter: Iterator, num_steps: int, mesh, items_per_step: int, unit: str = "img",
         log_every: int = 50, checkpoint_every: int = 500, max_to_keep: int = 3,
@@ -257,6 +260,10 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
 
   When the job is told to stop (a preemption notice reaching every process at the same
   step), it saves a checkpoint there and raises `Preempted`.
+
+  With `config.profile_steps` = N > 0, the N steps after the first one of this run (which
+  compiles) are traced with `jax.profiler` into `workdir/profile` (TensorBoard's profile
+  plugin, or Perfetto, reads it).
   """
   manager = checkpoint.make_manager(fileio.path(workdir) / checkpoint.CHECKPOINTS_DIR,
                                     save_every=checkpoint_every, max_to_keep=max_to_keep)
@@ -274,8 +281,14 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
   best_step = None if best is None else best["step"]
   state_step = start
   preempted = _Preemption()
+  profile_steps = int(config.get("profile_steps", 0) or 0)
+  profile_from = start + 1 if profile_steps else None
+  tracing = False
   try:
     for step in range(start, num_steps):
+      if step == profile_from:
+        jax.profiler.start_trace(str(fileio.path(workdir) / PROFILE_DIR))
+        tracing = True
       if best_step is not None and state_step - best_step >= early_stop_steps:
         logging.info("early stop at step %d: no better eval/%s since step %d", state_step,
                      best_metric, best_step)
@@ -285,6 +298,12 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
       batch = sharding.shard_batch(next(data_iter), mesh)
       state, metrics = step_fn(state, batch)
       done = state_step = step + 1
+      if tracing and (done - profile_from >= profile_steps or done == num_steps):
+        jax.block_until_ready(metrics)
+        jax.profiler.stop_trace()
+        tracing = False
+        logging.info("profiled steps %d-%d into %s", profile_from + 1, done,
+                     fileio.path(workdir) / PROFILE_DIR)
       if done % log_every == 0 or done == num_steps:
         # Pull metrics of this step only now: fetching every step would serialise host/device.
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -319,6 +338,8 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
         for hook in hooks:
           hook(done, state, history[-1])
   finally:
+    if tracing:
+      jax.profiler.stop_trace()
     # Also on an exception (Ctrl-C, a failing hook): finish the checkpoint in flight, so
     # the job resumes from it rather than from the one before.
     manager.wait_until_finished()

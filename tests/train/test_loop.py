@@ -144,3 +144,12 @@ def test_open_workdir_refuses_a_workdir_of_another_job(tmp_path):
   loop.open_workdir(_job_config(), tmp_path, "pretrain")
   with pytest.raises(FileExistsError, match="holds a pretrain run, not temporal VA: use a new"):
     loop.open_workdir(_job_config(), tmp_path, "temporal VA")
+
+
+def test_profile_steps_trace_into_the_workdir(tmp_path):
+  mesh, state, step, batches = _setup()
+  loop.run(config=ml_collections.ConfigDict({"profile_steps": 2}), workdir=str(tmp_path),
+           state=state, step_fn=step, data_iter=batches, num_steps=5, mesh=mesh,
+           items_per_step=2, checkpoint_every=5)
+  traces = list((tmp_path / loop.PROFILE_DIR).rglob("*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0

@@ -5,13 +5,13 @@ from affect_jax import accelerator
 
 
 def test_the_checks_run_and_pass_on_cpu():
-  # The step benchmark is bench.bench_mae, tested in test_bench.py.
-  result = accelerator.run(preset="tiny", batch=16, bench_steps=1, pretrain_steps=6,
-                           attention_batch=2, skip=("mae_step",))
+  # The step benchmark is bench.bench_mae (test_bench.py); the sharded steps' equality with
+  # one device is what test_pretrain.py checks at length: both left out here for time.
+  result = accelerator.run(preset="tiny", batch=16, bench_steps=1, pretrain_steps=4,
+                           attention_batch=2, skip=("mae_step", "sharded_steps"))
   assert accelerator.failures(result) == [], result
   assert result["backend"] == "cpu" and result["kernels_auto"] == "cpu"
-  assert result["sharded_steps"]["data_parallel"]["ok"] and result["sharded_steps"]["fsdp"]["ok"]
-  assert result["kernel_sets"]["bfloat16"]["ok"]
+  assert result["kernel_sets"]["float32"]["ok"] and result["kernel_sets"]["bfloat16"]["ok"]
   assert "mae_step" not in result and result["attention"]["xla"]["ms"] > 0
   assert result["tiny_pretraining"]["last_loss"] < result["tiny_pretraining"]["first_loss"]
 

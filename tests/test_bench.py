@@ -77,7 +77,7 @@ def test_matmul_layouts_bench_times_three_products_per_matmul():
       "forward x.W", "input grad g.W^T", "weight grad x^T.g"]
 
 
-@pytest.mark.parametrize("stage", ["mae", "finetune"])
+@pytest.mark.parametrize("stage", ["mae"])
 def test_memory_bench_counts_the_state_per_device(stage):
   """The compiled step's arguments are the state (float32 params and two AdamW moments) and
   the batch shard: whole on every device when replicated, an eighth of it under FSDP."""

@@ -195,7 +195,7 @@ def test_tiny_loss_falls_on_synthetic_faces(synthetic_root, tmp_path):
   assert grid.shape == (3 * IMAGE, 8 * IMAGE, 3)  # original / masked / reconstruction rows
 
 
-@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+@pytest.mark.parametrize("remat", ["dots_saveable"])
 def test_remat_is_the_same_step(single_device, remat):
   ref_state, ref_losses = single_device
   state, losses = _two_steps((1, 1, 1), jax.devices()[:1], remat=remat)
@@ -218,11 +218,15 @@ def test_accumulated_step_averages_its_micro_batches_on_the_mesh():
       state, sharding.shard_batch(batch, mesh))
   rng = jax.random.fold_in(jax.random.key(config.seed), 0)
   losses, grads = [], []
-  for i, micro in enumerate([{"image": batch["image"][i::2]} for i in range(2)]):
-    mask_rng, drop_rng = jax.random.split(jax.random.fold_in(rng, i))
-    f = lambda p: model.apply({"params": p}, loaders.normalize_images(micro["image"]), train=True,
-                              rngs={"masking": mask_rng, "dropout": drop_rng})[0]
-    loss, grad = jax.value_and_grad(f)(params)
+
+  @jax.jit
+  def by_hand(params, images, micro_rng):
+    mask_rng, drop_rng = jax.random.split(micro_rng)
+    return jax.value_and_grad(lambda p: model.apply(
+        {"params": p}, loaders.normalize_images(images), train=True,
+        rngs={"masking": mask_rng, "dropout": drop_rng})[0])(params)
+  for i in range(2):
+    loss, grad = by_hand(params, batch["image"][i::2], jax.random.fold_in(rng, i))
     losses.append(float(loss))
     grads.append(grad)
   np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)

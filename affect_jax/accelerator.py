@@ -50,13 +50,13 @@ def _tiny_mae_steps(mesh_shape, devices, steps: int = 2):
 def check_sharded_steps() -> dict:
   devices = jax.devices()
   n = len(devices)
-  ref_losses, ref_params = _tiny_mae_steps((1, 1, 1), devices[:1])
   out = {"devices": n}
+  if 16 % n:
+    return {**out, "skipped": f"the tiny batch of 16 does not split over {n} devices"}
+  ref_losses, ref_params = _tiny_mae_steps((1, 1, 1), devices[:1])
   shapes = {"data_parallel": (n, 1, 1)}
   if n > 1:
     shapes["fsdp"] = (1, n, 1)
-  if 16 % n:
-    return {**out, "skipped": f"the tiny batch of 16 does not split over {n} devices"}
   for name, shape in shapes.items():
     losses, params = _tiny_mae_steps(shape, devices)
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))

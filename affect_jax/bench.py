@@ -146,7 +146,7 @@ def bench_memory(stage: str, preset: str, batch: int, *, dtype: str | None = Non
     config.data.image_size = image_size
   size = config.data.image_size
   mesh = sharding.make_mesh(config.mesh_shape)
-  pretrain.check_micro_batches(config, mesh)
+  sharding.check_batch_size(batch, mesh, grad_accum_steps)
   schedule = optim.schedule_for(config, 1000)
   batch_arrays = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8,
                                                 sharding=sharding.batch_sharding(mesh, 4))}

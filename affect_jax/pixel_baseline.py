@@ -20,30 +20,24 @@ from PIL import Image
 
 from affect_jax import losses, metrics
 from affect_jax.data import affwild2 as aw
-from affect_jax.data import features
+from affect_jax.data import features, loaders
 
 
 def _pixels_and_repaired(root, video, num_frames, has_image, size) -> tuple[np.ndarray, int]:
   """(frame_pixels, number of frames that took another frame's pixels)."""
   frames_dir = os.path.join(root, aw.FRAMES_DIR, video)
-  has_image = np.asarray(has_image, bool)
   read = {}
   for k in np.flatnonzero(has_image):
     path = os.path.join(frames_dir, aw.frame_name(int(k) + 1))
     try:
-      with Image.open(path) as im:
-        read[int(k)] = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BOX),
-                                  np.float32).reshape(-1) / 255.0
+      image = loaders.load_rgb(path)
     except Exception as e:  # noqa: BLE001 - repaired as a missing frame, as extraction does
       logging.warning("%s: unreadable image (%s: %s); using the nearest readable frame's "
                       "pixels (replace or delete the file)", path, type(e).__name__, e)
-  got = np.zeros(num_frames, bool)
-  got[list(read)] = True
-  if has_image.any() and not got.any():
-    raise ValueError(f"{frames_dir}: no readable frame image at all "
-                     f"({int(has_image.sum())} unreadable); replace or delete the files")
-  src = aw.nearest_image(got, frames_dir)
-  return np.stack([read[int(k)] for k in src]), int(num_frames - got.sum())
+      continue
+    read[int(k)] = np.asarray(image.resize((size, size), Image.Resampling.BOX),
+                              np.float32).reshape(-1) / 255.0
+  return aw.repair_frames(read, num_frames, frames_dir)
 
 
 def frame_pixels(root: str | os.PathLike, video: str, num_frames: int, has_image: np.ndarray,

@@ -130,8 +130,14 @@ def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)])
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-  """A global batch must split evenly over the data-parallel devices and the hosts."""
+def check_batch_size(batch_size: int, mesh: Mesh, micro_batches: int = 1) -> None:
+  """A global batch, and each of its `micro_batches` (gradient accumulation), must split
+  evenly over the data-parallel devices and the hosts."""
+  if micro_batches < 1 or batch_size % micro_batches:
+    raise ValueError(f"config.grad_accum_steps={micro_batches} must divide config.batch_size="
+                     f"{batch_size}")
+  if micro_batches > 1:
+    check_batch_size(batch_size // micro_batches, mesh)
   if batch_size % batch_divisor(mesh) or batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={batch_size} must divide over the {batch_divisor(mesh)} "
                      f"data-parallel devices and {jax.process_count()} hosts")

@@ -281,6 +281,19 @@ def nearest_image(has_image: np.ndarray, frames_dir: str | os.PathLike | None = 
   return np.where(prev >= 0, prev, first)
 
 
+def repair_frames(rows: dict[int, np.ndarray], num_frames: int,
+                  frames_dir: str | os.PathLike) -> tuple[np.ndarray, int]:
+  """([num_frames, ...] rows, how many were repaired) from `rows` {0-based frame: row} of the
+  frames whose image was read: every other frame (no image, or an unreadable one) takes the
+  row of `nearest_image`'s stand-in. No row at all is an error naming `frames_dir`."""
+  if not rows:
+    raise ValueError(f"{frames_dir}: no readable frame image at all (every image is missing "
+                     "or unreadable); replace or delete the files")
+  got = np.zeros(num_frames, bool)
+  got[list(rows)] = True
+  return np.stack([rows[int(s)] for s in nearest_image(got)]), int(num_frames - got.sum())
+
+
 @dataclasses.dataclass(frozen=True)
 class VideoLabels:
   """One video's labels for one task, aligned with its frames (row k = frame k+1)."""
@@ -398,8 +411,7 @@ def check_frames(ann_path, frames_dir, num_frames: int, indices: np.ndarray,
     parts.append(f"{past} image(s) in {frames_dir} past the last label row "
                  f"(up to {frame_name(int(indices.max()))}) are unused")
   if tail:
-    parts.append(f"the last {tail} label row(s) have no image"
-                 + (f" and reuse frame {frame_name(last)}" if last else ""))
+    parts.append(f"the last {tail} label row(s) have no image and reuse frame {frame_name(last)}")
   what = f"{num_frames} label rows, but " + "; ".join(parts)
   if unmatched > max_unmatched * num_frames:
     raise AnnotationError(ann_path, None, f"{what}: {unmatched / num_frames:.0%} of the frames, "

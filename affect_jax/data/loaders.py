@@ -57,7 +57,8 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
 _skipped = 0  # per worker process
 
 
-def _load_rgb(path: str) -> Image.Image:
+def load_rgb(path: str) -> Image.Image:
+  """The decoded image at `path` as RGB (grey, RGBA, CMYK... converted); raises if unreadable."""
   with Image.open(path) as im:
     im.load()
     return im.convert("RGB")
@@ -67,7 +68,7 @@ def _open_rgb(path: str) -> Image.Image | None:
   """The image, or None (logged with its path and counted) when it cannot be decoded."""
   global _skipped
   try:
-    return _load_rgb(path)
+    return load_rgb(path)
   except Exception as e:  # noqa: BLE001 - any decoder failure skips the file, never the job
     _skipped += 1
     logging.warning("skipping unreadable image %s (%s: %s); %d skipped so far in this process",
@@ -83,7 +84,7 @@ def check_readable(items: Sequence, where: str, corpus: str = "the data") -> Non
   for item in items:
     path = _as_record(item)["path"]
     try:
-      _load_rgb(path)
+      load_rgb(path)
       return
     except Exception as e:  # noqa: BLE001 - the same failures the pipelines skip
       first = first or f"{path}: {type(e).__name__}: {e}"

@@ -56,14 +56,8 @@ def load_encoder(config: ml_collections.ConfigDict):
 
 def _finish_video(store, video, num_frames, has_image, feats_by_frame, inputs, frames_dir):
   """Assemble [T, D] from the features of frames whose image was read, repairing the rest."""
-  got = np.zeros(num_frames, bool)
-  got[list(feats_by_frame)] = True
-  if not got.any():
-    raise RuntimeError(f"{frames_dir}: no readable frame image at all (video {video}); "
-                       "every image is missing or unreadable")
-  src = affwild2.nearest_image(got)
-  rows = np.stack([feats_by_frame[int(s)] for s in src])
-  store.write(video, rows, inputs=inputs, repaired_frames=int(num_frames - got.sum()),
+  rows, repaired = affwild2.repair_frames(feats_by_frame, num_frames, frames_dir)
+  store.write(video, rows, inputs=inputs, repaired_frames=repaired,
               frames_without_image=int((~has_image).sum()))
 
 

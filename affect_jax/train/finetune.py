@@ -193,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
   workdir = loop.open_workdir(config, workdir, "finetune")
   root = config.data.root
   mesh = sharding.make_mesh(config.mesh_shape)
-  pretrain.check_micro_batches(config, mesh)
+  sharding.check_batch_size(config.batch_size, mesh, config.get("grad_accum_steps", 1))
   unmatched = affwild2.max_unmatched(config)
   train = frame_records(root, affwild2.TRAIN_SET, unmatched)
   val = frame_records(root, affwild2.VALIDATION_SET, unmatched)

@@ -78,16 +78,6 @@ def train_step(state: loop.TrainState, batch: dict, *, model: mae.MaskedAutoenco
   return state.apply_gradients(grads=grads), metrics
 
 
-def check_micro_batches(config, mesh) -> None:
-  """The batch, and each of its `grad_accum_steps` micro-batches, split over the devices."""
-  sharding.check_batch_size(config.batch_size, mesh)
-  steps = int(config.get("grad_accum_steps", 1))
-  if steps < 1 or config.batch_size % steps:
-    raise ValueError(f"config.grad_accum_steps={steps} must divide config.batch_size="
-                     f"{config.batch_size}")
-  sharding.check_batch_size(config.batch_size // steps, mesh)
-
-
 def jit_train_step(model, config, schedule, state_shardings, mesh):
   """The sharded, jitted step: explicit in/out shardings, state donated."""
   step = functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
@@ -147,7 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   workdir = loop.open_workdir(config, workdir, "pretrain")
   mesh = sharding.make_mesh(config.mesh_shape)
-  check_micro_batches(config, mesh)
+  sharding.check_batch_size(config.batch_size, mesh, config.get("grad_accum_steps", 1))
   roots = image_roots(config)
   paths = faces.index_roots(roots, cache_dir=os.path.expanduser(config.data.index_cache))
   loaders.check_readable(paths, ",".join(roots), "the face corpus")

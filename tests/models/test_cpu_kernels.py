@@ -152,18 +152,25 @@ def _np_attention_and_grads(q, k, v, g, mask, keep, rate):
   return out, (dq, dk, dv)
 
 
+def _mask_and_keep(key, b, h, n, masked: bool, dropout: bool):
+  """(key mask [b, 1, 1, n] or None, attention-dropout keep [b, h, n, n] or None, rate). The
+  mask keeps 4 keys of sample 0, all of sample 1 and none of sample 2 (uniform weights)."""
+  mask = keep = None
+  if masked:
+    mask = jnp.asarray(np.arange(n)[None] < np.array([4, n, 0])[:, None])[:, None, None, :]
+  rate = 0.3 if dropout else 0.0
+  if dropout:
+    keep = jax.random.bernoulli(key, 1 - rate, (b, h, n, n))
+  return mask, keep, rate
+
+
 @pytest.mark.parametrize("masked,dropout", [(False, False), (True, False), (True, True)])
 def test_dot_product_attention_matches_numpy_values_and_gradients(masked, dropout):
   b, h, n, d = 3, 2, 7, 4
   kq, kk, kv, kg, km, kd = jax.random.split(jax.random.key(11), 6)
   q, k, v = (jax.random.normal(key, (b, h, n, d)) for key in (kq, kk, kv))
   g = jax.random.normal(kg, (b, h, n, d))
-  mask = keep = None
-  if masked:  # sample 0 keeps 4 keys, sample 1 all, sample 2 none (uniform weights)
-    mask = jnp.asarray(np.arange(n)[None] < np.array([4, n, 0])[:, None])[:, None, None, :]
-  rate = 0.3 if dropout else 0.0
-  if dropout:
-    keep = jax.random.bernoulli(kd, 1 - rate, (b, h, n, n))
+  mask, keep, rate = _mask_and_keep(kd, b, h, n, masked, dropout)
   attn = lambda q, k, v: cpu_kernels.dot_product_attention(q, k, v, mask=mask, dropout_keep=keep,
                                                       dropout_rate=rate)
   out, vjp = jax.vjp(attn, q, k, v)
@@ -194,12 +201,7 @@ def test_qkv_attention_takes_a_packed_token_major_qkv(masked, dropout):
   kx, kg, kd = jax.random.split(jax.random.key(12), 3)
   qkv = jax.random.normal(kx, (b, n, 3, h, d))  # a fused projection's output
   g = jax.random.normal(kg, (b, n, h, d))
-  mask = keep = None
-  if masked:
-    mask = jnp.asarray(np.arange(n)[None] < np.array([4, n, 0])[:, None])[:, None, None, :]
-  rate = 0.3 if dropout else 0.0
-  if dropout:
-    keep = jax.random.bernoulli(kd, 1 - rate, (b, h, n, n))
+  mask, keep, rate = _mask_and_keep(kd, b, h, n, masked, dropout)
   heads = lambda x: np.swapaxes(np.asarray(x), 1, 2)  # [B, N, H, d] <-> [B, H, N, d]
   want, (dq, dk, dv) = _np_attention_and_grads(
       *(heads(qkv[:, :, i]) for i in range(3)), heads(g), mask, keep, rate)
@@ -360,12 +362,7 @@ def test_stock_attention_matches_numpy_values_and_gradients(masked, dropout):
   kx, kg, kd = jax.random.split(jax.random.key(13), 3)
   qkv = jax.random.normal(kx, (b, n, 3, h, d))
   g = jax.random.normal(kg, (b, n, h, d))
-  mask = keep = None
-  if masked:  # sample 0 keeps 4 keys, sample 1 all, sample 2 none (uniform weights)
-    mask = jnp.asarray(np.arange(n)[None] < np.array([4, n, 0])[:, None])[:, None, None, :]
-  rate = 0.3 if dropout else 0.0
-  if dropout:
-    keep = jax.random.bernoulli(kd, 1 - rate, (b, h, n, n))
+  mask, keep, rate = _mask_and_keep(kd, b, h, n, masked, dropout)
   heads = lambda x: np.swapaxes(np.asarray(x), 1, 2)
   want, (dq, dk, dv) = _np_attention_and_grads(
       *(heads(qkv[:, :, i]) for i in range(3)), heads(g), mask, keep, rate)

@@ -234,9 +234,9 @@ def test_accumulated_step_averages_its_micro_batches_on_the_mesh():
   np.testing.assert_allclose(float(metrics["grad_norm"]), float(optim.global_norm(mean_grad)),
                              rtol=1e-4)
   with pytest.raises(ValueError, match="grad_accum_steps=3 must divide config.batch_size=16"):
-    pretrain.check_micro_batches(_config(grad_accum_steps=3), mesh)
+    sharding.check_batch_size(16, mesh, 3)
   with pytest.raises(ValueError, match="config.batch_size=4 must divide over the 8"):
-    pretrain.check_micro_batches(_config(grad_accum_steps=4), mesh)  # micro-batches of 4
+    sharding.check_batch_size(16, mesh, 4)  # micro-batches of 4
 
 
 def test_the_residual_stream_is_constrained_to_the_batch_split_in_the_sharded_step():

@@ -89,6 +89,8 @@ def bench_mae(preset: str, batch: int, *, dtype: str = "float32", image_size: in
   config.batch_size = batch
   if image_size:
     config.data.image_size = image_size
+  if scan_layers is not None:
+    config.model.scan_layers = scan_layers
   size = config.data.image_size
   mesh = sharding.make_mesh(mesh_shape)
   model = pretrain.create_model(config)
@@ -124,12 +126,12 @@ def bench_mae(preset: str, batch: int, *, dtype: str = "float32", image_size: in
 
 def bench_memory(stage: str, preset: str, batch: int, *, dtype: str | None = None,
                  mesh_shape=None, remat: str = "none", grad_accum_steps: int = 1,
-                 image_size: int | None = None) -> dict:
+                 image_size: int | None = None, scan_layers: bool | None = None) -> dict:
   """Per-device memory of the compiled train step of `stage` ('mae' pretraining or
   'finetune'), from XLA's `memory_analysis()`: arguments (parameters, optimizer state and
   the batch shard), temporaries (activations kept for the backward pass, gradients,
   workspace) and outputs. Nothing is allocated or run: the state is abstract. `dtype`,
-  `mesh_shape` default to the preset's config (configs.common.set_vit_scale)."""
+  `mesh_shape`, `scan_layers` default to the preset's config (configs.common.set_vit_scale)."""
   from affect_jax import optim, sharding
   from affect_jax.train import finetune, pretrain
   from configs import expr_finetune, mae_pretrain
@@ -144,6 +146,8 @@ def bench_memory(stage: str, preset: str, batch: int, *, dtype: str | None = Non
     config.mesh_shape = tuple(mesh_shape)
   if image_size:
     config.data.image_size = image_size
+  if scan_layers is not None:
+    config.model.scan_layers = scan_layers
   size = config.data.image_size
   mesh = sharding.make_mesh(config.mesh_shape)
   sharding.check_batch_size(batch, mesh, grad_accum_steps)
@@ -173,6 +177,7 @@ def bench_memory(stage: str, preset: str, batch: int, *, dtype: str | None = Non
   return {
       "what": "memory", "stage": stage, "preset": preset, "batch": batch, "image_size": size,
       "dtype": config.model.dtype, "mesh_shape": list(mesh.devices.shape), "remat": remat,
+      "scan_layers": bool(config.model.scan_layers),
       "grad_accum_steps": grad_accum_steps, "devices": mesh.size,
       "device_kind": jax.devices()[0].device_kind,
       "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 # Parameters that get no weight decay besides biases and norm scales (all 1-D): the MAE
@@ -129,12 +130,15 @@ def make_optimizer(optim: ml_collections.ConfigDict, *,
   return tx
 
 
-def vit_layer_id(path: tuple[str, ...], num_layers: int) -> int:
+def vit_layer_id(path: tuple[str, ...], num_layers: int) -> int | np.ndarray:
   """Layer of a ViT parameter for layer-wise lr decay (BEiT / MAE fine-tuning): patch
-  embedding and CLS token 0, encoder block i -> i + 1, the rest (norms, head) num_layers + 1."""
+  embedding and CLS token 0, encoder block i -> i + 1, the rest (norms, head) num_layers + 1.
+  The scanned layout's stacked `blocks` get the vector [1, ..., num_layers]."""
   for name in path:
     if name.startswith("blocks_") and name[len("blocks_"):].isdigit():
       return int(name[len("blocks_"):]) + 1
+    if name == "blocks":
+      return np.arange(1, num_layers + 1)
   if path and path[0] in ("patch_embed", "cls_token"):
     return 0
   return num_layers + 1
@@ -143,12 +147,21 @@ def vit_layer_id(path: tuple[str, ...], num_layers: int) -> int:
 def layerwise_lr_decay(layer_decay: float, num_layers: int) -> optax.GradientTransformation:
   """Scales each parameter's update by layer_decay ** (num_layers + 1 - layer id): the head
   moves at the full lr, block i at decay^(L - i), the embeddings least. Chain it after the
-  optimizer, so weight decay is scaled with the lr as in the BEiT/MAE recipe."""
-  def labels(params):
-    def label(path, _):
-      keys = tuple(str(getattr(k, "key", k)) for k in path)
-      return str(vit_layer_id(keys, num_layers))
-    return jax.tree_util.tree_map_with_path(
-        label, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-  scales = {str(i): optax.scale(layer_decay ** (num_layers + 1 - i)) for i in range(num_layers + 2)}
-  return optax.multi_transform(scales, labels)
+  optimizer, so weight decay is scaled with the lr as in the BEiT/MAE recipe. Stacked
+  (scanned) blocks are scaled slice by slice along their leading layer axis. Stateless."""
+  def scale(path, update):
+    keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    layer = vit_layer_id(keys, num_layers)
+    factor = np.asarray(layer_decay, np.float64) ** (num_layers + 1 - np.asarray(layer))
+    if factor.ndim:
+      if update.shape[:1] != factor.shape:
+        raise ValueError(f"{'/'.join(keys)}: stacked blocks of leading size {update.shape[:1]}, "
+                         f"expected {num_layers} layers")
+      factor = factor.reshape((-1,) + (1,) * (update.ndim - 1))
+    return update * factor.astype(update.dtype)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

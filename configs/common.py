@@ -38,6 +38,10 @@ def set_vit_scale(c: ml_collections.ConfigDict, preset: str) -> None:
   # Activation rematerialisation of the transformer blocks: none | full | dots_saveable
   # (models.vit.REMAT_POLICIES); the same function, less memory, more compute.
   c.model.remat = "none"
+  # Run the blocks under nn.scan (params stacked on a leading 'layers' axis): one block to
+  # compile instead of depth of them. On for the deep large/huge; checkpoints keep their
+  # layout, `vit.load_mae_encoder` and the converter map between the two.
+  c.model.scan_layers = preset in ("large", "huge")
   # The gradient of one optimizer step as the mean over this many micro-batches (each of
   # batch_size / grad_accum_steps, split over the devices): a large batch in less memory.
   c.grad_accum_steps = 1

@@ -32,6 +32,8 @@ _MESH = flags.DEFINE_list("mesh_shape", [], "--what=memory: ('data', 'fsdp', 'mo
                           "(default: the preset's).")
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots_saveable"],
                            "--what=memory: rematerialisation of the transformer blocks.")
+_SCAN = flags.DEFINE_enum("scan_layers", "default", ["default", "true", "false"],
+                          "--what=memory: blocks under nn.scan (default: the preset's).")
 _ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "--what=memory: micro-batches per step.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Emulate this many CPU devices (e.g. the "
                                     "memory of a 64-device mesh, per device, on one host).")
@@ -65,7 +67,9 @@ def main(argv):
     results.append(bench.bench_memory(_STAGE.value, _PRESET.value, _BATCH.value, dtype=dtype,
                                       mesh_shape=[int(s) for s in _MESH.value] or None,
                                       remat=_REMAT.value, grad_accum_steps=_ACCUM.value,
-                                      image_size=_IMAGE_SIZE.value or None))
+                                      image_size=_IMAGE_SIZE.value or None,
+                                      scan_layers={"default": None, "true": True,
+                                                   "false": False}[_SCAN.value]))
   if "loader" in _WHAT.value.split("+"):
     size = _IMAGE_SIZE.value or mae_pretrain.get_config(_PRESET.value).data.image_size
     results.append(bench.bench_loader(_BATCH.value, size, worker_count=_WORKERS.value))
@@ -99,7 +103,8 @@ def main(argv):
               f"{row['bfloat16_plain_gflops']:19.0f}  x{row['count']}")
     elif r["what"] == "memory":
       print(f"{r['stage']} {r['preset']} {r['image_size']}px batch {r['batch']} {r['dtype']} "
-            f"mesh {tuple(r['mesh_shape'])} remat {r['remat']} accum {r['grad_accum_steps']}: "
+            f"mesh {tuple(r['mesh_shape'])} remat {r['remat']} accum {r['grad_accum_steps']} "
+            f"scan {r['scan_layers']}: "
             f"per device {r['total_gib']:.2f} GiB (arguments {r['arguments_gib']:.2f}, "
             f"temporaries {r['temporaries_gib']:.2f}, outputs {r['outputs_gib']:.2f}, aliased "
             f"{r['aliased_gib']:.2f}); compiled in {r['compile_s']:.0f} s")

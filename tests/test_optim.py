@@ -6,6 +6,7 @@ import optax
 import pytest
 
 from affect_jax import optim
+from affect_jax.models import vit
 
 
 def _cfg(**kw):
@@ -80,6 +81,14 @@ def test_layerwise_decay_scales_updates_by_depth():
   assert float(upd["encoder"]["blocks_1"]["w"][0]) == 0.5
   assert float(upd["encoder"]["norm"]["scale"][0]) == 1.0
   assert float(upd["head"]["kernel"][0, 0]) == 1.0
+
+  # The scanned layout (blocks stacked on a leading layer axis): the same scale per slice.
+  stacked = vit.stack_blocks(params)
+  upd_s, _ = tx.update(jax.tree.map(jnp.ones_like, stacked), tx.init(stacked), stacked)
+  assert jax.tree.structure(upd_s) == jax.tree.structure(vit.stack_blocks(upd))
+  jax.tree.map(np.testing.assert_array_equal, upd_s, vit.stack_blocks(upd))
+  with pytest.raises(ValueError, match="leading size"):
+    optim.layerwise_lr_decay(0.5, num_layers=3).update(upd_s, optax.EmptyState())
 
 
 def test_total_steps_and_warmup_fraction():

@@ -117,7 +117,8 @@ def _check_positions(state, template_widths):
 
 
 def convert_timm_state_dict(state: dict[str, Any], params_template: Any) -> dict[str, Any]:
-  """Maps a timm/MAE state dict onto `params_template`'s tree (float arrays or shapes).
+  """Maps a timm/MAE state dict onto `params_template`'s tree (float arrays or shapes),
+  in its layout (unrolled `blocks_{i}` or scanned `blocks`).
 
   Args:
     state: flat {torch name: array}.
@@ -130,7 +131,9 @@ def convert_timm_state_dict(state: dict[str, Any], params_template: Any) -> dict
   Raises:
     ValueError: listing every missing, unexpected and wrongly shaped key at once.
   """
-  flat = traverse_util.flatten_dict(nn.unbox(params_template))
+  template = nn.unbox(params_template)
+  scanned = vit.is_scanned(template)  # a scan_layers model: map onto the unrolled layout
+  flat = traverse_util.flatten_dict(vit.unstack_blocks(template) if scanned else template)
   expected = {_torch_name(path): path for path in flat}
   widths = {}
   if ("patch_embed", "proj", "kernel") in flat:
@@ -165,7 +168,8 @@ def convert_timm_state_dict(state: dict[str, Any], params_template: Any) -> dict
     leaf = flat[path]
     value = _to_ours(path, np.asarray(state[name]), leaf.shape)
     params[path] = value.astype(leaf.dtype)
-  return traverse_util.unflatten_dict(params)
+  params = traverse_util.unflatten_dict(params)
+  return vit.stack_blocks(params) if scanned else params
 
 
 def build_model(model: str, preset: str, **overrides) -> nn.Module:

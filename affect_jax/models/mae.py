@@ -90,6 +90,7 @@ class MaskedAutoencoder(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernels: str = "auto"
   remat: str = "none"  # vit.REMAT_POLICIES, for the encoder's and decoder's blocks
+  scan_layers: bool = False  # vit.Encoder: both stacks under nn.scan, params stacked
 
   @nn.compact
   def __call__(self, imgs, *, mask_ratio: float | None = None, train: bool):
@@ -108,7 +109,7 @@ class MaskedAutoencoder(nn.Module):
     cls = vit.cls_token_param(self, self.width, self.param_dtype) + pos[:1]
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)), x], axis=1)
     x = vit.Encoder(self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate,
-                    name="encoder", remat=self.remat, **kw)(
+                    name="encoder", remat=self.remat, scan_layers=self.scan_layers, **kw)(
                         x, deterministic=not train)  # [B, 1 + K, D]
 
     # Decoder: every position, mask tokens where patches were removed, back in grid order.
@@ -126,7 +127,8 @@ class MaskedAutoencoder(nn.Module):
     y = jnp.take_along_axis(y, ids_restore[:, :, None], axis=1)  # grid order
     y = jnp.concatenate([x[:, :1], y], axis=1) + decoder_pos  # [B, 1 + N, Dd]
     y = vit.Encoder(self.decoder_depth, self.decoder_num_heads, self.decoder_mlp_dim,
-                    name="decoder", remat=self.remat, **kw)(y, deterministic=not train)
+                    name="decoder", remat=self.remat, scan_layers=self.scan_layers,
+                    **kw)(y, deterministic=not train)
     pred = layers.Dense(self.patch_size ** 2 * imgs.shape[-1], ("embed", "patch"),
                         name="decoder_pred", **kw)(y)[:, 1:]  # [B, N, p*p*C]
     pred = pred.astype(jnp.float32)

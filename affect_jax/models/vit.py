@@ -10,6 +10,7 @@ Every parameter carries logical axis names ('embed', 'mlp', 'heads', 'kv', 'qkv'
 """
 
 import functools
+import re
 from typing import Any, Callable
 
 import einops
@@ -123,14 +124,18 @@ class PatchEmbed(nn.Module):
 
 
 class DropPath(nn.Module):
-  """Stochastic depth: drops a sample's whole residual branch with probability `rate`."""
-  rate: float
+  """Stochastic depth: drops a sample's whole residual branch with probability `rate`.
+
+  `rate` given at call time overrides the field; it may be a traced scalar (the per-layer
+  rate of a scanned stack of blocks)."""
+  rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
-    if deterministic or self.rate == 0.0:
+  def __call__(self, x, deterministic: bool, rate=None):
+    rate = self.rate if rate is None else rate
+    if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
       return x
-    keep = 1.0 - self.rate
+    keep = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     kept = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
     return jnp.where(kept, x / keep, 0).astype(x.dtype)
@@ -195,16 +200,22 @@ class MlpBlock(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)), each with drop-path."""
+  """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)), each with drop-path.
+
+  `drop_path_rate` at call time overrides the field (a scanned stack passes each layer's).
+  `scan_body=True` returns (x, None), the form `nn.scan` iterates.
+  """
   num_heads: int
   mlp_dim: int
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernels: str = "auto"
+  scan_body: bool = False
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):  # [B, N, D]
+  def __call__(self, x, deterministic: bool, drop_path_rate=None):  # [B, N, D]
+    rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
               kernels=self.kernels)
     # The residual stream stays float32 (as under torch autocast); branches may be bf16. It
@@ -213,10 +224,11 @@ class Encoder1DBlock(nn.Module):
     x = residual(x)
     y = layer_norm("norm1", self.param_dtype, kernels=self.kernels)(x)
     y = MultiHeadSelfAttention(self.num_heads, name="attn", **kw)(y)
-    x = residual(x + DropPath(self.drop_path_rate)(y, deterministic))
+    x = residual(x + DropPath()(y, deterministic, rate))
     y = layer_norm("norm2", self.param_dtype, kernels=self.kernels)(x)
     y = MlpBlock(self.mlp_dim, name="mlp", **kw)(y)
-    return residual(x + DropPath(self.drop_path_rate)(y, deterministic))
+    x = residual(x + DropPath()(y, deterministic, rate))
+    return (x, None) if self.scan_body else x
 
 
 # Rematerialisation of the encoder blocks (`remat`): what the backward pass may keep from the
@@ -229,12 +241,22 @@ REMAT_POLICIES = {
 }
 
 
-class Encoder(nn.Module):
-  """`depth` blocks (`blocks_{i}`) and, if `final_norm`, a LayerNorm (`norm`).
+def drop_path_rates(depth: int, rate: float) -> np.ndarray:
+  """Per-block drop-path rates, growing linearly from 0 to `rate` over depth (timm/MAE)."""
+  return np.array([rate * i / max(depth - 1, 1) for i in range(depth)], np.float32)
 
-  Drop-path rates grow linearly from 0 to `drop_path_rate` over depth, as in timm/MAE.
-  `remat` (REMAT_POLICIES) trades the blocks' activation memory for recomputation; the
-  function and the parameters are the same whatever it is.
+
+class Encoder(nn.Module):
+  """`depth` blocks and, if `final_norm`, a LayerNorm (`norm`).
+
+  Drop-path rates grow linearly from 0 to `drop_path_rate` over depth (`drop_path_rates`).
+  `remat` (REMAT_POLICIES) trades the blocks' activation memory for recomputation.
+  `scan_layers=False` unrolls the blocks (`blocks_{i}`, the timm/MAE layout);
+  `scan_layers=True` runs one block under `nn.scan` over parameters stacked on a leading
+  'layers' axis (`blocks`, every leaf [depth, ...]), which compiles one block instead of
+  `depth` of them. The function is the same whatever they are; `stack_blocks` /
+  `unstack_blocks` move parameters between the two layouts (`load_mae_encoder` does it for
+  pretrained weights). Dropout/drop-path draw other random numbers under scan.
   """
   depth: int
   num_heads: int
@@ -245,6 +267,7 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernels: str = "auto"
   remat: str = "none"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):  # [B, N, D]
@@ -252,17 +275,86 @@ class Encoder(nn.Module):
       raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
     block = Encoder1DBlock
     if self.remat != "none":
-      block = nn.remat(Encoder1DBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
+      # Under scan, CSE cannot merge the recomputation into the forward anyway (MaxText).
+      block = nn.remat(Encoder1DBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(2,),
+                       prevent_cse=not self.scan_layers)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
+    rates = drop_path_rates(self.depth, self.drop_path_rate)
     x = x.astype(jnp.float32)
-    for i in range(self.depth):
-      rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-      x = block(
-          self.num_heads, self.mlp_dim, rate, dtype=self.dtype,
-          param_dtype=self.param_dtype, kernels=self.kernels,
-          name=f"blocks_{i}")(x, deterministic)
+    if self.scan_layers:
+      blocks = nn.scan(block, variable_axes={"params": 0},
+                       split_rngs={"params": True, "dropout": True},
+                       in_axes=(nn.broadcast, 0), length=self.depth,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = blocks(self.num_heads, self.mlp_dim, scan_body=True, name="blocks", **kw)(
+          x, deterministic, jnp.asarray(rates))
+    else:
+      for i in range(self.depth):
+        x = block(self.num_heads, self.mlp_dim, float(rates[i]), name=f"blocks_{i}", **kw)(
+            x, deterministic)
     if self.final_norm:
       x = layer_norm("norm", self.param_dtype, kernels=self.kernels)(x)
     return x  # [B, N, D] float32
+
+
+_BLOCK_KEY = re.compile(r"blocks_(\d+)$")
+
+
+def _stack(leaves):
+  if all(isinstance(a, np.ndarray) for a in leaves):
+    return np.stack(leaves)
+  if all(isinstance(a, jax.ShapeDtypeStruct) for a in leaves):
+    return jax.ShapeDtypeStruct((len(leaves),) + leaves[0].shape, leaves[0].dtype)
+  return jnp.stack(leaves)
+
+
+def _take(leaf, i):
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+  return leaf[i]
+
+
+def stack_blocks(tree):
+  """Unrolled -> scanned layout: in every dict, `blocks_0..blocks_{L-1}` become one `blocks`
+  whose leaves are stacked on a leading [L] axis. Leaves: arrays or ShapeDtypeStructs
+  (unboxed)."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: stack_blocks(v) for k, v in tree.items() if not _BLOCK_KEY.match(k)}
+  indices = sorted(int(_BLOCK_KEY.match(k).group(1)) for k in tree if _BLOCK_KEY.match(k))
+  if indices:
+    if indices != list(range(len(indices))):
+      raise ValueError(f"blocks {indices} are not 0..{len(indices) - 1}: cannot stack them")
+    if "blocks" in out:
+      raise ValueError("both 'blocks' and 'blocks_{i}' entries: mixed layouts")
+    out["blocks"] = jax.tree.map(lambda *xs: _stack(xs), *[tree[f"blocks_{i}"] for i in indices])
+  return out
+
+
+def unstack_blocks(tree):
+  """Scanned -> unrolled layout, the inverse of `stack_blocks`."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: unstack_blocks(v) for k, v in tree.items() if k != "blocks"}
+  if "blocks" in tree:
+    depth = {np.shape(leaf)[0] for leaf in jax.tree.leaves(tree["blocks"])}
+    if len(depth) != 1:
+      raise ValueError(f"scanned blocks with different leading sizes {sorted(depth)}")
+    for i in range(depth.pop()):
+      out[f"blocks_{i}"] = jax.tree.map(lambda leaf: _take(leaf, i), tree["blocks"])
+  return out
+
+
+def is_scanned(tree) -> bool:
+  """Whether a params tree (or subtree) holds a scanned stack of blocks anywhere."""
+  if not isinstance(tree, dict):
+    return False
+  return "blocks" in tree or any(is_scanned(v) for v in tree.values())
+
+
+def to_layout(tree, scanned: bool):
+  """`tree` in the scanned (`stack_blocks`) or unrolled (`unstack_blocks`) layout."""
+  return stack_blocks(tree) if scanned else unstack_blocks(tree)
 
 
 def cls_token_param(module: nn.Module, width: int, param_dtype: Dtype):
@@ -293,6 +385,7 @@ class VisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernels: str = "auto"
   remat: str = "none"  # REMAT_POLICIES
+  scan_layers: bool = False  # Encoder: blocks under nn.scan, params stacked
 
   @nn.compact
   def __call__(self, imgs, *, train: bool = False):  # [B, H, W, C]
@@ -308,7 +401,8 @@ class VisionTransformer(nn.Module):
     cls = cls_token_param(self, self.width, self.param_dtype) + pos[:1]
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate,
-                final_norm=self.pool == "cls", name="encoder", remat=self.remat, **kw)(
+                final_norm=self.pool == "cls", name="encoder", remat=self.remat,
+                scan_layers=self.scan_layers, **kw)(
                     x, deterministic=not train)  # [B, 1 + N, D]
 
     if self.pool == "cls":
@@ -325,11 +419,17 @@ class VisionTransformer(nn.Module):
 def load_mae_encoder(params, mae_params):
   """`params` of a VisionTransformer with the MAE's `patch_embed`, `cls_token`, `encoder`.
 
-  Keeps the classifier's own entries (head, fc_norm) and drops the MAE's final encoder norm
-  when the classifier has none (mean pooling).
+  Keeps the classifier's own entries (head, fc_norm), drops the MAE's final encoder norm
+  when the classifier has none (mean pooling), and stacks or unstacks the blocks to the
+  classifier's layout (`scan_layers`), whichever the MAE was trained with.
   """
   def pick(template, source, path):
     if isinstance(template, dict):
+      if not isinstance(source, dict):
+        raise ValueError(f"{path}: a dict in the classifier, {type(source).__name__} in the MAE")
+      missing = sorted(set(template) - set(source))
+      if missing:
+        raise ValueError(f"{path}: {missing} missing from the MAE's params")
       return {k: pick(v, source[k], f"{path}/{k}") for k, v in template.items()}
     if np.shape(template) != np.shape(source):
       raise ValueError(f"{path}: shape {np.shape(source)} in the MAE, "
@@ -338,5 +438,8 @@ def load_mae_encoder(params, mae_params):
 
   params = dict(params)
   for key in ("patch_embed", "cls_token", "encoder"):
-    params[key] = pick(nn.unbox(params[key]), nn.unbox(mae_params[key]), key)
+    template, source = nn.unbox(params[key]), nn.unbox(mae_params[key])
+    if key == "encoder":
+      source = to_layout(source, is_scanned(template))
+    params[key] = pick(template, source, key)
   return params

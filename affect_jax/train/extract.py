@@ -46,7 +46,8 @@ def load_encoder(config: ml_collections.ConfigDict):
     from affect_jax.models import vit
     mae_config, mae_params = pretrain.load_pretrained(config.encoder_workdir)
     model = vit.VisionTransformer(**vit.variant_config(mae_config.model.variant, decoder=False),
-                                  pool="cls")
+                                  pool="cls",
+                                  scan_layers=mae_config.model.get("scan_layers", False))
     params = {k: mae_params[k] for k in ("patch_embed", "cls_token", "encoder")}
     size = mae_config.data.image_size
   else:

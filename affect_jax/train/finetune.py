@@ -65,7 +65,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int = NUM_CLASS
   return vit.VisionTransformer(
       **vit.variant_config(m.variant, decoder=False), num_classes=num_classes, pool=m.pool,
       drop_path_rate=m.drop_path_rate, dtype=jnp.dtype(m.dtype),
-      kernels=m.get("kernels", "auto"), remat=m.get("remat", "none"))
+      kernels=m.get("kernels", "auto"), remat=m.get("remat", "none"),
+      scan_layers=m.get("scan_layers", False))
 
 
 def initial_encoder(config: ml_collections.ConfigDict) -> dict | None:

@@ -29,7 +29,8 @@ def create_model(config: ml_collections.ConfigDict) -> mae.MaskedAutoencoder:
   return mae.MaskedAutoencoder(
       **vit.variant_config(m.variant), mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss,
       drop_path_rate=m.drop_path_rate, dtype=jnp.dtype(m.dtype),
-      kernels=m.get("kernels", "auto"), remat=m.get("remat", "none"))
+      kernels=m.get("kernels", "auto"), remat=m.get("remat", "none"),
+      scan_layers=m.get("scan_layers", False))
 
 
 def image_roots(config: ml_collections.ConfigDict) -> list[str]:

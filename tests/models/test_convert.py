@@ -148,13 +148,14 @@ def imgs():
   return np.random.default_rng(1).normal(size=(2, IMG, IMG, 3)).astype(np.float32)
 
 
-@pytest.mark.parametrize("pool,kind,num_classes", [("cls", "vit_cls", 0),
-                                                   ("mean", "vit_mean", 5)])
-def test_vit_checkpoint_matches_numpy_forward(tmp_path, imgs, pool, kind, num_classes):
+@pytest.mark.parametrize("pool,kind,num_classes,scan", [("cls", "vit_cls", 0, False),
+                                                        ("mean", "vit_mean", 5, True)])
+def test_vit_checkpoint_matches_numpy_forward(tmp_path, imgs, pool, kind, num_classes, scan):
   state = _timm_state(kind)
   path = str(tmp_path / "vit.safetensors")
   safetensors.numpy.save_file(state, path)
-  model = vit.VisionTransformer(**ENCODER, pool=pool, num_classes=num_classes)
+  # scan_layers: the same torch keys land stacked in the model's `blocks`.
+  model = vit.VisionTransformer(**ENCODER, pool=pool, num_classes=num_classes, scan_layers=scan)
   params = convert.convert_timm_state_dict(convert.load_state_dict(path),
                                            convert.params_shapes(model))
   out = jax.jit(model.apply)({"params": params}, jnp.asarray(imgs))
@@ -166,9 +167,10 @@ def test_mae_checkpoint_matches_numpy_forward(tmp_path, imgs):
   state = _timm_state("mae")
   path = str(tmp_path / "mae.npz")
   np.savez(path, **state)
-  model = mae.MaskedAutoencoder(**ENCODER, **DECODER)
+  model = mae.MaskedAutoencoder(**ENCODER, **DECODER, scan_layers=True)
   params = convert.convert_timm_state_dict(convert.load_state_dict(path),
                                            convert.params_shapes(model))
+  assert "blocks" in params["encoder"] and "blocks" in params["decoder"]
   loss, pred, mask = jax.jit(lambda p, x: model.apply(
       {"params": p}, x, train=False, rngs={"masking": jax.random.key(0)}))(params, imgs)
   ref = _np_mae_pred(imgs.astype(np.float64), state, np.asarray(mask))

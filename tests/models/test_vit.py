@@ -75,6 +75,11 @@ def test_drop_path_identity_when_deterministic_and_unbiased_in_training():
   assert abs(dropped.mean() - 0.3) < 0.02  # whole samples are dropped...
   np.testing.assert_allclose(y[~dropped], 1 / 0.7, rtol=1e-6)  # ...the rest rescaled
   assert abs(y.mean() - 1.0) < 0.03  # so the expectation is preserved
+  # A traced rate (a scanned block's own) draws the same samples as the static one.
+  traced = jax.jit(lambda r: vit.DropPath().apply({}, x, False, r,
+                                                  rngs={"dropout": jax.random.key(0)}))(0.3)
+  np.testing.assert_allclose(traced, y, rtol=1e-6)
+  np.testing.assert_allclose(vit.drop_path_rates(4, 0.3), [0, 0.1, 0.2, 0.3], rtol=1e-6)
 
 
 def test_variant_config():
@@ -115,6 +120,51 @@ def test_params_carry_logical_axes_and_map_onto_the_mesh(classifier_shapes):
       ("data", "fsdp"), None)  # a mesh axis shards one dim only
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_blocks_equal_unrolled_ones(classifier_shapes, remat):
+  """scan_layers=True: one block under nn.scan over params stacked on a 'layers' axis (not
+  sharded); the same function and gradients as the unrolled blocks, params moved between
+  the layouts by stack_blocks / unstack_blocks."""
+  imgs = jax.random.normal(jax.random.key(1), (2, IMG, IMG, 3))
+  unrolled = vit.VisionTransformer(**TINY, pool="mean", drop_path_rate=0.2)
+  scanned = vit.VisionTransformer(**TINY, pool="mean", drop_path_rate=0.2, scan_layers=True,
+                                  remat=remat)
+  boxed = jax.eval_shape(scanned.init, jax.random.key(0), imgs)["params"]
+  specs = nn.get_partition_spec(boxed)["encoder"]["blocks"]
+  P = jax.sharding.PartitionSpec
+  assert specs["mlp"]["fc1"]["kernel"] == P("layers", "embed", "mlp")
+  assert nn.logical_to_mesh(specs, sharding.DEFAULT_RULES)["mlp"]["fc1"]["kernel"] == P(
+      None, "fsdp", "model")
+  params = nn.unbox(unrolled.init(jax.random.key(0), imgs)["params"])
+  stacked = vit.stack_blocks(params)
+  assert jax.tree.map(np.shape, stacked) == jax.tree.map(np.shape, nn.unbox(boxed))
+  assert stacked["encoder"]["blocks"]["norm1"]["scale"].shape == (TINY["depth"], TINY["width"])
+  jax.tree.map(np.testing.assert_array_equal, vit.unstack_blocks(stacked), params)
+
+  loss = lambda model: jax.jit(jax.value_and_grad(
+      lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, imgs)))))
+  value, grads = loss(unrolled)(params)
+  value_s, grads_s = loss(scanned)(stacked)
+  np.testing.assert_allclose(value_s, value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads_s, vit.stack_blocks(grads))
+  assert float(jnp.abs(grads["encoder"]["blocks_1"]["mlp"]["fc1"]["kernel"]).max()) > 0
+  # Training mode runs (drop-path with each layer's rate, rngs split over the layers).
+  out = scanned.apply({"params": stacked}, imgs, train=True, rngs={"dropout": jax.random.key(4)})
+  assert out.shape == (2, TINY["width"]) and np.isfinite(out).all()
+
+
+def test_block_layouts_refuse_what_they_cannot_map():
+  leaf = np.zeros(3)
+  with pytest.raises(ValueError, match="not 0..1"):
+    vit.stack_blocks({"blocks_0": leaf, "blocks_2": leaf})
+  with pytest.raises(ValueError, match="mixed layouts"):
+    vit.stack_blocks({"blocks_0": leaf, "blocks": leaf[None]})
+  with pytest.raises(ValueError, match="different leading sizes"):
+    vit.unstack_blocks({"blocks": {"a": np.zeros((2, 3)), "b": np.zeros((3, 3))}})
+  assert vit.is_scanned({"encoder": {"blocks": {}}}) and not vit.is_scanned({"blocks_0": leaf})
+
+
 def test_classifier_outputs_and_mae_encoder_loads_into_it():
   imgs = jax.random.normal(jax.random.key(1), (2, IMG, IMG, 3))
   model = mae.MaskedAutoencoder(**TINY, decoder_width=16, decoder_depth=1,
@@ -137,6 +187,14 @@ def test_classifier_outputs_and_mae_encoder_loads_into_it():
   out = jax.jit(clf.apply)({"params": params}, imgs)
   assert out.shape == (2, 32) and out.dtype == jnp.float32
   np.testing.assert_allclose(out, mae_cls, atol=1e-5)
+  # Into a scanned classifier: the MAE's blocks are stacked (and back, the other way round).
+  clf_s = vit.VisionTransformer(**TINY, pool="cls", scan_layers=True)
+  params_s = vit.load_mae_encoder(jax.eval_shape(clf_s.init, jax.random.key(3), imgs)["params"],
+                                  mae_params)
+  np.testing.assert_allclose(jax.jit(clf_s.apply)({"params": params_s}, imgs), mae_cls, atol=1e-5)
+  back = vit.load_mae_encoder(nn.unbox(jax.eval_shape(clf.init, jax.random.key(3), imgs))["params"],
+                              {**mae_params, "encoder": params_s["encoder"]})
+  jax.tree.map(np.testing.assert_array_equal, back["encoder"], params["encoder"])
   # Mean pooling has fc_norm instead of the encoder's final norm.
   clf = vit.VisionTransformer(**TINY, pool="mean", num_classes=3)
   template = nn.unbox(jax.eval_shape(clf.init, jax.random.key(3), imgs)["params"])

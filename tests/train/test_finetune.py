@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from affect_jax import optim, sharding
+from affect_jax.models import vit
 from affect_jax.train import finetune, pretrain
 from configs import expr_finetune
 
@@ -61,6 +62,12 @@ def test_mae_init_copies_the_pretrained_encoder(synthetic_root, mae_workdir):
                                                 lambda s: 1e-3, None)
   assert not np.array_equal(np.asarray(random_state.params["cls_token"]),
                             np.asarray(mae_params["cls_token"]))
+  # A scan_layers classifier starts from the same (unrolled) MAE: its blocks stacked.
+  c.model.scan_layers = True
+  scanned, _ = finetune.create_train_state(c, finetune.create_model(c), jax.random.key(1), mesh,
+                                           lambda s: 1e-3, finetune.initial_encoder(c))
+  jax.tree.map(np.testing.assert_array_equal, vit.unstack_blocks(
+      jax.device_get(scanned.params["encoder"])), jax.device_get(state.params["encoder"]))
 
 
 def test_short_run_exports_best_and_loads_back(synthetic_root, tmp_path):

@@ -78,8 +78,9 @@ def time_steps(run_step: Callable[[], object], steps: int, warmup: int) -> list[
 
 def bench_mae(preset: str, batch: int, *, dtype: str = "float32", image_size: int | None = None,
               steps: int = 10, warmup: int = 2, peak_tflops: float | None = None,
-              mesh_shape=(-1, 1, 1)) -> dict:
-  """The jitted, sharded MAE train step of affect_jax.train.pretrain on random images."""
+              mesh_shape=(-1, 1, 1), scan_layers: bool | None = None) -> dict:
+  """The jitted, sharded MAE train step of affect_jax.train.pretrain on random images
+  (`scan_layers`: None = the preset's)."""
   from affect_jax import optim, sharding
   from affect_jax.train import pretrain
   from configs import mae_pretrain

@@ -333,6 +333,16 @@ def _run_mask(rng, n: int, fraction: float, dur: tuple[int, int]) -> list[tuple[
   return out
 
 
+def sample_occluder(rng: np.random.Generator):
+  """(kind, colour, start, end) of an occluder: a rectangle, a hand (skin coloured) or a round
+  object, moving from `start` to `end` = (cx, cy, size, angle) over its run."""
+  kind = int(rng.integers(3))
+  colour = _mix(_SKINS[rng.integers(len(_SKINS))], (0, 0, 0), 0.1) if kind == 1 else tuple(
+      int(c) for c in rng.integers(0, 255, 3))
+  p0, p1 = rng.uniform([-0.35, -0.2, 0.35, -0.6], [0.35, 0.6, 0.65, 0.6], (2, 4))
+  return kind, colour, p0, p1
+
+
 def sample_nuisance(rng: np.random.Generator, n: int, fps: float, missing_fraction: float,
                     occluded_fraction: float, blur_fraction: float, missing_start: bool = False,
                     missing_middle: bool = False) -> Nuisance:
@@ -350,10 +360,7 @@ def sample_nuisance(rng: np.random.Generator, n: int, fps: float, missing_fracti
   quality = np.clip(rng.integers(55, 96) + rng.integers(-5, 6, n), 30, 98)
   occluder = [None] * n
   for start, length in _run_mask(rng, n, occluded_fraction, (round(0.5 * fps), round(2 * fps))):
-    kind = int(rng.integers(3))
-    colour = _mix(_SKINS[rng.integers(len(_SKINS))], (0, 0, 0), 0.1) if kind == 1 else tuple(
-        int(c) for c in rng.integers(0, 255, 3))
-    p0, p1 = rng.uniform([-0.35, -0.2, 0.35, -0.6], [0.35, 0.6, 0.65, 0.6], (2, 4))
+    kind, colour, p0, p1 = sample_occluder(rng)
     for j in range(length):
       cx, cy, size, angle = p0 + (p1 - p0) * 0.3 * j / max(length - 1, 1)
       occluder[start + j] = (kind, cx, cy, size, angle, colour)
@@ -369,29 +376,44 @@ def sample_nuisance(rng: np.random.Generator, n: int, fps: float, missing_fracti
                   quality, occluder, missing)
 
 
+def light_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(yy, xx) [S, S] float32 coordinates in [-1, 1], the lighting gradient's domain."""
+  yy, xx = np.mgrid[-1:1:size * 1j, -1:1:size * 1j].astype(np.float32)
+  return yy, xx
+
+
+def capture(rng: np.random.Generator, img: Image.Image, light, tint: np.ndarray, blur: float,
+            noise: float, quality: int, grid) -> bytes:
+  """The camera on one clean frame: lighting gradient and exposure, white balance, optics
+  blur, sensor noise, JPEG compression. `grid` is `light_grid(size)`; returns JPEG bytes."""
+  yy, xx = grid
+  size = img.size[0]
+  angle, strength, exposure = (float(v) for v in light)
+  gain = xx * np.float32(strength * exposure * np.cos(angle))  # [S, S] light from one side
+  gain += yy * np.float32(strength * exposure * np.sin(angle))
+  gain += np.float32(exposure)
+  arr = np.asarray(img).astype(np.float32)  # [S, S, 3]
+  arr *= gain[..., None]
+  arr *= tint.astype(np.float32)
+  if blur > 0.05:  # optics blur before the sensor adds noise
+    blurred = Image.fromarray(np.clip(arr, 0, 255, out=arr).astype(np.uint8))
+    blurred = blurred.filter(ImageFilter.GaussianBlur(float(blur) * size / 112))
+    arr = np.asarray(blurred).astype(np.float32)
+  # Uniform sensor noise of the given std: much cheaper to draw than Gaussian.
+  arr += (rng.random(arr.shape, np.float32) - np.float32(0.5)) * np.float32(noise * 12**0.5)
+  arr += np.float32(0.5)
+  out = Image.fromarray(np.clip(arr, 0, 255, out=arr).astype(np.uint8))
+  buf = io.BytesIO()
+  out.save(buf, format="JPEG", quality=int(quality))
+  return buf.getvalue()
+
+
 def render_video(rng: np.random.Generator, idn: Identity, au: np.ndarray, blink: np.ndarray,
                  nuisance: Nuisance, size: int) -> Iterator[tuple[int, bytes]]:
   """Yields (1-based frame index, JPEG bytes) for every frame that is not missing."""
   bg = background(idn, 2 * size)
-  yy, xx = np.mgrid[-1:1:size * 1j, -1:1:size * 1j].astype(np.float32)
-  tint = nuisance.tint.astype(np.float32)
+  grid = light_grid(size)
   for t in np.flatnonzero(~nuisance.missing):
     img = render_face(idn, au[t], size, nuisance.pose[t], blink[t], nuisance.occluder[t], bg)
-    angle, strength, exposure = nuisance.light[t].tolist()
-    gain = xx * np.float32(strength * exposure * np.cos(angle))  # [S, S] light from one side
-    gain += yy * np.float32(strength * exposure * np.sin(angle))
-    gain += np.float32(exposure)
-    arr = np.asarray(img).astype(np.float32)  # [S, S, 3]
-    arr *= gain[..., None]
-    arr *= tint
-    if nuisance.blur[t] > 0.05:  # optics blur before the sensor adds noise
-      blurred = Image.fromarray(np.clip(arr, 0, 255, out=arr).astype(np.uint8))
-      blurred = blurred.filter(ImageFilter.GaussianBlur(float(nuisance.blur[t]) * size / 112))
-      arr = np.asarray(blurred).astype(np.float32)
-    # Uniform sensor noise of the given std: much cheaper to draw than Gaussian.
-    arr += (rng.random(arr.shape, np.float32) - np.float32(0.5)) * np.float32(nuisance.noise * 12**0.5)
-    arr += np.float32(0.5)
-    img = Image.fromarray(np.clip(arr, 0, 255, out=arr).astype(np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=int(nuisance.quality[t]))
-    yield int(t) + 1, buf.getvalue()
+    yield int(t) + 1, capture(rng, img, nuisance.light[t], nuisance.tint, nuisance.blur[t],
+                              nuisance.noise, nuisance.quality[t], grid)

@@ -172,6 +172,39 @@ def convert_timm_state_dict(state: dict[str, Any], params_template: Any) -> dict
   return vit.stack_blocks(params) if scanned else params
 
 
+def _to_torch(path, value) -> np.ndarray:
+  """Inverse of `_to_ours`: our param at `path` -> the torch tensor's layout."""
+  shape = _torch_shape(path, value.shape)
+  if path[-2:] == ("proj", "kernel") and path[0] == "patch_embed":
+    p = shape[2]
+    return value.reshape(p, p, shape[1], shape[0]).transpose(3, 2, 0, 1)  # [(p q c), D] -> [D,C,p,q]
+  if path[-1] == "kernel":
+    k = _kernel_in_axes(path)
+    return value.reshape(int(np.prod(value.shape[:k])), -1).T
+  return value.reshape(shape)
+
+
+def export_timm_state_dict(params: Any) -> dict[str, np.ndarray]:
+  """Our MAE / ViT params (either block layout) -> a flat {timm/MAE torch name: array}: the
+  converter's inverse, for publishing weights in the layout PyTorch users load
+  (`safetensors.numpy.save_file`; `add_position_tables` adds the fixed position tables)."""
+  flat = traverse_util.flatten_dict(vit.unstack_blocks(jax.device_get(nn.unbox(params))))
+  return {_torch_name(path): np.ascontiguousarray(_to_torch(path, np.asarray(value)))
+          for path, value in flat.items()}
+
+
+def add_position_tables(state: dict[str, np.ndarray], image_size: int, patch_size: int) -> dict:
+  """`state` with MAE's fixed `pos_embed` / `decoder_pos_embed` [1, 1 + N, D] for
+  `image_size` images, as the public MAE checkpoints carry them."""
+  grid = (image_size // patch_size,) * 2
+  out = dict(state)
+  for key, width_of in (("pos_embed", "cls_token"), ("decoder_pos_embed", "mask_token")):
+    if width_of in state:
+      width = state[width_of].shape[-1]
+      out[key] = vit.sincos_pos_embed_2d(width, grid)[None]
+  return out
+
+
 def build_model(model: str, preset: str, **overrides) -> nn.Module:
   """`MaskedAutoencoder` ('mae') or `VisionTransformer` ('vit') of a size preset."""
   if model == "mae":

@@ -214,6 +214,28 @@ def test_convert_checkpoint_and_save_round_trip(tmp_path):
       state["blocks.0.attn.qkv.weight"].T.reshape(D, 3, HEADS, D // HEADS))
 
 
+@pytest.mark.parametrize("kind", ["mae", "vit_mean"])
+def test_export_is_the_converters_inverse(kind):
+  """Our params -> timm names and layouts -> our params again, bit for bit; and the export
+  of a converted state dict is that state dict (position tables added back as MAE has them)."""
+  state = _timm_state(kind)
+  if kind == "mae":
+    model = mae.MaskedAutoencoder(**ENCODER, **DECODER)
+  else:
+    model = vit.VisionTransformer(**ENCODER, pool="mean", num_classes=5)
+  params = convert.convert_timm_state_dict(state, convert.params_shapes(model))
+  exported = convert.add_position_tables(convert.export_timm_state_dict(params), IMG, P)
+  assert set(exported) == set(state)
+  for name, value in state.items():
+    np.testing.assert_allclose(exported[name], value, atol=1e-6, err_msg=name)
+  again = convert.convert_timm_state_dict(exported, convert.params_shapes(model))
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+  # From the scanned layout too.
+  np.testing.assert_array_equal(
+      convert.export_timm_state_dict(vit.stack_blocks(params))["blocks.1.mlp.fc1.weight"],
+      state["blocks.1.mlp.fc1.weight"])
+
+
 class _WritesMarker:
   """A pickle that, if ever unpickled, creates the file `marker`."""
 

@@ -1,9 +1,16 @@
 """The main job: the paper's method end to end on the embedded synthetic dataset.
 
-  data -> MAE pretraining -> expression fine-tuning (MAE init, and random init for the
-  ablation) -> visual + audio features -> temporal models for VA, Expr, AU (frame-wise
-  baseline, TCN only, TCN+Transformer visual, TCN+Transformer visual+audio, and on the
-  random-init features) -> scores beside the oracle -> results.md / results.json / report/*.png
+  MAE weights (shipped, or self-pretrained here on a synthetic face corpus of other people)
+  -> data -> expression fine-tuning (MAE init, and random init for the ablation) -> visual +
+  audio features -> temporal models for VA, Expr, AU (frame-wise baseline, TCN only,
+  TCN+Transformer visual, TCN+Transformer visual+audio, and on the random-init features) ->
+  scores beside the oracle -> results.md / results.json / report/*.png
+
+MAE self-pretraining is the expensive, reusable step, as in the paper (hundreds of thousands
+of faces, 500 epochs): a preset starts from the MAE weights its recipe (`MAE_RECIPES`) made,
+shipped in `affect_jax/weights/` as a timm-layout safetensors file with its manifest, and
+loaded through the same converter as public MAE checkpoints. `mae="scratch"` re-makes them:
+the face corpus, the pretraining run and the export, as stages of their own.
 
 Every stage runs the real launchers' code (`affect_jax.train.*`) with the task configs at a
 small size. A stage records its settings and result in `out_dir/stages/<name>.json` when it
@@ -25,10 +32,15 @@ import time
 from typing import Callable
 
 import ml_collections
+import numpy as np
 
 from affect_jax import fileio
 from affect_jax.data import affwild2, synthetic
+from affect_jax.data.synthetic import corpus as corpus_lib
 from affect_jax.data.synthetic.writer import MANIFEST, ORACLE
+
+# Where affect-jax ships MAE weights (package data): <name>.safetensors + <name>.json.
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
 # ABAW6 official baselines on the real Aff-Wild2 validation set: a reference point only.
 ABAW6_BASELINE = {"VA": 0.22, "EXPR": 0.25, "AU": 0.39}
@@ -37,20 +49,52 @@ PRESETS = {
     # A handful of tiny videos: the CI end-to-end test.
     "micro": dict(
         data=synthetic.SyntheticConfig(num_videos=8, min_frames=60, max_frames=90, image_size=32, seed=5),
-        image_size=32, mae_steps=6, ft_steps=6, segment_len=32, stride=24, temporal_steps=12,
-        batch=16),
-    # The 2-core CPU demo. Many short videos rather than a few long ones: with few identities
-    # the encoder memorises the training faces (24 videos: 0.69 train vs 0.19 val accuracy).
+        image_size=32, ft_steps=6, segment_len=32, stride=24, temporal_steps=12,
+        batch=16, fresh_videos=4),
+    # The 2-core CPU demo. Many short videos rather than a few long ones: the fine-tuned
+    # encoder has to read expressions across people, and with few identities it learns the
+    # training faces instead (36 training videos: 0.81 train vs 0.17 validation accuracy).
+    # Fine-tuning gains with updates more than with images (validation macro-F1 0.18 after
+    # 150 steps of 64, 0.35 after 1000 of 32).
     "default": dict(
-        data=synthetic.SyntheticConfig(num_videos=60, min_frames=120, max_frames=240, image_size=64),
-        image_size=48, mae_steps=400, ft_steps=150, segment_len=64, stride=48, temporal_steps=300,
-        batch=64),
+        data=synthetic.SyntheticConfig(num_videos=240, min_frames=60, max_frames=120, image_size=64),
+        image_size=48, ft_steps=1000, segment_len=64, stride=48, temporal_steps=300,
+        batch=32, fresh_videos=48),
     # The paper's sizes (ViT-B/16 at 224, 300/200 segments) for a machine that can take it.
     "full": dict(
         data=synthetic.SyntheticConfig(num_videos=60, min_frames=600, max_frames=3000, image_size=224),
-        image_size=224, mae_steps=20000, ft_steps=3000, segment_len=300, stride=200,
-        temporal_steps=0, batch=256),
+        image_size=224, ft_steps=3000, segment_len=300, stride=200,
+        temporal_steps=0, batch=256, fresh_videos=20),
 }
+FRESH_SEED_OFFSET = 1000  # the fresh draw's generator seed, past the dataset's
+
+
+def fresh_draw(data: synthetic.SyntheticConfig, num_videos: int) -> synthetic.SyntheticConfig:
+  """Another draw from the same generator, every video a test video: a new seed (other people,
+  other affect), scored by the final table only, after every decision was taken on the
+  dataset's validation split."""
+  return dataclasses.replace(data, seed=data.seed + FRESH_SEED_OFFSET, num_videos=num_videos,
+                             train_fraction=0.0, validation_fraction=0.0)
+
+# MAE self-pretraining per preset: the face corpus (never the videos' people), steps and
+# batch at the preset's image size, the held-out corpus the weights are scored on, and the
+# name of the shipped weights this recipe made (None: always pretrained here).
+MAE_RECIPES = {
+    "micro": dict(corpus=corpus_lib.FaceCorpusConfig(num_identities=48, image_size=32, seed=1),
+                  steps=6, batch=16, shipped=None),
+    "default": dict(corpus=corpus_lib.FaceCorpusConfig(num_identities=20000, image_size=64, seed=1),
+                    steps=6000, batch=128, shipped="mae_tiny_synthetic_faces"),
+    "full": dict(corpus=corpus_lib.FaceCorpusConfig(num_identities=300000, image_size=224, seed=1),
+                 steps=200000, batch=1024, shipped=None),
+}
+HELDOUT_IDENTITIES = 256  # one image each, another seed: the reconstruction score's faces
+
+
+def heldout_corpus(recipe: dict) -> corpus_lib.FaceCorpusConfig:
+  c = recipe["corpus"]
+  return dataclasses.replace(c, num_identities=HELDOUT_IDENTITIES, min_images=1, max_images=1,
+                             seed=c.seed + 1000)
+
 
 VARIANTS = (  # (name, row label, encoder, model overrides)
     ("frame_mlp", "frame-wise baseline (MLP, visual)", "mae", {"kind": "frame_mlp"}),
@@ -61,9 +105,12 @@ VARIANTS = (  # (name, row label, encoder, model overrides)
 )
 
 
-# Paired comparisons (first minus second) on the same videos: the claim that temporal
-# context beats the frame-wise model, with and without audio.
-PAIRS = (("tcn_tf_va", "frame_mlp"), ("tcn_tf_v", "frame_mlp"))
+# Paired comparisons, first minus second on the same videos: the full model against the
+# pixel probe ("pixels"), then the paper's claims (its ablations): the MAE-pretrained backbone
+# over random init, TCN+Transformer over the TCN alone over the frame-wise model, and audio.
+PAIRS = (("tcn_tf_va", "pixels"), ("tcn_tf_v", "tcn_tf_v_random"), ("tcn_tf_v", "tcn_v"),
+         ("tcn_v", "frame_mlp"), ("tcn_tf_va", "tcn_tf_v"))
+FRESH = "fresh"  # the key of the fresh draw's scores, beside the split names
 
 
 class Stages:
@@ -157,19 +204,24 @@ def check_data(root: str) -> dict:
   return summary
 
 
-def _configs(p: dict, root: str, out_dir: str) -> dict[str, ml_collections.ConfigDict]:
+def _configs(p: dict, root: str, out_dir: str,
+             recipe: dict | None = None) -> dict[str, ml_collections.ConfigDict]:
   from configs import common, expr_finetune, extract, mae_pretrain
   tiny = p["image_size"] < 224
+  recipe = recipe or MAE_RECIPES["full" if not tiny else "default"]
   mae = mae_pretrain.get_config("tiny" if tiny else "base")
-  mae.data.root, mae.data.image_size, mae.batch_size = root, p["image_size"], p["batch"]
+  mae.data.roots = os.path.join(out_dir, "faces")
+  mae.data.image_size, mae.batch_size = p["image_size"], recipe["batch"]
   mae.data.index_cache = os.path.join(out_dir, "cache", "face_index")
-  mae.num_steps = p["mae_steps"]
-  mae.recon_every, mae.log_every = max(p["mae_steps"] // 2, 1), max(p["mae_steps"] // 10, 1)
+  mae.num_steps = recipe["steps"]
+  mae.recon_every, mae.log_every = max(mae.num_steps // 2, 1), max(mae.num_steps // 20, 1)
+  mae.checkpoint_every = max(mae.num_steps // 10, 1)
   ft = expr_finetune.get_config("tiny" if tiny else "base")
   ft.data.root, ft.data.image_size, ft.batch_size = root, p["image_size"], p["batch"]
   ft.num_steps, ft.log_every = p["ft_steps"], max(p["ft_steps"] // 10, 1)
   ft.eval_every_epochs = 100.0  # evaluate once, at the end (the run is shorter than an epoch)
-  ft.init.mae_workdir = os.path.join(out_dir, "mae")
+  # The MAE weights enter as users' public ones do: converted from the timm layout.
+  ft.init.kind, ft.init.params_path = "converted", os.path.join(out_dir, "mae_params")
   ext = extract.get_config()
   ext.data.root = root
   configs = {"mae": mae, "ft": ft, "extract": ext}
@@ -184,16 +236,113 @@ def _configs(p: dict, root: str, out_dir: str) -> dict[str, ml_collections.Confi
   return configs
 
 
-def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = print) -> dict:
+def _machine() -> str:
+  """The CPU model (Linux: /proc/cpuinfo), else the platform's machine name."""
+  import platform
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.machine()
+
+
+def _file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def shipped_weights(name: str) -> tuple[str, dict]:
+  """(path of the safetensors file, its manifest) of MAE weights affect-jax ships."""
+  path = os.path.join(WEIGHTS_DIR, f"{name}.safetensors")
+  manifest = os.path.join(WEIGHTS_DIR, f"{name}.json")
+  if not (os.path.isfile(path) and os.path.isfile(manifest)):
+    raise FileNotFoundError(f"{path} (and {name}.json): shipped MAE weights not found; "
+                            "re-make them with launch/demo.py --mae=scratch")
+  with open(manifest) as f:
+    return path, json.load(f)
+
+
+def export_mae_weights(config: ml_collections.ConfigDict, workdir: str, out_path: str,
+                       heldout_root: str, manifest: dict) -> dict:
+  """The newest params of the pretraining run in `workdir` as a timm-layout safetensors file
+  (`out_path`) and, beside it (.json), `manifest` completed with the file's held-out
+  reconstruction loss (`score_mae_weights`), sha256 and size; both written atomically."""
+  import safetensors.numpy
+  from affect_jax.models import convert
+  from affect_jax.train import pretrain
+  _, params = pretrain.load_pretrained(workdir)
+  state = convert.add_position_tables(convert.export_timm_state_dict(params),
+                                      config.data.image_size, pretrain.create_model(config).patch_size)
+  fileio.atomic_write(out_path, lambda tmp: safetensors.numpy.save_file(state, tmp))
+  import jax
+  from affect_jax.data import faces
+  model = pretrain.create_model(config)
+  size = config.data.image_size
+  untrained = jax.jit(lambda r: model.init({"params": r, "masking": r},
+                                           jax.numpy.zeros((1, size, size, 3)), train=False))(
+                                               jax.random.key(config.seed))["params"]
+  import flax.linen as nn
+  untrained = nn.unbox(untrained)
+  manifest = {**manifest, "heldout_loss": score_mae_weights(out_path, config, heldout_root),
+              "untrained_heldout_loss": pretrain.heldout_loss(
+                  model, untrained, faces.index_images(heldout_root, cache_dir=None),
+                  image_size=size),
+              "sha256": _file_sha256(out_path), "bytes": os.path.getsize(out_path)}
+  fileio.write_text_atomic(os.path.splitext(out_path)[0] + ".json",
+                           json.dumps(manifest, indent=1) + "\n")
+  return manifest
+
+
+def score_mae_weights(weights: str, config: ml_collections.ConfigDict, heldout_root: str,
+                      recon_png: str | None = None, frames: list[str] | None = None) -> float:
+  """Held-out reconstruction loss of a timm-layout MAE file (`pretrain.heldout_loss` on the
+  held-out corpus), and optionally the reconstruction picture of `frames`."""
+  import numpy as np
+  from affect_jax.data import faces, loaders
+  from affect_jax.models import convert
+  from affect_jax.train import pretrain
+  model = pretrain.create_model(config)
+  params = convert.convert_timm_state_dict(convert.load_state_dict(weights),
+                                           convert.params_shapes(model))
+  size = config.data.image_size
+  loss = pretrain.heldout_loss(model, params, faces.index_images(heldout_root, cache_dir=None),
+                               image_size=size)
+  if recon_png and frames:
+    images = np.stack([np.asarray(loaders.load_rgb(f).resize((size, size))) for f in frames])
+    masked, recon = pretrain.reconstruct(model, params, images)
+    pretrain.save_png(recon_png, pretrain.reconstruction_grid(images, masked, recon))
+  return loss
+
+
+def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = print,
+        mae: str = "auto") -> dict:
+  """The whole pipeline under `out_dir`. `mae`: 'shipped' (the preset's MAE weights from
+  affect_jax/weights), 'scratch' (self-pretrain them here: face corpus, pretraining, export),
+  'auto' (shipped where the preset has them)."""
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+  if mae not in ("auto", "shipped", "scratch"):
+    raise ValueError(f"mae must be 'auto', 'shipped' or 'scratch', got {mae!r}")
   from affect_jax import pixel_baseline, predict, report
+  from affect_jax.models import convert
   from affect_jax.train import extract, finetune, pretrain, temporal
-  p = PRESETS[preset]
+  p, recipe = PRESETS[preset], MAE_RECIPES[preset]
+  if mae == "auto":
+    mae = "shipped" if recipe["shipped"] else "scratch"
+  if mae == "shipped" and not recipe["shipped"]:
+    raise ValueError(f"preset {preset!r} has no shipped MAE weights: use mae='scratch'")
   out_dir = os.path.abspath(out_dir)
   root = os.path.join(out_dir, "data")
-  cfg = _configs(p, root, out_dir)
-  step = Stages(out_dir, 1 + 1 + 1 + 2 + 2 + len(VARIANTS) * len(affwild2.TASKS) + 3, log)
+  cfg = _configs(p, root, out_dir, recipe)
+  num_mae_stages = 5 if mae == "scratch" else 3
+  step = Stages(out_dir, 2 + 1 + num_mae_stages + 2 + 4 + len(VARIANTS) * len(affwild2.TASKS) + 4,
+                log)
 
   def data_stage():
     make_data(root, p["data"])
@@ -201,27 +350,109 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
 
   data = step("data", dataclasses.asdict(p["data"]), data_stage, after=())
   step.made_from["data"] = data_fingerprint(root)  # the files as they are now, edits included
+  # The fresh draw: new people and affect from the same generator, for the final table only.
+  fresh_root = os.path.join(out_dir, "fresh", "data")
+  fresh_config = fresh_draw(p["data"], p["fresh_videos"])
+
+  def fresh_stage():
+    make_data(fresh_root, fresh_config)
+    return {"summary": check_data(fresh_root)}
+
+  step("fresh_data", dataclasses.asdict(fresh_config), fresh_stage, after=())
+  step.made_from["fresh_data"] = data_fingerprint(fresh_root)
   with open(os.path.join(root, ORACLE)) as f:
     oracle = json.load(f)
+  with open(os.path.join(fresh_root, ORACLE)) as f:
+    fresh_oracle = json.load(f)
+  for task in oracle:
+    oracle[task][FRESH] = fresh_oracle[task][affwild2.TEST_SET]
 
   # Headroom reference: a per-frame linear model on raw downsampled pixels (regularisation
-  # chosen on validation, then scored on test) tells what the learned features must beat.
-  pixels = step("pixel_baseline", {"size": 12, "v": 2}, lambda: pixel_baseline.evaluate(
+  # chosen on validation, then scored on test and the fresh draw) tells what the learned
+  # features must beat; its per-video predictions go to the paired comparisons.
+  pixel_dir = os.path.join(out_dir, "pixel_baseline")
+  pixels = step("pixel_baseline", {"size": 12, "v": 3}, lambda: pixel_baseline.evaluate(
       root, affwild2.VALIDATION_SET, size=12, report_split=affwild2.TEST_SET,
-      bootstrap_samples=cfg["VA"].bootstrap_samples))
+      bootstrap_samples=cfg["VA"].bootstrap_samples,
+      others={FRESH: (fresh_root, affwild2.TEST_SET)}, predictions_dir=pixel_dir),
+      after=("data", "fresh_data"))
 
-  step("mae_pretrain", cfg["mae"].to_dict(), lambda: {
-      "losses": [h["loss"] for h in pretrain.train_and_evaluate(cfg["mae"], os.path.join(out_dir, "mae"))["history"]]},
-       os.path.join(out_dir, "mae"))
+  # MAE weights: made here (corpus -> pretraining -> export) or the shipped file; either way
+  # scored on held-out faces and converted like a public checkpoint.
+  name = recipe["shipped"] or f"mae_{preset}"
+  heldout = os.path.join(out_dir, "faces_heldout")
+  step("mae_heldout_faces", dataclasses.asdict(heldout_corpus(recipe)), lambda: {
+      "images": corpus_lib.generate_corpus(heldout, heldout_corpus(recipe))["images"]}, after=())
+  if mae == "scratch":
+    faces_dir = os.path.join(out_dir, "faces")
+    step("mae_face_corpus", dataclasses.asdict(recipe["corpus"]), lambda: {
+        k: v for k, v in corpus_lib.generate_corpus(faces_dir, recipe["corpus"]).items()
+        if k != "config"}, after=())
+
+    def pretrain_stage():
+      t0 = time.perf_counter()
+      out = pretrain.train_and_evaluate(cfg["mae"], os.path.join(out_dir, "mae"))
+      return {"losses": [h["loss"] for h in out["history"]], "images": out["num_images"],
+              "wall_s": time.perf_counter() - t0}
+
+    pretrained = step("mae_pretrain", cfg["mae"].to_dict(), pretrain_stage,
+                      os.path.join(out_dir, "mae"), after=("mae_face_corpus",))
+
+    def export_stage():
+      # The run's settings as the command would make them (its folders under <out_dir>).
+      config = json.loads(json.dumps(cfg["mae"].to_dict()).replace(out_dir, "<out_dir>"))
+      return export_mae_weights(
+          cfg["mae"], os.path.join(out_dir, "mae"),
+          os.path.join(out_dir, "mae_weights", f"{name}.safetensors"), heldout, {
+              "name": name, "command": f"python launch/demo.py --preset={preset} --mae=scratch",
+              "model": f"MaskedAutoencoder {cfg['mae'].model.variant}",
+              "image_size": cfg["mae"].data.image_size, "seed": cfg["mae"].seed,
+              "config": config, "corpus": dataclasses.asdict(recipe["corpus"]),
+              "corpus_images": pretrained["images"],
+              "generator_version": corpus_lib.GENERATOR_VERSION,
+              "heldout_corpus": dataclasses.asdict(heldout_corpus(recipe)),
+              "wall_s": round(pretrained["wall_s"], 1),
+              "machine": _machine(),
+              "cpus": os.cpu_count(), "final_losses": pretrained["losses"][-5:]})
+
+    weights = step("mae_weights", {"name": name, "v": 2}, export_stage,
+                   after=("mae_pretrain", "mae_heldout_faces"))
+    weights_path = os.path.join(out_dir, "mae_weights", f"{name}.safetensors")
+  else:
+    weights_path, weights = shipped_weights(name)
+    for key, want in (("image_size", cfg["mae"].data.image_size),
+                      ("model", f"MaskedAutoencoder {cfg['mae'].model.variant}")):
+      if weights.get(key) != want:
+        raise ValueError(f"{weights_path}: made for {key} {weights.get(key)!r}, the {preset!r} "
+                         f"preset needs {want!r}; re-make them with --mae=scratch")
+    step("mae_weights", {"name": name, "sha256": _file_sha256(weights_path)},
+         lambda: weights, after=())
+
+  def params_stage():
+    frames = sorted(os.path.join(dirpath, f) for dirpath, _, files in
+                    os.walk(os.path.join(root, affwild2.FRAMES_DIR)) for f in files)[::97][:8]
+    score = score_mae_weights(weights_path, cfg["mae"], heldout,
+                              os.path.join(out_dir, "mae_weights", "reconstruction.png"), frames)
+    if abs(score - weights["heldout_loss"]) > 1e-3 * max(1.0, abs(weights["heldout_loss"])):
+      raise RuntimeError(f"{weights_path}: held-out reconstruction loss {score:.5f}, its "
+                         f"manifest says {weights['heldout_loss']:.5f}: not the weights it describes")
+    shutil.rmtree(cfg["ft"].init.params_path, ignore_errors=True)  # an interrupted earlier try
+    convert.save_params(convert.convert_checkpoint(weights_path, "mae", cfg["mae"].model.variant),
+                        cfg["ft"].init.params_path)
+    return {"heldout_loss": score}
+
+  step("mae_params", {"weights": weights["sha256"]}, params_stage, cfg["ft"].init.params_path,
+       after=("data", "mae_weights", "mae_heldout_faces"))
 
   ft_scores = {}
   for init in ("mae", "random"):
     c = ml_collections.ConfigDict(cfg["ft"].to_dict())
-    c.init.kind = init
+    if init == "random":
+      c.init.kind = "random"
     res = step(f"finetune_{init}_init", c.to_dict(), lambda c=c, init=init: {
         "best": finetune.train_and_evaluate(c, os.path.join(out_dir, f"finetune_{init}"))["best"]},
         os.path.join(out_dir, f"finetune_{init}"),
-        after=("data", "mae_pretrain") if init == "mae" else ("data",))
+        after=("data", "mae_params") if init == "mae" else ("data",))
     ft_scores[init] = res["best"]["value"]
 
   feats = {}
@@ -229,10 +460,23 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
     c = ml_collections.ConfigDict(cfg["extract"].to_dict())
     c.encoder_workdir = os.path.join(out_dir, f"finetune_{init}")
     c.audio = init == "mae"  # audio features do not depend on the encoder
+    # A store refuses another encoder's features: a stage that runs again starts it afresh.
     feats[init] = step(f"features_{init}_init", c.to_dict(), lambda c=c, init=init: extract.run(
         c, os.path.join(out_dir, f"features_{init}"), log=lambda s: None),
-        after=("data", f"finetune_{init}_init"))
+        os.path.join(out_dir, f"features_{init}"), after=("data", f"finetune_{init}_init"))
   feats["random"]["audio"] = feats["mae"]["audio"]
+  fresh_feats = {}
+  for init in ("mae", "random"):
+    c = ml_collections.ConfigDict(cfg["extract"].to_dict())
+    c.encoder_workdir, c.data.root = os.path.join(out_dir, f"finetune_{init}"), fresh_root
+    c.audio = init == "mae"
+    fresh_feats[init] = step(f"fresh_features_{init}_init", c.to_dict(), lambda c=c, init=init: extract.run(
+        c, os.path.join(out_dir, "fresh", f"features_{init}"), log=lambda s: None),
+        os.path.join(out_dir, "fresh", f"features_{init}"), after=("fresh_data", f"finetune_{init}_init"))
+  # The trained models read the fresh draw through its own feature stores.
+  fresh_data = {init: {"root": fresh_root, "visual_features": fresh_feats[init]["visual"],
+                       "audio_features": fresh_feats["mae"]["audio"]} for init in fresh_feats}
+  encoder_of = {name: encoder for name, _, encoder, _ in VARIANTS}
 
   results: dict = {}
   for task in affwild2.TASKS:
@@ -256,13 +500,40 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
                for t in results}, after=("data", *(f"{t.lower()}_tcn_tf_va" for t in results)))
 
   samples = cfg["VA"].bootstrap_samples
-  pairs = step("paired_differences", {
-      "pairs": PAIRS, "samples": samples,
-      "runs": {t: {n: results[t][n].get("best_step") for pair in PAIRS for n in pair} for t in results}},
-      lambda: {t: {f"{a}-{b}": predict.compare_models(
-          results[t][a]["workdir"], results[t][b]["workdir"], num_samples=samples)
-                   for a, b in PAIRS} for t in results},
-      after=("data", *sorted({f"{t.lower()}_{n}" for t in results for pair in PAIRS for n in pair})))
+  temporal_stages = [f"{t.lower()}_{n}" for t in results for n in results[t]]
+  fresh = step("fresh_scores", {"samples": samples}, lambda: {
+      t: {n: predict.evaluate(r["workdir"], (affwild2.TEST_SET,), data=fresh_data[encoder_of[n]],
+                              num_samples=samples)[affwild2.TEST_SET] for n, r in rs.items()}
+      for t, rs in results.items()},
+      after=("fresh_data", "fresh_features_mae_init", "fresh_features_random_init", *temporal_stages))
+  for t, rs in results.items():
+    for n, r in rs.items():
+      r[FRESH] = fresh[t][n]
+
+  scored = (affwild2.VALIDATION_SET, affwild2.TEST_SET, FRESH)
+
+  def pairs_stage():
+    out = {}
+    for t in results:
+      got = {}  # model -> {split key: ({video: decided}, {video: labels})}
+      for n in sorted({n for pair in PAIRS for n in pair} - {"pixels"}):
+        got[n] = predict.decided(results[t][n]["workdir"])
+        got[n][FRESH] = predict.decided(results[t][n]["workdir"], (affwild2.TEST_SET,),
+                                        data=fresh_data[encoder_of[n]])[affwild2.TEST_SET]
+      got["pixels"] = {}
+      for key in scored:
+        with np.load(os.path.join(pixel_dir, f"{t}_{key}.npz")) as z:
+          got["pixels"][key] = ({v: z[v] for v in z.files}, None)
+      out[t] = {}
+      for a, b in PAIRS:
+        out[t][f"{a}-{b}"] = {key: predict.paired_difference(
+            t, got[a][key][0], got[b][key][0], got[a][key][1], num_samples=samples)
+                              for key in scored}
+    return out
+
+  pairs = step("paired_differences", {"pairs": PAIRS, "samples": samples}, pairs_stage,
+               after=("data", "fresh_data", "pixel_baseline", "fresh_features_mae_init",
+                      "fresh_features_random_init", *temporal_stages))
 
   summary = step("report", {"v": 4, "results": {t: {n: r.get("best_step") for n, r in v.items()}
                                                  for t, v in results.items()}, "strides": strides,

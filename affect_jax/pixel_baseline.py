@@ -18,7 +18,7 @@ import optax
 from absl import logging
 from PIL import Image
 
-from affect_jax import losses, metrics
+from affect_jax import fileio, losses, metrics
 from affect_jax.data import affwild2 as aw
 from affect_jax.data import features, loaders
 
@@ -70,12 +70,14 @@ def write_feature_store(root: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def _split_arrays(root, task, split, size):
-  """(pixels [N, F], labels [N, ...], frames per video) of a split's videos in name order."""
-  xs, ys = [], []
-  for v in aw.load_split(root, task, split, with_test_labels=(split == aw.TEST_SET)):
+  """(pixels [N, F], labels [N, ...], {video: frames}) of a split's videos in name order."""
+  xs, ys, names = [], [], {}
+  for v in sorted(aw.load_split(root, task, split, with_test_labels=(split == aw.TEST_SET)),
+                  key=lambda v: v.video):
     xs.append(frame_pixels(root, v.video, v.num_frames, v.has_image, size))
     ys.append(v.labels)
-  return np.concatenate(xs), np.concatenate(ys), [len(y) for y in ys]
+    names[v.video] = len(v.labels)
+  return np.concatenate(xs), np.concatenate(ys), names
 
 
 def fit_ridge(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray]:
@@ -134,20 +136,27 @@ def _fit_predict(task: str, x_tr, y_tr, x_evs, l2: float) -> list[np.ndarray]:
 
 
 def evaluate(root: str | os.PathLike, split: str = aw.VALIDATION_SET, size: int = 12,
-             tasks=aw.TASKS, report_split: str | None = None, bootstrap_samples: int = 0) -> dict:
+             tasks=aw.TASKS, report_split: str | None = None, bootstrap_samples: int = 0,
+             others: dict[str, tuple[str, str]] | None = None,
+             predictions_dir: str | None = None) -> dict:
   """Fits on Train_Set and scores `split` (whole videos, valid frames) per task, with the
   regularisation that scores best on `split`; each task's result carries the chosen 'l2'.
 
   With `report_split` (e.g. Test_Set, labelled in the synthetic set) the model chosen on
-  `split` is also scored there, under the key `report_split`: an honest held-out figure.
-  With `bootstrap_samples` > 0, 'intervals' holds the `metrics.interval_record` of the
-  headline score on each scored split (keyed by split name), as the temporal runs report it.
+  `split` is also scored there, under the key `report_split`: an honest held-out figure;
+  `others` ({key: (root, split)}) scores it on other datasets' splits too (e.g. a fresh draw
+  of videos), under `key`. With `bootstrap_samples` > 0, 'intervals' holds the
+  `metrics.interval_record` of the headline score on each scored split (keyed by split name
+  or `others` key), as the temporal runs report it. With `predictions_dir`, the decided
+  predictions of every scored split go to `<predictions_dir>/<task>_<key>.npz`
+  ({video: [T, ...]}), for paired comparisons with other models.
   """
   out = {}
-  splits = [s for s in (split, report_split) if s]
+  scored_sets = [(s, root, s) for s in (split, report_split) if s]
+  scored_sets += [(key, r, s) for key, (r, s) in (others or {}).items()]
   for task in tasks:
     x_tr, y_tr, _ = _split_arrays(root, task, aw.TRAIN_SET, size)
-    evs = [_split_arrays(root, task, s, size) for s in splits]
+    evs = [_split_arrays(r, task, s, size) for _, r, s in scored_sets]
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-3
     x_tr = (x_tr - mu) / sd
     candidates = []
@@ -155,14 +164,20 @@ def evaluate(root: str | os.PathLike, split: str = aw.VALIDATION_SET, size: int 
       preds = _fit_predict(task, x_tr, y_tr, [(x - mu) / sd for x, _, _ in evs], l2)
       scores = [metrics.task_scores(task, p, y) for p, (_, y, _) in zip(preds, evs)]
       result = {**scores[0], "l2": l2}
-      if report_split:
-        result[report_split] = scores[1]
+      for (key, _, _), sc in zip(scored_sets[1:], scores[1:]):
+        result[key] = sc
       candidates.append((scores[0][metrics.MAIN_METRIC[task]], result, preds))
     _, out[task], preds = max(candidates, key=lambda c: c[0])
+    per_video = {}
+    for (key, _, _), p, (_, y, videos) in zip(scored_sets, preds, evs):
+      cuts = np.cumsum(list(videos.values()))[:-1]
+      per_video[key] = (dict(zip(videos, np.split(p, cuts))), np.split(y, cuts))
     if bootstrap_samples:
-      scored = {}
-      for s, p, (_, y, lengths) in zip(splits, preds, evs):
-        cuts = np.cumsum(lengths)[:-1]
-        scored[s] = (np.split(p, cuts), np.split(y, cuts))
-      out[task]["intervals"] = metrics.interval_record(task, scored, bootstrap_samples)
+      out[task]["intervals"] = metrics.interval_record(
+          task, {k: (list(p.values()), y) for k, (p, y) in per_video.items()}, bootstrap_samples)
+    if predictions_dir:
+      os.makedirs(predictions_dir, exist_ok=True)
+      for key, (p, _) in per_video.items():
+        fileio.atomic_write(os.path.join(predictions_dir, f"{task}_{key}.npz"),
+                            lambda tmp, p=p: np.savez(tmp, **p))
   return out

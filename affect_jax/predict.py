@@ -4,11 +4,14 @@
   write_submission(out_dir, {task: workdir}, split)
   compare_strides(workdir, [200, 300])             # the task metric per split and stride
   compare_models(workdir_a, workdir_b)             # paired difference over resampled videos
+  decided(workdir) / paired_difference(task, a, b, labels)   # the same, for any two models
+  evaluate(workdir, data={"root": ..., ...})       # a trained model on another dataset's videos
   plot_video(path, task, outputs, labels)          # predictions vs labels over time (PNG)
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import functools
 import json
 
@@ -20,12 +23,23 @@ from affect_jax.data import affwild2
 from affect_jax.train import temporal
 
 
-def load(workdir: str, stride: int | None = None):
+def _run_config(workdir: str, data: Mapping[str, str] | None = None):
+  config = checkpoint.run_config(workdir)
+  for key, value in (data or {}).items():
+    if key not in config.data:
+      raise KeyError(f"{workdir}: its config.data has no field {key!r} to replace")
+    config.data[key] = value
+  return config
+
+
+def load(workdir: str, stride: int | None = None, data: Mapping[str, str] | None = None):
   """(config, predict function {video: T} -> {video: [T, K]}, AU thresholds or None) of the
   best state of a temporal run, on all devices of all processes (any layout may have
   trained it). The function predicts with windows every `stride` frames (default: the
-  run's predict_stride), or every `stride=` frames given at the call."""
-  config = checkpoint.run_config(workdir)
+  run's predict_stride), or every `stride=` frames given at the call. `data` replaces
+  fields of the run's config.data (root, visual_features, audio_features): the same model
+  on another dataset's videos, through that dataset's feature stores."""
+  config = _run_config(workdir, data)
   mesh = sharding.make_mesh(config.mesh_shape)
   loaded = checkpoint.load_params(workdir, "best")
   variables = jax.device_put({"params": loaded["params"], "batch_stats": loaded.get("batch_stats", {})},
@@ -85,35 +99,81 @@ def compare_strides(workdir: str, strides, splits=(affwild2.VALIDATION_SET, affw
       thresholds) for split in splits} for stride in strides}
 
 
-def compare_models(workdir_a: str, workdir_b: str,
-                   splits=(affwild2.VALIDATION_SET, affwild2.TEST_SET), *,
-                   num_samples: int = 1000, level: float = metrics.INTERVAL_LEVEL) -> dict[str, dict]:
-  """Paired comparison of two trained models of one task on the same videos.
-
-  Per split: both headline scores (AU at the 0.5 threshold), their difference a - b, its
-  `level` interval when the videos are resampled (the same draws for both models, so what
-  the videos share cancels) and the share of draws in which a scores higher. Every split
-  needs labels: Test_Set only in the synthetic set (`test_labels/`), as for compare_strides.
-  """
-  (config_a, predict_a, _), (config_b, predict_b, _) = load(workdir_a), load(workdir_b)
-  task = config_a.task
-  if (config_b.task, config_b.data.root) != (task, config_a.data.root):
-    raise ValueError(f"{workdir_a} ({task}, {config_a.data.root}) and {workdir_b} "
-                     f"({config_b.task}, {config_b.data.root}) are not the same task and data")
+def paired_difference(task: str, a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
+                      labels: Mapping[str, np.ndarray], *, num_samples: int = 1000,
+                      level: float = metrics.INTERVAL_LEVEL) -> dict:
+  """Two models' decided predictions of the same videos ({video: [T, ...]}, as `decided`
+  gives them) against the labels: both headline scores, their difference a - b, its `level`
+  interval when the videos are resampled (the same draws for both, so what the videos share
+  cancels) and the share of draws in which a scores higher."""
+  if not set(a) == set(b) == set(labels):
+    raise ValueError(f"{task}: the two models' predictions and the labels cover different "
+                     f"videos ({sorted(set(a) ^ set(b) | set(a) ^ set(labels))[:5]} ...)")
+  videos = sorted(a)
+  a, b, labels = ([x[v] for v in videos] for x in (a, b, labels))
   score = functools.partial(metrics.main_score, task)
+  draws = metrics.video_bootstrap_draws(
+      lambda x, y, l: score(x, l) - score(y, l), a, b, labels, num_samples=num_samples)
+  sa, sb = score(np.concatenate(a), np.concatenate(labels)), score(np.concatenate(b), np.concatenate(labels))
+  return {"a": sa, "b": sb, "difference": sa - sb,
+          "interval": list(metrics.percentile_interval(draws, level)),
+          "level": level, "p_a_better": float(np.mean(draws > 0))}
+
+
+def _labelled(config, split: str) -> dict[str, affwild2.VideoLabels]:
+  return {v.video: v for v in affwild2.load_split(config.data.root, config.task, split, True,
+                                                  affwild2.max_unmatched(config))}
+
+
+def decided(workdir: str, splits=(affwild2.VALIDATION_SET, affwild2.TEST_SET), *,
+            data: Mapping[str, str] | None = None) -> dict[str, tuple[dict, dict]]:
+  """{split: ({video: decided predictions}, {video: labels})} of a trained model on labelled
+  splits (AU at 0.5; `data` as for `load`): what `paired_difference` pairs up by video."""
+  config, predict, _ = load(workdir, data=data)
   out = {}
   for split in splits:
-    videos = {v.video: v for v in affwild2.load_split(config_a.data.root, task, split, True,
-                                                      affwild2.max_unmatched(config_a))}
-    frames = {name: v.num_frames for name, v in videos.items()}
-    a, labels = temporal.per_video(task, predict_a(frames), videos)
-    b, _ = temporal.per_video(task, predict_b(frames), videos)
-    draws = metrics.video_bootstrap_draws(
-        lambda x, y, l: score(x, l) - score(y, l), a, b, labels, num_samples=num_samples)
-    sa, sb = score(np.concatenate(a), np.concatenate(labels)), score(np.concatenate(b), np.concatenate(labels))
-    out[split] = {"a": sa, "b": sb, "difference": sa - sb,
-                  "interval": list(metrics.percentile_interval(draws, level)),
-                  "level": level, "p_a_better": float(np.mean(draws > 0))}
+    videos = _labelled(config, split)
+    preds, labels = temporal.per_video(
+        config.task, predict({n: v.num_frames for n, v in videos.items()}), videos)
+    out[split] = dict(zip(sorted(videos), preds)), dict(zip(sorted(videos), labels))
+  return out
+
+
+def compare_models(workdir_a: str, workdir_b: str,
+                   splits=(affwild2.VALIDATION_SET, affwild2.TEST_SET), *,
+                   num_samples: int = 1000, level: float = metrics.INTERVAL_LEVEL,
+                   data_a: Mapping[str, str] | None = None,
+                   data_b: Mapping[str, str] | None = None) -> dict[str, dict]:
+  """Paired comparison of two trained models of one task on the same videos: per split,
+  `paired_difference` (AU at the 0.5 threshold). Every split needs labels: Test_Set only in
+  the synthetic set (`test_labels/`), as for compare_strides. `data_a`/`data_b` score the
+  models on another dataset (as for `load`); both must name the same one."""
+  config_a, config_b = _run_config(workdir_a, data_a), _run_config(workdir_b, data_b)
+  if (config_b.task, config_b.data.root) != (config_a.task, config_a.data.root):
+    raise ValueError(f"{workdir_a} ({config_a.task}, {config_a.data.root}) and {workdir_b} "
+                     f"({config_b.task}, {config_b.data.root}) are not the same task and data")
+  a, b = decided(workdir_a, splits, data=data_a), decided(workdir_b, splits, data=data_b)
+  out = {}
+  for split in splits:
+    (pa, labels), (pb, _) = a[split], b[split]
+    out[split] = paired_difference(config_a.task, pa, pb, labels, num_samples=num_samples,
+                                   level=level)
+  return out
+
+
+def evaluate(workdir: str, splits=(affwild2.TEST_SET,), *, data: Mapping[str, str] | None = None,
+             num_samples: int = 1000) -> dict[str, dict]:
+  """{split: the task's scores (AU: at 0.5 and at the run's tuned thresholds) and the
+  headline score's interval over resampled videos} of a trained model, e.g. on a fresh
+  draw of videos no decision saw (`data`: that dataset's root and feature stores)."""
+  config, predict, thresholds = load(workdir, data=data)
+  out = {}
+  for split in splits:
+    videos = _labelled(config, split)
+    preds = predict({name: v.num_frames for name, v in videos.items()})
+    out[split] = temporal.score(config.task, preds, videos, thresholds)
+    out[split]["interval"] = metrics.score_interval(
+        config.task, *temporal.per_video(config.task, preds, videos), num_samples=num_samples)
   return out
 
 

@@ -36,90 +36,128 @@ def stride_table(strides: dict, segment_len: int) -> str:
 
 
 PIXEL_ROW = "linear model on 12x12 pixels, per frame (no learned features)"
+FRESH = "fresh"  # the fresh draw's key beside the split names (demo.FRESH)
+# Scored sets, as columns: the key of their scores and their heading.
+COLUMNS = ((affwild2.VALIDATION_SET, "val"), (affwild2.TEST_SET, "test"), (FRESH, "fresh draw"))
+
+
+def _columns(present) -> list[tuple[str, str]]:
+  return [(k, h) for k, h in COLUMNS if k in present]
+
+
+def _head(first: str, tasks, columns) -> list[str]:
+  return ["| " + first + " | " + " | ".join(f"{t} {METRIC_NAME[t]} {h}" for t in tasks
+                                            for _, h in columns) + " |",
+          "|---|" + "---|" * (len(tasks) * len(columns))]
+
+
+def _run_scores(r: dict) -> dict:
+  """{split key: scores} of a temporal run's record ('val', 'test', FRESH)."""
+  keys = {"val": affwild2.VALIDATION_SET, "test": affwild2.TEST_SET, FRESH: FRESH}
+  return {keys[k]: r[k] for k in keys if k in r}
+
+
+def _pixel_scores(r: dict) -> dict:
+  return {affwild2.VALIDATION_SET: r, **{k: r[k] for k in (affwild2.TEST_SET, FRESH) if k in r}}
 
 
 def results_table(results: dict, oracle: dict, baseline: dict, ft_scores: dict,
                   pixels: dict | None = None) -> str:
+  """Markdown: every model's headline score per task on validation, test and (where
+  scored) the fresh draw, beside the pixel probe, the oracle and the ABAW6 baseline."""
   tasks = [t for t in affwild2.TASKS if t in results]
-  head = "| model | " + " | ".join(f"{t} {METRIC_NAME[t]} val | {t} {METRIC_NAME[t]} test" for t in tasks) + " |"
-  lines = [head, "|---|" + "---|---|" * len(tasks)]
   names = list(next(iter(results.values())))
+  columns = _columns(_run_scores(results[tasks[0]][names[0]]))
+  lines = _head("model", tasks, columns)
+
+  def row(label, by_task):
+    cells = [f"{by_task[t][k][MAIN[t]]:.3f}" if k in by_task.get(t, {}) and MAIN[t] in by_task[t][k]
+             else "-" for t in tasks for k, _ in columns]
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
   for name in names:
-    cells = []
-    for t in tasks:
-      r = results[t][name]
-      cells += [f"{r['val'][MAIN[t]]:.3f}", f"{r['test'][MAIN[t]]:.3f}" if "test" in r else "-"]
-    lines.append(f"| {results[tasks[0]][name]['label']} | " + " | ".join(cells) + " |")
+    row(results[tasks[0]][name]["label"], {t: _run_scores(results[t][name]) for t in tasks})
   if pixels:
-    cells = []
-    for t in tasks:
-      r = pixels.get(t, {})
-      cells += [f"{r[MAIN[t]]:.3f}" if MAIN[t] in r else "-",
-                f"{r[affwild2.TEST_SET][MAIN[t]]:.3f}" if affwild2.TEST_SET in r else "-"]
-    lines.append(f"| {PIXEL_ROW} | " + " | ".join(cells) + " |")
-  cells = []
-  for t in tasks:
-    o = oracle[t]
-    cells += [f"{o[affwild2.VALIDATION_SET][MAIN[t]]:.3f}", f"{o[affwild2.TEST_SET][MAIN[t]]:.3f}"]
-  lines.append("| oracle (clean latent vs labels) | " + " | ".join(cells) + " |")
+    row(PIXEL_ROW, {t: _pixel_scores(pixels[t]) for t in tasks if t in pixels})
+  row("oracle (clean latent vs labels)", oracle)
   lines.append("| ABAW6 baseline (real Aff-Wild2, reference only) | " + " | ".join(
-      f"{baseline[t]:.2f} | -" for t in tasks) + " |")
-  au = results.get("AU", {}).get("tcn_tf_v")
+      f"{baseline[t]:.2f}" if k == affwild2.VALIDATION_SET else "-" for t in tasks
+      for k, _ in columns) + " |")
   extra = []
+  full = "tcn_tf_va" if "tcn_tf_va" in names else None
+  if full:
+    extra.append(f"Share of the oracle reached by {results[tasks[0]][full]['label']}: " + "; ".join(
+        f"{t} " + ", ".join(f"{h} {_run_scores(results[t][full])[k][MAIN[t]] / oracle[t][k][MAIN[t]]:.0%}"
+                            for k, h in columns if oracle[t].get(k, {}).get(MAIN[t], 0) > 0)
+        for t in tasks))
+  au = results.get("AU", {}).get("tcn_tf_v")
   if au and "f1_tuned" in au["val"]:
-    extra.append(f"AU F1 with per-unit thresholds tuned on validation (TCN+Transformer, visual): "
-                 f"val {au['val']['f1_tuned']:.3f}" + (f", test {au['test']['f1_tuned']:.3f}" if "test" in au else ""))
+    extra.append("AU F1 with per-unit thresholds tuned on validation (TCN+Transformer, visual): "
+                 + ", ".join(f"{h} {_run_scores(au)[k]['f1_tuned']:.3f}" for k, h in columns
+                             if "f1_tuned" in _run_scores(au).get(k, {})))
   extra.append("Frame fine-tuning, validation macro-F1 of the expression classifier: "
                + ", ".join(f"{k}-init {v:.3f}" for k, v in ft_scores.items()))
   return "\n".join(lines) + "\n\n" + "\n".join(f"- {e}" for e in extra)
 
 
+def _run_intervals(r: dict) -> dict:
+  iv = r.get("intervals", {})
+  out = {affwild2.VALIDATION_SET: iv.get("val"), affwild2.TEST_SET: iv.get("test")}
+  if FRESH in r:
+    out[FRESH] = r[FRESH].get("interval")
+  return out
+
+
 def interval_table(results: dict, pixels: dict | None = None) -> str:
-  """Markdown: the video-bootstrap interval of every row's headline score ('' when no
-  run recorded one). With 9 or so videos per split these are wide; differences between
-  rows inside them are not evidence of anything."""
+  """Markdown: the video-bootstrap interval of every row's headline score ('-' when no
+  run recorded one). With a dozen or so videos per split these are wide; differences between
+  rows inside them are not evidence of anything (the paired table is)."""
   tasks = [t for t in affwild2.TASKS if t in results]
   rows = []  # (label, {task: {split key: [low, high]}})
   for name in next(iter(results.values())):
     rows.append((results[tasks[0]][name]["label"],
-                 {t: results[t][name].get("intervals", {}) for t in tasks}))
+                 {t: _run_intervals(results[t][name]) for t in tasks}))
   if pixels:
-    rows.append((PIXEL_ROW, {t: {"val": pixels.get(t, {}).get("intervals", {}).get(affwild2.VALIDATION_SET),
-                                 "test": pixels.get(t, {}).get("intervals", {}).get(affwild2.TEST_SET)}
-                             for t in tasks}))
-  samples = {r[t]["samples"] for _, r in rows[:1] for t in tasks if "samples" in r[t]}
+    rows.append((PIXEL_ROW, {t: pixels.get(t, {}).get("intervals", {}) for t in tasks}))
+  samples = {results[t][n]["intervals"]["samples"] for t in tasks for n in results[t]
+             if "intervals" in results[t][n]}
   if not samples:
     return ""
-  lines = [f"| {metrics.INTERVAL_LEVEL:.0%} interval, videos resampled ({samples.pop()} draws) | " + " | ".join(
-      f"{t} {METRIC_NAME[t]} val | {t} {METRIC_NAME[t]} test" for t in tasks) + " |",
-           "|---|" + "---|---|" * len(tasks)]
+  columns = _columns({k for _, r in rows for t in tasks for k, v in r[t].items() if v})
+  lines = _head(f"{metrics.INTERVAL_LEVEL:.0%} interval, videos resampled ({samples.pop()} draws)",
+                tasks, columns)
   for label, by_task in rows:
     cells = [f"{iv[0]:.2f} to {iv[1]:.2f}" if iv else "-"
-             for t in tasks for iv in (by_task[t].get("val"), by_task[t].get("test"))]
+             for t in tasks for iv in (by_task[t].get(k) for k, _ in columns)]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def difference_table(pairs: dict, results: dict) -> str:
-  """Markdown: paired differences of headline scores, first model minus second.
+  """Markdown: paired differences of headline scores, first model minus second ('pixels':
+  the pixel probe), on the same videos resampled alike.
 
-  pairs: {task: {"a-b": {split: compare_models' record}}} as the demo's paired stage gives.
+  pairs: {task: {"a-b": {split key: `predict.paired_difference` record}}} as the demo's
+  paired stage gives (results.json keeps each record's share of draws the first wins).
   """
   tasks = [t for t in affwild2.TASKS if t in pairs]
-  lines = [f"| paired difference, first minus second ({metrics.INTERVAL_LEVEL:.0%} interval; share "
-           "of draws the first wins) | " + " | ".join(f"{t} {METRIC_NAME[t]} val | {t} {METRIC_NAME[t]} test"
-                                  for t in tasks) + " |",
-           "|---|" + "---|---|" * len(tasks)]
+  first = next(iter(pairs[tasks[0]].values()))
+  columns = _columns(first)
+  lines = _head(f"paired difference, first minus second ({metrics.INTERVAL_LEVEL:.0%} interval)",
+                tasks, columns)
+
+  def label(name):
+    return PIXEL_ROW if name == "pixels" else results[tasks[0]][name]["label"]
+
   for key in pairs[tasks[0]]:
     a, b = key.split("-")
     cells = []
     for t in tasks:
-      for split in (affwild2.VALIDATION_SET, affwild2.TEST_SET):
+      for split, _ in columns:
         r = pairs[t][key].get(split)
-        cells.append(f"{r['difference']:+.3f} ({r['interval'][0]:+.2f} to {r['interval'][1]:+.2f}; "
-                     f"{r['p_a_better']:.0%})" if r else "-")
-    lines.append(f"| {results[tasks[0]][a]['label']} minus {results[tasks[0]][b]['label']} | "
-                 + " | ".join(cells) + " |")
+        cells.append(f"{r['difference']:+.3f} ({r['interval'][0]:+.2f} to {r['interval'][1]:+.2f})"
+                     if r else "-")
+    lines.append(f"| {label(a)} minus {label(b)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -173,7 +211,7 @@ def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summa
        "data": data_summary, "prediction_strides": strides or {}, "pixel_baseline": pixels or {},
        "paired_differences": pairs or {}},
       indent=1))
-  recon = os.path.join(out_dir, "mae", "recon", "latest.png")
+  recon = os.path.join(out_dir, "mae_weights", "reconstruction.png")  # the demo's own frames
   if os.path.exists(recon):
     shutil.copyfile(recon, os.path.join(report, "mae_reconstruction.png"))
   _loss_curves(out_dir, os.path.join(report, "loss_curves.png"))

@@ -12,7 +12,7 @@ def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path):
   lines = []
   first = demo.run(str(tmp_path), "micro", log=lines.append)
   stage_lines = [l for l in lines if l.startswith("[")]
-  assert len(stage_lines) == 25 and all(" ran " in l for l in stage_lines)
+  assert len(stage_lines) == 33 and all(" ran " in l for l in stage_lines)
   for task in ("VA", "EXPR", "AU"):
     assert set(first["results"][task]) == {v[0] for v in demo.VARIANTS}
   table = (tmp_path / "results.md").read_text()
@@ -20,19 +20,32 @@ def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path):
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["oracle"] == first["oracle"]
   assert report.PIXEL_ROW in table
-  # Every row, the pixel one included, has its video-bootstrap interval on both splits.
+  # Every row, the pixel one included, has its video-bootstrap interval on the two splits and
+  # the fresh draw.
   intervals = table.split("| 90% interval, videos resampled")[1].split("\n\n")[0].splitlines()[2:]
   assert len(intervals) == len(demo.VARIANTS) + 1
-  assert all(l.count(" to ") == 6 for l in intervals), intervals
-  # Paired differences: TCN+Transformer (visual+audio, visual) minus the frame-wise model.
+  assert all(l.count(" to ") == 9 for l in intervals), intervals
+  # Paired differences on every scored set: each side's score is what that model scored alone
+  # (the temporal runs, their fresh-draw scores, the pixel probe).
+  pixels = saved["pixel_baseline"]
   for task in ("VA", "EXPR", "AU"):
-    for pair in ("tcn_tf_va-frame_mlp", "tcn_tf_v-frame_mlp"):
-      r = saved["paired_differences"][task][pair][affwild2.TEST_SET]
-      main = "mean" if task == "VA" else "f1"
-      assert r["a"] == pytest.approx(first["results"][task][pair.split("-")[0]]["test"][main], abs=1e-6)
-  assert "| TCN+Transformer, visual+audio minus frame-wise baseline (MLP, visual) |" in table
-  for task in ("VA", "EXPR", "AU"):
-    assert affwild2.TEST_SET in saved["pixel_baseline"][task]
+    main = "mean" if task == "VA" else "f1"
+    assert set(saved["paired_differences"][task]) == {f"{a}-{b}" for a, b in demo.PAIRS}
+    for pair, by_key in saved["paired_differences"][task].items():
+      a, b = pair.split("-")
+      for key, res_key in ((affwild2.VALIDATION_SET, "val"), (affwild2.TEST_SET, "test"),
+                           (demo.FRESH, demo.FRESH)):
+        assert by_key[key]["a"] == pytest.approx(first["results"][task][a][res_key][main], abs=1e-6)
+        want_b = (pixels[task] if key == affwild2.VALIDATION_SET else pixels[task][key]
+                  ) if b == "pixels" else first["results"][task][b][res_key]
+        assert by_key[key]["b"] == pytest.approx(want_b[main], abs=1e-6)
+  assert f"| TCN+Transformer, visual+audio minus {report.PIXEL_ROW} |" in table
+  # The fresh draw: its own videos (another seed, every one a test video), its own oracle.
+  fresh = json.loads((tmp_path / "fresh" / "data" / "synthetic_manifest.json").read_text())
+  assert fresh["config"]["seed"] == demo.PRESETS["micro"]["data"].seed + demo.FRESH_SEED_OFFSET
+  assert fresh["totals"]["VA"][affwild2.TRAIN_SET]["videos"] == 0
+  assert saved["oracle"]["VA"][demo.FRESH]["mean"] > 0.5
+  assert "VA CCC fresh draw" in table
   # Prediction strides: the training stride re-scored through predict.load must give what the
   # training run's own evaluation reported for its best state; the authors' disjoint windows
   # are the second row.
@@ -58,7 +71,9 @@ def test_full_preset_configures_the_paper_sizes(tmp_path):
   p = demo.PRESETS["full"]
   cfg = demo._configs(p, str(tmp_path / "data"), str(tmp_path))
   assert cfg["mae"].model.variant == "base" and cfg["mae"].data.image_size == 224
-  assert cfg["ft"].model.variant == "base" and cfg["ft"].init.mae_workdir == str(tmp_path / "mae")
+  assert cfg["ft"].model.variant == "base" and cfg["ft"].init.kind == "converted"
+  assert cfg["ft"].init.params_path == str(tmp_path / "mae_params")
+  assert cfg["mae"].data.roots == str(tmp_path / "faces")
   for task in ("VA", "EXPR", "AU"):
     t = cfg[task]
     assert (t.data.segment_len, t.data.stride, t.data.predict_stride) == (300, 200, 200)

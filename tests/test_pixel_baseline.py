@@ -32,11 +32,13 @@ def test_logistic_agrees_with_sklearn_and_ignores_masked_rows():
   assert agree > 0.97
 
 
-def test_evaluate_picks_l2_on_validation_and_scores_that_model_on_test(synthetic_root):
+def test_evaluate_picks_l2_on_validation_and_scores_that_model_on_test(synthetic_root, tmp_path):
   from affect_jax import metrics
   from affect_jax.data import affwild2 as aw
   out = pixel_baseline.evaluate(synthetic_root, aw.VALIDATION_SET, size=6, tasks=("VA",),
-                                report_split=aw.TEST_SET, bootstrap_samples=200)["VA"]
+                                report_split=aw.TEST_SET, bootstrap_samples=200,
+                                others={"again": (str(synthetic_root), aw.TEST_SET)},
+                                predictions_dir=str(tmp_path))["VA"]
   assert out["l2"] in pixel_baseline.RIDGE_L2
 
   lengths = {}
@@ -71,7 +73,15 @@ def test_evaluate_picks_l2_on_validation_and_scores_that_model_on_test(synthetic
     want = metrics.video_bootstrap(lambda p, l: metrics.va_scores(p, l)["mean"],
                                    np.split(pred, cuts), np.split(y, cuts), num_samples=200)
     np.testing.assert_allclose(out["intervals"][split], want, atol=1e-4)
+    # The per-video predictions written for paired comparisons are that model's.
+    with np.load(tmp_path / f"VA_{split}.npz") as z:
+      videos = [v.video for v in aw.load_split(synthetic_root, "VA", split, True)]  # pred's order
+      assert sorted(z.files) == sorted(videos)
+      np.testing.assert_allclose(np.concatenate([z[v] for v in videos]), pred, atol=1e-4)
   assert out["intervals"]["metric"] == "mean" and out["intervals"]["samples"] == 200
+  # `others`: another (root, split) scored by the same chosen model, under its own key.
+  assert out["again"] == out[aw.TEST_SET]
+  assert out["intervals"]["again"] == out["intervals"][aw.TEST_SET]
 
 
 def test_feature_store_holds_every_frame_of_every_video(synthetic_root, tmp_path):

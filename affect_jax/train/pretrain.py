@@ -89,6 +89,24 @@ def jit_train_step(model, config, schedule, state_shardings, mesh):
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
+def heldout_loss(model: mae.MaskedAutoencoder, params, paths, *, image_size: int, seed: int = 0,
+                 batch_size: int = 64) -> float:
+  """Mean MAE loss over the images `paths` (resized, no augmentation), each batch masked with
+  fold_in(key(seed), batch index): a reproducible reconstruction score of a set of weights on
+  images it never trained on. Full batches only; one process."""
+  loss_fn = jax.jit(lambda p, x, rng: model.apply(
+      {"params": p}, loaders.normalize_images(x), train=False, rngs={"masking": rng})[0])
+  losses = []
+  ds = loaders.eval_dataset(list(paths), image_size=image_size, batch_size=batch_size,
+                            shard_index=0, shard_count=1)
+  for i, batch in enumerate(ds):
+    if len(batch["image"]) == batch_size:
+      losses.append(float(loss_fn(params, batch["image"], jax.random.fold_in(jax.random.key(seed), i))))
+  if not losses:
+    raise ValueError(f"heldout_loss: fewer than {batch_size} readable images")
+  return float(np.mean(losses))
+
+
 # ---- Reconstruction picture ----
 
 

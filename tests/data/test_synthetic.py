@@ -97,6 +97,25 @@ def test_splits_and_test_lists(dataset):
     assert len({info["split"] for info in entry["tasks"].values()}) == 1
 
 
+def test_a_draw_of_test_videos_only(tmp_path):
+  """train_fraction = validation_fraction = 0 (a fresh draw to score on): every labelled video
+  is a test video, the annotation folders exist and are empty, and the reader agrees."""
+  from affect_jax.data import affwild2
+  config = dataclasses.replace(CONFIG, num_videos=5, max_frames=100, seed=9, train_fraction=0.0,
+                               validation_fraction=0.0)
+  manifest = generate(tmp_path, config)
+  for task in TASKS:
+    for split in (TRAIN_SET, VALIDATION_SET):
+      assert not any((tmp_path / TASK_DIRS[task][0] / split).iterdir())
+      assert manifest["totals"][task][split]["videos"] == 0
+    listed = (tmp_path / list_name(task)).read_text().split()
+    labelled = {v for v, e in manifest["videos"].items() if task in e["tasks"]}
+    assert set(listed) == labelled and labelled
+    assert {v.video for v in affwild2.load_split(tmp_path, task, TEST_SET, True)} == labelled
+  # Another seed, other people: no video's frames are the first dataset's.
+  assert len(manifest["videos"]) == 5
+
+
 def test_pairs_share_split_and_audio(dataset):
   root, manifest = dataset
   videos = manifest["videos"]

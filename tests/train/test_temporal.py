@@ -193,6 +193,60 @@ def test_paired_comparison_of_two_runs(synthetic_root, extracted, va_run, tmp_pa
     predict.compare_models(str(workdir), str(tmp_path / "au"))
 
 
+def test_a_trained_model_scored_on_another_dataset(synthetic_root, finetune_workdir, va_run,
+                                                   tmp_path):
+  """predict.evaluate / decided / compare_models with `data`: the model of one dataset on a
+  fresh draw's videos through that draw's feature stores, checked against predictions made
+  here from those stores directly."""
+  import dataclasses
+
+  from affect_jax import predict
+  from affect_jax.data import affwild2, synthetic
+  from affect_jax.train import extract
+  from tests.conftest import TINY_SYNTHETIC
+  from tests.train.conftest import extract_config_for
+  workdir, out = va_run
+  # The same data through `data`: the training run's own test scores.
+  same = predict.evaluate(str(workdir), data={"root": str(synthetic_root)}, num_samples=50)
+  assert same[affwild2.TEST_SET]["mean"] == pytest.approx(out["test"]["mean"], abs=2e-4)
+  fresh = tmp_path / "fresh"
+  synthetic.generate(fresh, dataclasses.replace(TINY_SYNTHETIC, seed=1011, num_videos=4,
+                                                train_fraction=0.0, validation_fraction=0.0))
+  paths = extract.run(extract_config_for(fresh, finetune_workdir), str(tmp_path / "feats"),
+                      log=lambda s: None)
+  data = {"root": str(fresh), "visual_features": paths["visual"], "audio_features": paths["audio"]}
+  got = predict.evaluate(str(workdir), data=data, num_samples=50)[affwild2.TEST_SET]
+  # Independently: the best params on the fresh store's features, merged and scored here.
+  config = checkpoint.run_config(str(workdir))
+  mesh = sharding.make_mesh(config.mesh_shape)
+  params = checkpoint.load_params(str(workdir), "best")
+  videos = {v.video: v for v in affwild2.load_split(fresh, "VA", affwild2.TEST_SET, True)}
+  preds = temporal.predict_videos(
+      temporal.make_predict_fn(temporal.create_model(config), "VA", mesh),
+      {"params": params["params"], "batch_stats": params.get("batch_stats", {})},
+      {"visual": features.FeatureStore(paths["visual"])},
+      {v: l.num_frames for v, l in videos.items()}, segment_len=32, stride=24, merge=config.data.merge,
+      batch_size=8, mesh=mesh)
+  names = sorted(videos)
+  want = metrics.va_scores(np.clip(np.concatenate([preds[v] for v in names]), -1, 1),
+                           np.concatenate([videos[v].labels for v in names]))
+  assert got["mean"] == pytest.approx(want["mean"], abs=1e-4)
+  assert got["interval"][0] <= got["interval"][1]
+  decided = predict.decided(str(workdir), (affwild2.TEST_SET,), data=data)[affwild2.TEST_SET]
+  assert sorted(decided[0]) == names
+  # A model against itself on the fresh draw: no difference in any draw.
+  cmp = predict.compare_models(str(workdir), str(workdir), (affwild2.TEST_SET,), num_samples=20,
+                               data_a=data, data_b=data)[affwild2.TEST_SET]
+  assert cmp["a"] == pytest.approx(want["mean"], abs=1e-4) and cmp["interval"] == [0.0, 0.0]
+  with pytest.raises(ValueError, match="not the same task and data"):
+    predict.compare_models(str(workdir), str(workdir), (affwild2.TEST_SET,), data_a=data)
+  preds, labels = decided
+  with pytest.raises(ValueError, match="cover different videos"):
+    predict.paired_difference("VA", preds, {v: preds[v] for v in names[1:]}, labels)
+  with pytest.raises(KeyError, match="no field 'rooot'"):
+    predict.evaluate(str(workdir), data={"rooot": str(fresh)})
+
+
 def test_modalities_from_the_command_line():
   from configs import va
   c = va.get_config("tiny")

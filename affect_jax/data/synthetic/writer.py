@@ -79,8 +79,11 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
 def _split_counts(n: int, config: SyntheticConfig) -> tuple[int, int, int]:
   if n < 3:
     return n - (n == 2), int(n == 2), 0
-  val = max(1, round(n * config.validation_fraction))
-  test = max(1, round(n * (1 - config.train_fraction - config.validation_fraction)))
+  # A split with a share gets at least one source; one without none (train_fraction=0 and
+  # validation_fraction=0: every video is a test video, e.g. a fresh draw to score on).
+  test_fraction = 1 - config.train_fraction - config.validation_fraction
+  val = max(1, round(n * config.validation_fraction)) if config.validation_fraction > 0 else 0
+  test = max(1, round(n * test_fraction)) if test_fraction > 1e-9 else 0
   return n - val - test, val, test
 
 
@@ -246,6 +249,8 @@ def generate(out_dir: str | os.PathLike, config: SyntheticConfig = SyntheticConf
   for src in sources:
     videos.update(_write_source(root, src, config, scored))
   for task in TASKS:
+    for split in (TRAIN_SET, VALIDATION_SET):  # the layout has both folders, even a split without videos
+      (root / TASK_DIRS[task][0] / split).mkdir(parents=True, exist_ok=True)
     test = sorted(v for src in sources if src.splits.get(task) == TEST_SET for v in src.videos)
     write_text_atomic(root / task_test_list(task), "".join(v + "\n" for v in test))
   manifest = {"config": dataclasses.asdict(config), "videos": dict(sorted(videos.items())),

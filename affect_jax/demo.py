@@ -274,22 +274,21 @@ def export_mae_weights(config: ml_collections.ConfigDict, workdir: str, out_path
   """The newest params of the pretraining run in `workdir` as a timm-layout safetensors file
   (`out_path`) and, beside it (.json), `manifest` completed with the file's held-out
   reconstruction loss (`score_mae_weights`), sha256 and size; both written atomically."""
+  import flax.linen as nn
+  import jax
   import safetensors.numpy
+  from affect_jax.data import faces
   from affect_jax.models import convert
   from affect_jax.train import pretrain
   _, params = pretrain.load_pretrained(workdir)
-  state = convert.add_position_tables(convert.export_timm_state_dict(params),
-                                      config.data.image_size, pretrain.create_model(config).patch_size)
+  model, size = pretrain.create_model(config), config.data.image_size
+  state = convert.add_position_tables(convert.export_timm_state_dict(params), size,
+                                      model.patch_size)
   fileio.atomic_write(out_path, lambda tmp: safetensors.numpy.save_file(state, tmp))
-  import jax
-  from affect_jax.data import faces
-  model = pretrain.create_model(config)
-  size = config.data.image_size
-  untrained = jax.jit(lambda r: model.init({"params": r, "masking": r},
-                                           jax.numpy.zeros((1, size, size, 3)), train=False))(
-                                               jax.random.key(config.seed))["params"]
-  import flax.linen as nn
-  untrained = nn.unbox(untrained)
+  # The reference point: the same MAE at its initialisation (the pretraining run's seed).
+  untrained = nn.unbox(jax.jit(lambda r: model.init(
+      {"params": r, "masking": r}, jax.numpy.zeros((1, size, size, 3)), train=False))(
+          jax.random.key(config.seed))["params"])
   manifest = {**manifest, "heldout_loss": score_mae_weights(out_path, config, heldout_root),
               "untrained_heldout_loss": pretrain.heldout_loss(
                   model, untrained, faces.index_images(heldout_root, cache_dir=None),
@@ -304,7 +303,6 @@ def score_mae_weights(weights: str, config: ml_collections.ConfigDict, heldout_r
                       recon_png: str | None = None, frames: list[str] | None = None) -> float:
   """Held-out reconstruction loss of a timm-layout MAE file (`pretrain.heldout_loss` on the
   held-out corpus), and optionally the reconstruction picture of `frames`."""
-  import numpy as np
   from affect_jax.data import faces, loaders
   from affect_jax.models import convert
   from affect_jax.train import pretrain

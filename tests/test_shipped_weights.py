@@ -9,7 +9,6 @@ import pytest
 from affect_jax import demo
 from affect_jax.data.synthetic import corpus
 from affect_jax.models import convert
-from affect_jax.train import pretrain
 
 SHIPPED = [r["shipped"] for r in demo.MAE_RECIPES.values() if r["shipped"]]
 

@@ -8,7 +8,7 @@ from affect_jax import demo, report
 from affect_jax.data import affwild2
 
 
-def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path):
+def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path, monkeypatch):
   lines = []
   first = demo.run(str(tmp_path), "micro", log=lines.append)
   stage_lines = [l for l in lines if l.startswith("[")]
@@ -64,6 +64,25 @@ def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path):
   # Nothing ran, so there is nothing to estimate the rest from (rather than a false 0 s).
   assert all(" reused " in l and l.endswith("ETA     ? s") for l in rerun), rerun
   assert second["table"] == first["table"]
+  # Another fine-tuning: the encoders change, so their feature stores are made afresh (a
+  # store refuses another encoder's features); stopped at the first temporal run.
+  from affect_jax.train import temporal
+
+  class Stop(Exception):
+    pass
+
+  def stop(*args, **kwargs):
+    raise Stop
+
+  monkeypatch.setitem(demo.PRESETS["micro"], "ft_steps", demo.PRESETS["micro"]["ft_steps"] + 1)
+  monkeypatch.setattr(temporal, "train_and_evaluate", stop)
+  lines.clear()
+  with pytest.raises(Stop):
+    demo.run(str(tmp_path), "micro", log=lines.append)
+  ran = {l.split("]")[1].split()[0] for l in lines if " ran " in l}
+  assert ran == {"finetune_mae_init", "finetune_random_init", "features_mae_init",
+                 "features_random_init", "fresh_features_mae_init",
+                 "fresh_features_random_init"}, lines
 
 
 def test_full_preset_configures_the_paper_sizes(tmp_path):

@@ -454,24 +454,21 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
         after=("data", "mae_params") if init == "mae" else ("data",))
     ft_scores[init] = res["best"]["value"]
 
-  feats = {}
-  for init in ("mae", "random"):
-    c = ml_collections.ConfigDict(cfg["extract"].to_dict())
-    c.encoder_workdir = os.path.join(out_dir, f"finetune_{init}")
-    c.audio = init == "mae"  # audio features do not depend on the encoder
-    # A store refuses another encoder's features: a stage that runs again starts it afresh.
-    feats[init] = step(f"features_{init}_init", c.to_dict(), lambda c=c, init=init: extract.run(
-        c, os.path.join(out_dir, f"features_{init}"), log=lambda s: None),
-        os.path.join(out_dir, f"features_{init}"), after=("data", f"finetune_{init}_init"))
+  # Features of both sets through both encoders (audio once: it does not depend on them). A
+  # store refuses another encoder's features: a stage that runs again starts it afresh.
+  feats, fresh_feats = {}, {}
+  for prefix, data_root, data_stage_name, out, sink in (
+      ("", root, "data", out_dir, feats),
+      ("fresh_", fresh_root, "fresh_data", os.path.join(out_dir, "fresh"), fresh_feats)):
+    for init in ("mae", "random"):
+      c = ml_collections.ConfigDict(cfg["extract"].to_dict())
+      c.encoder_workdir, c.data.root = os.path.join(out_dir, f"finetune_{init}"), data_root
+      c.audio = init == "mae"
+      store_dir = os.path.join(out, f"features_{init}")
+      sink[init] = step(f"{prefix}features_{init}_init", c.to_dict(),
+                        lambda c=c, d=store_dir: extract.run(c, d, log=lambda s: None), store_dir,
+                        after=(data_stage_name, f"finetune_{init}_init"))
   feats["random"]["audio"] = feats["mae"]["audio"]
-  fresh_feats = {}
-  for init in ("mae", "random"):
-    c = ml_collections.ConfigDict(cfg["extract"].to_dict())
-    c.encoder_workdir, c.data.root = os.path.join(out_dir, f"finetune_{init}"), fresh_root
-    c.audio = init == "mae"
-    fresh_feats[init] = step(f"fresh_features_{init}_init", c.to_dict(), lambda c=c, init=init: extract.run(
-        c, os.path.join(out_dir, "fresh", f"features_{init}"), log=lambda s: None),
-        os.path.join(out_dir, "fresh", f"features_{init}"), after=("fresh_data", f"finetune_{init}_init"))
   # The trained models read the fresh draw through its own feature stores.
   fresh_data = {init: {"root": fresh_root, "visual_features": fresh_feats[init]["visual"],
                        "audio_features": fresh_feats["mae"]["audio"]} for init in fresh_feats}

@@ -113,6 +113,8 @@ def shard_batch(batch, mesh: Mesh):
   concatenation over processes in process order.
   """
   def put(x):
+    if isinstance(x, jax.Array):  # already global (`loaders.prefetch_to_device`)
+      return x
     x = np.asarray(x)
     return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
   return jax.tree.map(put, batch)

@@ -28,6 +28,20 @@ def get_data_config() -> ml_collections.ConfigDict:
   return data
 
 
+def add_image_loader(data: ml_collections.ConfigDict) -> None:
+  """Fields of the stages that read images (pretraining, fine-tuning, extraction)."""
+  # 'folders' (the trees as they are) or 'tfds' (ArrayRecord datasets built once by
+  # launch/build_tfds.py; the same records, read in large chunks: affect_jax.data.sources).
+  data.source = "folders"
+  # source='tfds': the aff_wild2_frames dataset directory (<data_dir>/aff_wild2_frames/1.0.0).
+  data.tfds_dir = ""
+  # grain worker processes decoding and cropping: -1 sizes them from the host's cores (none
+  # on a CPU backend, whose cores run the model), 0 decodes in the training process.
+  data.worker_count = -1
+  # Batches put on the devices ahead of the step, from a background thread (0: none).
+  data.prefetch = 2
+
+
 def set_vit_scale(c: ml_collections.ConfigDict, preset: str) -> None:
   """Memory and scale fields of a ViT stage (pretraining, fine-tuning), with the defaults of
   its size: bfloat16 compute for base/large/huge (params, optimizer state, losses stay

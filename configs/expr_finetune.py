@@ -33,10 +33,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.kernels = "auto"  # affect_jax.models.layers.KERNELS
 
   c.data = common.get_data_config()
+  common.add_image_loader(c.data)
   c.data.image_size = 224
   c.data.crop_scale = (0.7, 1.0)  # light augmentation: faces are already aligned crops
   c.data.flip = True
-  c.data.worker_count = 0
 
   c.batch_size = 256
   c.eval_batch_size = 256

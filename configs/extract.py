@@ -16,6 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   c = ml_collections.ConfigDict()
   c.data = common.get_data_config()
+  common.add_image_loader(c.data)
   c.data.image_size = 0  # 0: the encoder's training image size
   # A fine-tuning workdir (launch/finetune.py; its best state) or, with encoder_kind='mae',
   # a pretraining workdir (the MAE encoder as it is, for the ablation without fine-tuning).

@@ -31,12 +31,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.kernels = "auto"
 
   c.data = common.get_data_config()
+  common.add_image_loader(c.data)
   # Comma-separated folder trees of face images; empty means <data.root>/cropped_aligned.
   c.data.roots = ""
   c.data.image_size = 224
   c.data.crop_scale = (0.2, 1.0)
   c.data.flip = True
-  c.data.worker_count = 0  # grain worker processes (0: in the main process)
   c.data.index_cache = "~/.cache/affect_jax/face_index"
 
   c.batch_size = 1024  # global, over all hosts and devices

@@ -363,7 +363,7 @@ def load_video(root: str | os.PathLike, task: str, split: str, video: str,
     else:
       indices = image_indices(root, video)
       n = int(indices.max()) if indices.size else 0
-      labels = _invalid_labels(task, n)
+      labels = invalid_labels(task, n)
       ann = None
     indices = image_indices(root, video)
   else:
@@ -424,7 +424,8 @@ def check_frames(ann_path, frames_dir, num_frames: int, indices: np.ndarray,
   return unmatched
 
 
-def _invalid_labels(task: str, num_frames: int) -> np.ndarray:
+def invalid_labels(task: str, num_frames: int) -> np.ndarray:
+  """A task's labels of `num_frames` frames, all invalid."""
   if task == "VA":
     return np.full((num_frames, 2), INVALID_VA, np.float32)
   if task == "EXPR":
@@ -476,8 +477,12 @@ def fold_videos(root: str | os.PathLike, task: str, fold: int) -> dict[str, list
   validation videos and cut them into 4 parts, fold k validating on part k-1; a source
   video's `_left`/`_right` subjects always fall in the same part.
   """
-  train = list_videos(root, task, TRAIN_SET)
-  val = list_videos(root, task, VALIDATION_SET)
+  return fold_split(list_videos(root, task, TRAIN_SET), list_videos(root, task, VALIDATION_SET),
+                    fold)
+
+
+def fold_split(train: list[str], val: list[str], fold: int) -> dict[str, list[str]]:
+  """`fold_videos` of a task whose official sets are `train` and `val`."""
   if fold == 0:
     return {"train": train, "val": val}
   if not 1 <= fold < NUM_FOLDS:

@@ -7,8 +7,10 @@ keeps the workers' work to decode + crop.
 
 from __future__ import annotations
 
+import io
 import math
-from typing import Sequence
+import os
+from typing import Any, Callable, Sequence
 
 import grain
 import jax
@@ -57,22 +59,29 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
 _skipped = 0  # per worker process
 
 
-def load_rgb(path: str) -> Image.Image:
-  """The decoded image at `path` as RGB (grey, RGBA, CMYK... converted); raises if unreadable."""
-  with Image.open(path) as im:
+def load_rgb(image: str | bytes) -> Image.Image:
+  """The decoded image (a path, or a file's encoded bytes) as RGB (grey, RGBA, CMYK...
+  converted); raises if unreadable."""
+  with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
     im.load()
     return im.convert("RGB")
 
 
-def _open_rgb(path: str) -> Image.Image | None:
-  """The image, or None (logged with its path and counted) when it cannot be decoded."""
+def _encoded(record: dict) -> str | bytes:
+  """What to decode: the record's image bytes (a TFDS record) or its path (a folder's)."""
+  return record["image"] if isinstance(record.get("image"), bytes) else record["path"]
+
+
+def _open_rgb(record: dict) -> Image.Image | None:
+  """The record's image, or None (logged with its path and counted) when it cannot be
+  decoded."""
   global _skipped
   try:
-    return load_rgb(path)
+    return load_rgb(_encoded(record))
   except Exception as e:  # noqa: BLE001 - any decoder failure skips the file, never the job
     _skipped += 1
     logging.warning("skipping unreadable image %s (%s: %s); %d skipped so far in this process",
-                    path, type(e).__name__, e, _skipped)
+                    record["path"], type(e).__name__, e, _skipped)
     return None
 
 
@@ -82,12 +91,12 @@ def check_readable(items: Sequence, where: str, corpus: str = "the data") -> Non
   Reads up to the first readable image (one file, normally)."""
   first = None
   for item in items:
-    path = _as_record(item)["path"]
+    record = _as_record(item)
     try:
-      load_rgb(path)
+      load_rgb(_encoded(record))
       return
     except Exception as e:  # noqa: BLE001 - the same failures the pipelines skip
-      first = first or f"{path}: {type(e).__name__}: {e}"
+      first = first or f"{record['path']}: {type(e).__name__}: {e}"
   if first is None:
     raise ValueError(f"{where}: no image in {corpus}")
   raise ValueError(f"{where}: no readable image in {corpus} ({len(items)} of {len(items)} "
@@ -95,7 +104,8 @@ def check_readable(items: Sequence, where: str, corpus: str = "the data") -> Non
 
 
 def _as_record(item) -> dict:
-  """Sources hold image paths or records {'path': ..., other fields}."""
+  """Sources hold image paths or records {'path': ..., other fields}; a TFDS record
+  (`tfds_builders.Records`) also has 'image', the encoded bytes, and 'path' names it."""
   return {"path": item} if isinstance(item, str) else item
 
 
@@ -116,7 +126,7 @@ class RandomResizedCropFlip(grain.transforms.RandomMap):
 
   def random_map(self, item, rng: np.random.Generator):
     record = _as_record(item)
-    im = _open_rgb(record["path"])
+    im = _open_rgb(record)
     if im is None:
       return None
     box = random_resized_crop_box(im.width, im.height, rng, self.scale)
@@ -136,7 +146,7 @@ class ResizeImage(grain.transforms.Map):
 
   def map(self, item):
     record = _as_record(item)
-    im = _open_rgb(record["path"])
+    im = _open_rgb(record)
     if im is None:
       return None
     if im.size != (self.image_size, self.image_size):
@@ -186,15 +196,62 @@ def process_rows(ds: grain.MapDataset, rows: int, shard_index: int | None = None
   return ProcessRows(ds, rows, shard_index, shard_count)
 
 
-def _finish(ds: grain.MapDataset, batch_size: int, drop_remainder: bool, worker_count: int):
+MAX_AUTO_WORKERS = 16
+
+
+def host_cores() -> int:
+  """The cores this process may run on (its CPU affinity, which schedulers and launchers
+  that pin one process per accelerator set), else the machine's."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def worker_count(requested: int = -1) -> int:
+  """grain worker processes for a loader: `requested` when >= 0; -1 sizes them from the
+  host: none on a CPU backend (there the cores run the model, and workers would take them
+  from XLA), else this process's cores less one for the training thread, at most
+  MAX_AUTO_WORKERS. Processes sharing a host without CPU pinning each see all its cores:
+  give them a count of their own (`--config.data.worker_count`)."""
+  if requested >= 0:
+    return int(requested)
+  if requested != -1:
+    raise ValueError(f"worker_count={requested}: use -1 (sized from the host) or a count >= 0")
+  if jax.default_backend() == "cpu":
+    return 0
+  return max(0, min(host_cores() - 1, MAX_AUTO_WORKERS))
+
+
+def _finish(ds: grain.MapDataset, batch_size: int, drop_remainder: bool, workers: int):
   it = ds.to_iter_dataset().filter(_is_present).batch(batch_size, drop_remainder=drop_remainder)
-  if worker_count > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  workers = worker_count(workers)
+  if workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return it
 
 
+def prefetch_to_device(ds: grain.IterDataset, put: Callable[[dict], Any],
+                       size: int = 2) -> grain.IterDataset:
+  """`ds` with each batch passed through `put` (host numpy -> device arrays, e.g.
+  `sharding.shard_batch`) in a background thread, `size` batches ahead: the host->device copy
+  of the next batches overlaps the step running on the current one (grain's
+  `experimental.device_put`, with a sharded put). The iterator's state still counts only the
+  batches handed out, so a checkpoint taken mid-epoch resumes at the first batch the step did
+  not see. 0 = no prefetch (`put` in the caller's thread)."""
+  if size <= 0:
+    return ds.map(put)
+  return grain.experimental.ThreadPrefetchIterDataset(ds.map(put), prefetch_buffer_size=size)
+
+
+def _sequence(items) -> Sequence:
+  """A random-access source: lists and `tfds_builders.Records` as they are (a Records is
+  never copied: its records are read on demand), other iterables listed."""
+  return items if isinstance(items, Sequence) else list(items)
+
+
 def pretrain_dataset(items: Sequence, *, image_size: int, batch_size: int, seed: int,
-                     num_epochs: int | None = None, worker_count: int = 0,
+                     num_epochs: int | None = None, worker_count: int = -1,
                      crop_scale=(0.2, 1.0), flip: bool = True,
                      shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
   """Shuffled, augmented, batched images (paths, or records with a 'path' and e.g. a label).
@@ -204,15 +261,15 @@ def pretrain_dataset(items: Sequence, *, image_size: int, batch_size: int, seed:
   number of processes. Every epoch is reshuffled; unreadable files are skipped (and
   logged), so batches stay full.
   """
-  ds = grain.MapDataset.source(list(items)).shuffle(seed=seed).repeat(num_epochs)
+  ds = grain.MapDataset.source(_sequence(items)).shuffle(seed=seed).repeat(num_epochs)
   ds = ds.random_map(RandomResizedCropFlip(image_size, crop_scale, flip), seed=seed)
   return _finish(process_rows(ds, batch_size, shard_index, shard_count), batch_size, True,
                  worker_count)
 
 
-def eval_dataset(items: Sequence, *, image_size: int, batch_size: int, worker_count: int = 0,
+def eval_dataset(items: Sequence, *, image_size: int, batch_size: int, worker_count: int = -1,
                  shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
   """In order, resized, one pass; the last batch may be short. Records keep their fields,
   so predictions stay paired with labels even when an unreadable file is skipped."""
-  ds = process_rows(grain.MapDataset.source(list(items)), batch_size, shard_index, shard_count)
+  ds = process_rows(grain.MapDataset.source(_sequence(items)), batch_size, shard_index, shard_count)
   return _finish(ds.map(ResizeImage(image_size)), batch_size, False, worker_count)

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from affect_jax import fileio, sharding
-from affect_jax.data import affwild2, audio, features, loaders
+from affect_jax.data import affwild2, audio, features, loaders, sources
 from affect_jax.train import finetune, loop, pretrain
 
 VISUAL_DIR = "visual"
@@ -95,16 +95,24 @@ def extract_visual(config: ml_collections.ConfigDict, out_dir: str, videos: dict
               "encoder_kind": config.encoder_kind, "pool": model.pool, "image_size": size})
   names = list(videos)
   mine = {v: videos[v] for v in sharding.process_share(names, [videos[v] for v in names])}
-  inputs = {v: affwild2.frames_fingerprint(root, v, n) for v, n in mine.items()}
+  frames = sources.frames_dataset(config)
+  if frames is None:
+    inputs = {v: affwild2.frames_fingerprint(root, v, n) for v, n in mine.items()}
+  else:
+    inputs = {v: frames.fingerprint(v) for v in mine}
   todo = _plan(store, "visual", mine, inputs, log)
   mesh = sharding.make_mesh(config.mesh_shape)
   params = jax.device_put(params, sharding.replicated(mesh))
   forward = finetune.make_apply_fn(model, mesh)
-  records, has_image = [], {}
-  for i, video in enumerate(todo):
-    has_image[video] = affwild2.image_mask(root, video, videos[video])
-    records += [{"path": os.path.join(root, affwild2.FRAMES_DIR, video, affwild2.frame_name(int(k) + 1)),
-                 "video": np.int32(i), "frame": np.int32(k)} for k in np.flatnonzero(has_image[video])]
+  if frames is None:
+    records, has_image = [], {}
+    for i, video in enumerate(todo):
+      has_image[video] = affwild2.image_mask(root, video, videos[video])
+      records += [{"path": os.path.join(root, affwild2.FRAMES_DIR, video, affwild2.frame_name(int(k) + 1)),
+                   "video": np.int32(i), "frame": np.int32(k)} for k in np.flatnonzero(has_image[video])]
+  else:
+    has_image = {v: frames.has_image(v) for v in todo}
+    records = frames.image_records(todo)
   rows = sharding.batch_rows(config.batch_size, mesh)
   current, feats = 0, {}
   start, done_frames = time.perf_counter(), 0
@@ -115,7 +123,8 @@ def extract_visual(config: ml_collections.ConfigDict, out_dir: str, videos: dict
     while current < upto:
       v = todo[current]
       _finish_video(store, v, videos[v], has_image[v], feats, inputs[v],
-                    os.path.join(root, affwild2.FRAMES_DIR, v))
+                    os.path.join(root, affwild2.FRAMES_DIR, v) if frames is None
+                    else f"{frames.directory}: video {v}")
       done_frames += videos[v]
       rate = done_frames / max(time.perf_counter() - start, 1e-9)
       log(f"visual {current + 1}/{len(todo)} {v}: {videos[v]} frames | {rate:.0f} frames/s | "
@@ -123,7 +132,8 @@ def extract_visual(config: ml_collections.ConfigDict, out_dir: str, videos: dict
       current, feats = current + 1, {}
 
   batches = loaders.eval_dataset(records, image_size=size, batch_size=rows, shard_index=0,
-                                 shard_count=1)  # records are already this process's own
+                                 shard_count=1,  # records are already this process's own
+                                 worker_count=config.data.worker_count)
   spec = {"image": jax.ShapeDtypeStruct((size, size, 3), np.uint8)}
   for batch, out in sharding.map_batches(lambda b: forward(params, b["image"]), batches, mesh,
                                          rows=rows, row_spec=spec):
@@ -171,7 +181,11 @@ def extract_audio(config: ml_collections.ConfigDict, out_dir: str, videos: dict[
 
 def run(config: ml_collections.ConfigDict, out_dir: str, log=logging.info) -> dict[str, str]:
   """Extracts what the config asks for into `out_dir/{visual,audio}`; returns their paths."""
-  videos = affwild2.all_videos(config.data.root, config.test_split, affwild2.max_unmatched(config))
+  frames = sources.frames_dataset(config)
+  if frames is None:
+    videos = affwild2.all_videos(config.data.root, config.test_split, affwild2.max_unmatched(config))
+  else:
+    videos = frames.videos(config.test_split)
   out = {}
   if config.visual:
     out["visual"] = str(extract_visual(config, out_dir, videos, log).root)

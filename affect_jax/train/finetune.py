@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -21,7 +21,7 @@ import optax
 from absl import logging
 
 from affect_jax import checkpoint, losses, metrics, optim, sharding
-from affect_jax.data import affwild2, loaders, mixing
+from affect_jax.data import affwild2, loaders, mixing, sources
 from affect_jax.models import vit
 from affect_jax.train import loop, pretrain
 
@@ -43,6 +43,15 @@ def frame_records(root: str, split: str,
   if not records:
     raise ValueError(f"{root}: no valid {TASK} labels in {split}")
   return records
+
+
+def expr_records(config: ml_collections.ConfigDict, split: str) -> Sequence:
+  """`frame_records` of `split` from the config's source: the Aff-Wild2 tree at data.root,
+  or the built aff_wild2_frames dataset (`sources`): the same records, bytes for paths."""
+  frames = sources.frames_dataset(config)
+  if frames is None:
+    return frame_records(config.data.root, split, affwild2.max_unmatched(config))
+  return frames.expr_records(split)
 
 
 def class_weights(labels: np.ndarray, kind: str) -> np.ndarray | None:
@@ -192,13 +201,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
   """Fine-tunes (or resumes) in `workdir`; the state with the best validation macro-F1 is
   exported to `workdir/best`. Returns the final state, history and the best record."""
   workdir = loop.open_workdir(config, workdir, "finetune")
-  root = config.data.root
   mesh = sharding.make_mesh(config.mesh_shape)
   sharding.check_batch_size(config.batch_size, mesh, config.get("grad_accum_steps", 1))
-  unmatched = affwild2.max_unmatched(config)
-  train = frame_records(root, affwild2.TRAIN_SET, unmatched)
-  val = frame_records(root, affwild2.VALIDATION_SET, unmatched)
-  train_labels = np.array([r["label"] for r in train])
+  train, val = (expr_records(config, split) for split in (affwild2.TRAIN_SET, affwild2.VALIDATION_SET))
+  train_labels = train.column("label") if hasattr(train, "column") else np.array([r["label"] for r in train])
   weights = class_weights(train_labels, config.class_weighting)
   steps_per_epoch = max(len(train) // config.batch_size, 1)
   total = optim.total_steps(config, steps_per_epoch)
@@ -219,7 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
       train, image_size=config.data.image_size, batch_size=config.batch_size // jax.process_count(),
       seed=config.seed, worker_count=config.data.worker_count, crop_scale=tuple(config.data.crop_scale),
       flip=config.data.flip)
-  data_iter = iter(data)
+  data_iter = iter(loaders.prefetch_to_device(data, functools.partial(sharding.shard_batch, mesh=mesh),
+                                              config.data.prefetch))
   logging.info("fine-tune %s (init %s): %d train / %d val frames, %d steps of %d",
                config.model.variant, config.init.kind, len(train), len(val), total, config.batch_size)
   state, history = loop.run(

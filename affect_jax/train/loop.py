@@ -127,6 +127,7 @@ JOB_FILE = "job.json"
 # work is laid out, not what is computed.
 MAY_CHANGE_ON_RESUME = ("resume", "log_every", "checkpoint_every", "max_to_keep", "recon_every",
                         "eval_batch_size", "bootstrap_samples", "mesh_shape", "data.worker_count",
+                        "data.prefetch",
                         "data.index_cache", "model.remat", "profile_steps")
 
 
@@ -181,7 +182,8 @@ def open_workdir(config: ml_collections.ConfigDict, workdir, job: str):
                             "to continue it")
     if saved is not None:
       old, new = _flat(saved["config"]), _flat(record["config"])
-      differ = sorted(k for k in set(old) | set(new)
+      # A field the saved run did not have (added by a later version) is not compared.
+      differ = sorted(k for k in old
                       if old.get(k) != new.get(k) and k not in MAY_CHANGE_ON_RESUME)
       if differ:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:6])

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
@@ -19,7 +18,7 @@ from absl import logging
 from PIL import Image
 
 from affect_jax import checkpoint, fileio, optim, sharding
-from affect_jax.data import affwild2, faces, loaders
+from affect_jax.data import loaders, sources
 from affect_jax.models import mae, vit
 from affect_jax.train import loop
 
@@ -31,12 +30,6 @@ def create_model(config: ml_collections.ConfigDict) -> mae.MaskedAutoencoder:
       drop_path_rate=m.drop_path_rate, dtype=jnp.dtype(m.dtype),
       kernels=m.get("kernels", "auto"), remat=m.get("remat", "none"),
       scan_layers=m.get("scan_layers", False))
-
-
-def image_roots(config: ml_collections.ConfigDict) -> list[str]:
-  if config.data.roots:
-    return [r for r in config.data.roots.split(",") if r]
-  return [os.path.join(config.data.root, affwild2.FRAMES_DIR)]
 
 
 def create_train_state(config, model, rng, mesh, schedule, abstract: bool = False):
@@ -157,9 +150,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir = loop.open_workdir(config, workdir, "pretrain")
   mesh = sharding.make_mesh(config.mesh_shape)
   sharding.check_batch_size(config.batch_size, mesh, config.get("grad_accum_steps", 1))
-  roots = image_roots(config)
-  paths = faces.index_roots(roots, cache_dir=os.path.expanduser(config.data.index_cache))
-  loaders.check_readable(paths, ",".join(roots), "the face corpus")
+  paths = sources.face_items(config)
+  loaders.check_readable(paths, ",".join(sources.face_roots(config)), "the face corpus")
   total = optim.total_steps(config, len(paths) / config.batch_size)
   schedule = optim.schedule_for(config, total)
   model = create_model(config)
@@ -169,7 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       paths, image_size=config.data.image_size, batch_size=config.batch_size // jax.process_count(),
       seed=config.seed, worker_count=config.data.worker_count, crop_scale=tuple(config.data.crop_scale),
       flip=config.data.flip)
-  data_iter = iter(ds)
+  data_iter = iter(loaders.prefetch_to_device(ds, functools.partial(sharding.shard_batch, mesh=mesh),
+                                              config.data.prefetch))
   logging.info("MAE %s: %d images, %d steps of %d, %.1fM params, mesh %s", config.model.variant,
                len(paths), total, config.batch_size,
                sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, dict(mesh.shape))

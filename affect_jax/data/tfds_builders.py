@@ -1,0 +1,366 @@
+"""TFDS datasets of affect-jax's images (ArrayRecord files), built once and read through grain.
+
+At pod scale a bucket of millions of small JPEGs read one file at a time starves the chips;
+the same bytes packed into a few ArrayRecord shards are read in large sequential chunks with
+random access by index. Two builders, written and read without TensorFlow
+(`file_format="array_record"`, `tfds.data_source`-style random access):
+
+  face_images       every jpg/png under one or more face-image roots (MAE pretraining),
+                    one record {image, path} per file, in the folder reader's order
+  aff_wild2_frames  an Aff-Wild2 tree (the licence-gated data from `manual_dir`, as TFDS does
+                    for gated sets, or the synthetic set): one record per frame 0..T-1 of every
+                    annotated or test-listed video {image, video, frame, has_image, va, expr,
+                    au}; a frame without an image holds its stand-in's bytes
+                    (`affwild2.nearest_image`) with has_image False, labels are the task's
+                    annotation row (invalid markers where a task does not annotate the video).
+                    The dataset's metadata.json is the index: per video its first record,
+                    frame count, frames without an image, a hash of its image bytes and its
+                    EXPR labels; per task the videos of Train_Set / Validation_Set / Test_Set.
+
+Build with `launch/build_tfds.py`. Read with `FaceRecords` / `FramesDataset`: they return
+random-access sequences of the same records the folder readers make (the encoded image bytes
+in place of a path), so `affect_jax.data.loaders` takes either and decodes, crops and batches
+them the same way. Records are stored as the files' bytes: decoding (and skipping a corrupt
+one, logged and counted) happens in the loaders, as for a folder.
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+import hashlib
+import os
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from affect_jax.data import affwild2, faces
+
+FACE_IMAGES = "face_images"
+AFFWILD2_FRAMES = "aff_wild2_frames"
+FACES_SPLIT = "train"
+FRAMES_SPLIT = "frames"
+EXPR_CODES = "01234567"  # metadata: one character per frame, '-' for an invalid label
+_READ_THREADS = 16
+_READ_CHUNK = 256
+
+
+def _read_bytes(paths: Iterable[str | os.PathLike], threads: int = _READ_THREADS) -> Iterator[bytes]:
+  """The files' bytes in order, read by a thread pool (overlaps a bucket's latency)."""
+  paths = list(paths)
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    for i in range(0, len(paths), _READ_CHUNK):
+      yield from pool.map(lambda p: epath.Path(p).read_bytes(), paths[i:i + _READ_CHUNK])
+
+
+def _image_feature() -> tfds.features.Image:
+  # Fed the files' encoded bytes, stored as they are (jpg and png mixed are fine).
+  return tfds.features.Image(shape=(None, None, 3))
+
+
+class FaceImages(tfds.core.GeneratorBasedBuilder):
+  """Face images for self-supervised pretraining: the files of one or more folder trees."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First version."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Pass the face-image roots (folder trees of jpg/png, e.g. AffectNet, RAF-DB, FER crops) "
+      "as roots=[...], or one root as manual_dir.")
+
+  def __init__(self, *, roots: Sequence[str | os.PathLike] = (), **kwargs):
+    self._roots = [os.fspath(r) for r in roots]
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description="Face images (the files' bytes) of one or more folder trees.",
+        features=tfds.features.FeaturesDict({"image": _image_feature(), "path": tfds.features.Text()}),
+        disable_shuffling=True, metadata=tfds.core.MetadataDict())
+
+  def _split_generators(self, dl_manager):
+    roots = self._roots or [os.fspath(dl_manager.manual_dir)]
+    return {FACES_SPLIT: self._generate_examples(roots)}
+
+  def _generate_examples(self, roots):
+    names, paths = [], []
+    for r in roots:
+      root = os.path.realpath(r)
+      for p in faces.index_images(root, cache_dir=None):
+        names.append(os.path.join(os.path.basename(root), os.path.relpath(p, root)))
+        paths.append(p)
+    self.info.metadata["roots"] = [os.path.realpath(r) for r in roots]
+    for i, (name, data) in enumerate(zip(names, _read_bytes(paths))):
+      yield i, {"image": data, "path": name}
+
+
+def _frame_labels(root, task: str, split: str, video: str, num_frames: int,
+                  max_unmatched: float) -> np.ndarray:
+  """A task's labels of `video` padded (invalid) or cut to `num_frames` rows."""
+  labels = affwild2.load_video(root, task, split, video, max_unmatched=max_unmatched).labels
+  out = affwild2.invalid_labels(task, num_frames)
+  n = min(num_frames, labels.shape[0])
+  out[:n] = labels[:n]
+  return out
+
+
+class AffWild2Frames(tfds.core.GeneratorBasedBuilder):
+  """Aff-Wild2's cropped-aligned frames with their VA / EXPR / AU labels and split index."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First version."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Aff-Wild2 is licence-gated: request it from the ABAW organisers, unpack it into one "
+      "tree (cropped_aligned/<video>/00001.jpg ..., <Task>_Challenge/{Train,Validation}_Set/"
+      "<video>.txt, <Task>_Challenge_test_set.txt) and pass that tree as manual_dir. The "
+      "synthetic set (launch/make_synthetic.py) has the same layout.")
+
+  def __init__(self, *, max_unmatched: float = affwild2.MAX_UNMATCHED_FRAMES, **kwargs):
+    self._max_unmatched = max_unmatched
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description="Aff-Wild2 frames (one record per frame) with VA/EXPR/AU labels.",
+        features=tfds.features.FeaturesDict({
+            "image": _image_feature(),
+            "video": tfds.features.Text(),
+            "frame": tfds.features.Scalar(np.int32),  # 0-based: frame k+1 is image 0000(k+1).jpg
+            "has_image": tfds.features.Scalar(np.bool_),
+            "va": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+            "expr": tfds.features.Scalar(np.int32),
+            "au": tfds.features.Tensor(shape=(len(affwild2.AU_NAMES),), dtype=np.int32),
+        }),
+        disable_shuffling=True, metadata=tfds.core.MetadataDict())
+
+  def _split_generators(self, dl_manager):
+    return {FRAMES_SPLIT: self._generate_examples(os.fspath(dl_manager.manual_dir))}
+
+  def _generate_examples(self, root):
+    unmatched = self._max_unmatched
+    videos = affwild2.all_videos(root, with_test=True, max_unmatched=unmatched)
+    sets: dict[str, dict[str, list[str]]] = {}
+    where: dict[str, dict[str, str]] = {v: {} for v in videos}  # video -> task -> split
+    for task in affwild2.TASKS:
+      try:
+        affwild2.task_dir(root, task)
+      except FileNotFoundError:
+        continue
+      sets[task] = {}
+      for split in (*affwild2.SPLITS, affwild2.TEST_SET):
+        try:
+          names = affwild2.list_videos(root, task, split)
+        except FileNotFoundError:
+          names = []
+        sets[task][split] = names
+        for v in names:
+          where[v].setdefault(task, split)
+    index, start = {}, 0
+    self.info.metadata["sets"] = sets
+    self.info.metadata["videos"] = index
+    key = 0
+    for video, num_frames in videos.items():
+      frames_dir = os.path.join(root, affwild2.FRAMES_DIR, video)
+      has_image = affwild2.image_mask(root, video, num_frames)
+      stand_in = affwild2.nearest_image(has_image, frames_dir)
+      labels = {task: (_frame_labels(root, task, split, video, num_frames, unmatched)
+                       if split != affwild2.TEST_SET else affwild2.invalid_labels(task, num_frames))
+                for task, split in where[video].items()}
+      for task in affwild2.TASKS:
+        labels.setdefault(task, affwild2.invalid_labels(task, num_frames))
+      digest = hashlib.sha256()
+      images = {}
+      present = np.flatnonzero(has_image)
+      paths = [os.path.join(frames_dir, affwild2.frame_name(int(k) + 1)) for k in present]
+      for k, data in zip(present, _read_bytes(paths)):
+        images[int(k)] = data
+        digest.update(f"{k}:{len(data)}:".encode())
+        digest.update(data)
+      index[video] = {
+          "start": start, "num_frames": int(num_frames),
+          "missing": [int(k) for k in np.flatnonzero(~has_image)],
+          "sha256": digest.hexdigest()[:16],
+          "expr": "".join(EXPR_CODES[c] if c >= 0 else "-" for c in labels["EXPR"].tolist())}
+      for t in range(num_frames):
+        yield key, {"image": images[int(stand_in[t])], "video": video, "frame": t,
+                    "has_image": bool(has_image[t]), "va": labels["VA"][t],
+                    "expr": int(labels["EXPR"][t]), "au": labels["AU"][t]}
+        key += 1
+      start += num_frames
+
+
+BUILDERS = {FACE_IMAGES: FaceImages, AFFWILD2_FRAMES: AffWild2Frames}
+
+
+def build(name: str, data_dir: str | os.PathLike, *, manual_dir: str | os.PathLike | None = None,
+          **kwargs) -> epath.Path:
+  """Builds dataset `name` (a key of BUILDERS) under `data_dir` as ArrayRecord; returns the
+  dataset's directory (`<data_dir>/<name>/<version>`, what the readers and configs take).
+  An existing complete build is kept (TFDS writes into a temporary folder and renames it at
+  the end, so an interrupted build leaves nothing half-written)."""
+  if name not in BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}: expected one of {sorted(BUILDERS)}")
+  builder = BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record", **kwargs)
+  config = tfds.download.DownloadConfig(
+      manual_dir=None if manual_dir is None else os.fspath(manual_dir))
+  builder.download_and_prepare(download_config=config)
+  return epath.Path(builder.data_dir)
+
+
+# ---- Reading ----
+
+
+def _open(directory: str | os.PathLike, expect: str):
+  directory = epath.Path(directory)
+  if not (directory / "dataset_info.json").exists():
+    raise FileNotFoundError(f"{directory}: not a built TFDS dataset (no dataset_info.json); build "
+                            f"it with launch/build_tfds.py and pass <data_dir>/{expect}/<version>")
+  builder = tfds.builder_from_directory(directory)
+  if builder.info.name != expect:
+    raise ValueError(f"{directory}: a {builder.info.name!r} dataset, expected {expect!r}")
+  return builder
+
+
+class Records(Sequence):
+  """Random access to chosen records of one or more ArrayRecord splits, as loader records:
+  {'image': encoded bytes, 'path': a name for messages, **columns[i]}. Picklable (grain's
+  worker processes get a copy)."""
+
+  def __init__(self, parts: Sequence[tuple[object, np.ndarray, str]],
+               columns: dict[str, np.ndarray] | None = None):
+    self._parts = [(src, np.asarray(idx, np.int64), name) for src, idx, name in parts]
+    self._ends = np.cumsum([len(idx) for _, idx, _ in self._parts]).tolist()
+    self._columns = dict(columns or {})
+    for k, v in self._columns.items():
+      if len(v) != len(self):
+        raise ValueError(f"column {k!r}: {len(v)} values for {len(self)} records")
+
+  def __len__(self) -> int:
+    return self._ends[-1] if self._ends else 0
+
+  def column(self, name: str) -> np.ndarray:
+    """A non-image field of every record, without reading a record."""
+    return self._columns[name]
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(len(self)))]
+    if not -len(self) <= i < len(self):
+      raise IndexError(i)
+    i %= len(self)
+    p = bisect.bisect_right(self._ends, i)
+    src, idx, name = self._parts[p]
+    rec = src[int(idx[i - (self._ends[p - 1] if p else 0)])]
+    if "video" in rec:
+      what = f"{rec['video'].decode()}/{affwild2.frame_name(int(rec['frame']) + 1)}"
+    else:
+      what = rec["path"].decode()
+    out = {"image": rec["image"], "path": f"{name}: {what}"}
+    out.update({k: v[i] for k, v in self._columns.items()})
+    return out
+
+
+def _source(builder, split: str):
+  return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def face_records(directories: Sequence[str | os.PathLike] | str) -> Records:
+  """Every image of one or more datasets, mixed (concatenated; the loader shuffles): built
+  face_images datasets, or aff_wild2_frames datasets (their frames that have an image). A
+  string may hold several directories separated by commas."""
+  if isinstance(directories, (str, os.PathLike)):
+    directories = [d for d in os.fspath(directories).split(",") if d]
+  parts = []
+  for d in directories:
+    builder = tfds.builder_from_directory(epath.Path(d))
+    if builder.info.name == FACE_IMAGES:
+      parts.append((_source(builder, FACES_SPLIT), np.arange(builder.info.splits[FACES_SPLIT].num_examples), str(d)))
+    elif builder.info.name == AFFWILD2_FRAMES:
+      frames = FramesDataset(d)
+      idx = [frames.start(v) + np.flatnonzero(frames.has_image(v)) for v in frames.videos()]
+      parts.append((frames.source, np.concatenate(idx), str(d)))
+    else:
+      raise ValueError(f"{d}: a {builder.info.name!r} dataset; expected {FACE_IMAGES} or {AFFWILD2_FRAMES}")
+  if not parts or not sum(len(p[1]) for p in parts):
+    raise ValueError(f"{','.join(map(str, directories))}: no image in these datasets")
+  return Records(parts)
+
+
+class FramesDataset:
+  """A built aff_wild2_frames dataset: its index (from metadata.json, no record read) and
+  the frame records the pipelines take, the folder reader's records with bytes for paths."""
+
+  def __init__(self, directory: str | os.PathLike):
+    self.directory = str(directory)
+    builder = _open(directory, AFFWILD2_FRAMES)
+    meta = builder.info.metadata
+    if not meta or "videos" not in meta:
+      raise ValueError(f"{directory}: metadata.json without the video index; rebuild the dataset")
+    self._videos: dict = meta["videos"]
+    self._sets: dict = meta["sets"]
+    self.source = _source(builder, FRAMES_SPLIT)
+
+  def videos(self, with_test: bool = True) -> dict[str, int]:
+    """{video: num_frames} like `affwild2.all_videos`."""
+    keep = set()
+    for task_sets in self._sets.values():
+      for split, names in task_sets.items():
+        if with_test or split != affwild2.TEST_SET:
+          keep.update(names)
+    return {v: int(self._videos[v]["num_frames"]) for v in sorted(keep)}
+
+  def list_videos(self, task: str, split: str) -> list[str]:
+    """Sorted video names of a task's split, like `affwild2.list_videos`."""
+    if task not in self._sets:
+      raise FileNotFoundError(f"{self.directory}: no videos of task {task}")
+    return list(self._sets[task].get(split, []))
+
+  def fold_videos(self, task: str, fold: int) -> dict[str, list[str]]:
+    """{'train', 'val'} video names of fold `fold`, as `affwild2.fold_videos`."""
+    train = self.list_videos(task, affwild2.TRAIN_SET)
+    val = self.list_videos(task, affwild2.VALIDATION_SET)
+    return affwild2.fold_split(train, val, fold)
+
+  def start(self, video: str) -> int:
+    return int(self._videos[video]["start"])
+
+  def has_image(self, video: str) -> np.ndarray:
+    has = np.ones(int(self._videos[video]["num_frames"]), bool)
+    has[self._videos[video]["missing"]] = False
+    return has
+
+  def fingerprint(self, video: str) -> str:
+    """What a video's visual features are made from: a hash of its image bytes."""
+    return f"tfds:{self._videos[video]['sha256']}"
+
+  def expr_labels(self, video: str) -> np.ndarray:
+    return np.array([EXPR_CODES.find(c) for c in self._videos[video]["expr"]], np.int32)
+
+  def expr_records(self, split: str) -> Records:
+    """{'image', 'path', 'label'} of every frame of the EXPR `split` with a valid label (a
+    frame without an image holds its stand-in's bytes), as `finetune.frame_records`."""
+    idx, labels = [], []
+    for v in self.list_videos("EXPR", split):
+      lab = self.expr_labels(v)
+      valid = np.flatnonzero(lab >= 0)
+      idx.append(self.start(v) + valid)
+      labels.append(lab[valid])
+    if not idx or not sum(map(len, idx)):
+      raise ValueError(f"{self.directory}: no valid EXPR labels in {split}")
+    return Records([(self.source, np.concatenate(idx), self.directory)],
+                   {"label": np.concatenate(labels).astype(np.int32)})
+
+  def image_records(self, videos: Sequence[str]) -> Records:
+    """{'image', 'path', 'video', 'frame'} of each frame with an image of `videos` (video =
+    position in `videos`), in order, as the extraction's folder records."""
+    idx, vid, frame = [], [], []
+    for i, v in enumerate(videos):
+      k = np.flatnonzero(self.has_image(v))
+      idx.append(self.start(v) + k)
+      vid.append(np.full(len(k), i, np.int32))
+      frame.append(k.astype(np.int32))
+    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)
+    return Records([(self.source, cat(idx, np.int64), self.directory)],
+                   {"video": cat(vid, np.int32), "frame": cat(frame, np.int32)})
+

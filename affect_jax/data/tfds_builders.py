@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from affect_jax import fileio
 from affect_jax.data import affwild2, faces
 
 FACE_IMAGES = "face_images"
@@ -84,15 +85,38 @@ class FaceImages(tfds.core.GeneratorBasedBuilder):
     return {FACES_SPLIT: self._generate_examples(roots)}
 
   def _generate_examples(self, roots):
-    names, paths = [], []
-    for r in roots:
-      root = os.path.realpath(r)
-      for p in faces.index_images(root, cache_dir=None):
-        names.append(os.path.join(os.path.basename(root), os.path.relpath(p, root)))
-        paths.append(p)
+    names, paths = _face_files(roots)
     self.info.metadata["roots"] = [os.path.realpath(r) for r in roots]
+    self.info.metadata["source_fingerprint"] = fileio.stat_fingerprint(paths)
     for i, (name, data) in enumerate(zip(names, _read_bytes(paths))):
       yield i, {"image": data, "path": name}
+
+
+def _face_files(roots) -> tuple[list[str], list[str]]:
+  """(record names '<root folder>/<relative path>', absolute paths) of the roots' images."""
+  names, paths = [], []
+  for r in roots:
+    root = os.path.realpath(r)
+    for p in faces.index_images(root, cache_dir=None):
+      names.append(os.path.join(os.path.basename(root), os.path.relpath(p, root)))
+      paths.append(p)
+  return names, paths
+
+
+def _affwild2_files(root, max_unmatched: float) -> list[str]:
+  """Every file an aff_wild2_frames build reads: annotations, test lists, frame images."""
+  files = []
+  for task in affwild2.TASKS:
+    try:
+      folder = affwild2.task_dir(root, task)
+    except FileNotFoundError:
+      continue
+    files += sorted(str(p) for split in affwild2.SPLITS for p in (folder / split).glob("*.txt"))
+    files.append(os.path.join(root, affwild2.task_test_list(task)))
+  for video, n in affwild2.all_videos(root, True, max_unmatched).items():
+    files += [os.path.join(root, affwild2.FRAMES_DIR, video, affwild2.frame_name(int(k) + 1))
+              for k in np.flatnonzero(affwild2.image_mask(root, video, n))]
+  return files
 
 
 def _frame_labels(root, task: str, split: str, video: str, num_frames: int,
@@ -157,6 +181,8 @@ class AffWild2Frames(tfds.core.GeneratorBasedBuilder):
         for v in names:
           where[v].setdefault(task, split)
     index, start = {}, 0
+    self.info.metadata["root"] = os.path.realpath(root)
+    self.info.metadata["source_fingerprint"] = fileio.stat_fingerprint(_affwild2_files(root, unmatched))
     self.info.metadata["sets"] = sets
     self.info.metadata["videos"] = index
     key = 0
@@ -194,31 +220,56 @@ BUILDERS = {FACE_IMAGES: FaceImages, AFFWILD2_FRAMES: AffWild2Frames}
 
 
 def build(name: str, data_dir: str | os.PathLike, *, manual_dir: str | os.PathLike | None = None,
-          **kwargs) -> epath.Path:
+          overwrite: bool = False, **kwargs) -> epath.Path:
   """Builds dataset `name` (a key of BUILDERS) under `data_dir` as ArrayRecord; returns the
   dataset's directory (`<data_dir>/<name>/<version>`, what the readers and configs take).
-  An existing complete build is kept (TFDS writes into a temporary folder and renames it at
-  the end, so an interrupted build leaves nothing half-written)."""
+
+  TFDS writes into a temporary folder and renames it at the end, so an interrupted build
+  leaves nothing half-written. A complete build of the same files (names, sizes, mtimes) is
+  kept; one of other files is refused, naming both, unless `overwrite` (then it is rebuilt).
+  """
   if name not in BUILDERS:
     raise ValueError(f"unknown dataset {name!r}: expected one of {sorted(BUILDERS)}")
+  if name == FACE_IMAGES:
+    roots = kwargs.get("roots") or [manual_dir]
+    files = _face_files(roots)[1]
+    source = ",".join(os.fspath(r) for r in roots)
+  else:
+    if manual_dir is None:
+      raise ValueError("aff_wild2_frames: manual_dir must be the Aff-Wild2 tree")
+    files = _affwild2_files(manual_dir, kwargs.get("max_unmatched", affwild2.MAX_UNMATCHED_FRAMES))
+    source = os.fspath(manual_dir)
   builder = BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record", **kwargs)
+  out = epath.Path(builder.data_dir)
+  mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  if (out / "dataset_info.json").exists():
+    built = tfds.builder_from_directory(out).info.metadata or {}
+    if built.get("source_fingerprint") != fileio.stat_fingerprint(files):
+      if not overwrite:
+        raise FileExistsError(
+            f"{out} was built from other files than those now under {source} (added, removed "
+            "or changed since): pass overwrite=True (launch/build_tfds.py --overwrite) to "
+            "rebuild it, or another data_dir")
+      mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
   config = tfds.download.DownloadConfig(
-      manual_dir=None if manual_dir is None else os.fspath(manual_dir))
+      manual_dir=None if manual_dir is None else os.fspath(manual_dir), download_mode=mode)
   builder.download_and_prepare(download_config=config)
-  return epath.Path(builder.data_dir)
+  return out
 
 
 # ---- Reading ----
 
 
-def _open(directory: str | os.PathLike, expect: str):
+def _open(directory: str | os.PathLike, *expect: str):
+  """The read-only builder of a built dataset of one of the `expect` kinds."""
   directory = epath.Path(directory)
+  kinds = " or ".join(expect)
   if not (directory / "dataset_info.json").exists():
     raise FileNotFoundError(f"{directory}: not a built TFDS dataset (no dataset_info.json); build "
-                            f"it with launch/build_tfds.py and pass <data_dir>/{expect}/<version>")
+                            f"it with launch/build_tfds.py and pass <data_dir>/<{kinds}>/<version>")
   builder = tfds.builder_from_directory(directory)
-  if builder.info.name != expect:
-    raise ValueError(f"{directory}: a {builder.info.name!r} dataset, expected {expect!r}")
+  if builder.info.name not in expect:
+    raise ValueError(f"{directory}: a {builder.info.name!r} dataset, expected {kinds}")
   return builder
 
 
@@ -273,15 +324,13 @@ def face_records(directories: Sequence[str | os.PathLike] | str) -> Records:
     directories = [d for d in os.fspath(directories).split(",") if d]
   parts = []
   for d in directories:
-    builder = tfds.builder_from_directory(epath.Path(d))
+    builder = _open(d, FACE_IMAGES, AFFWILD2_FRAMES)
     if builder.info.name == FACE_IMAGES:
       parts.append((_source(builder, FACES_SPLIT), np.arange(builder.info.splits[FACES_SPLIT].num_examples), str(d)))
-    elif builder.info.name == AFFWILD2_FRAMES:
+    else:
       frames = FramesDataset(d)
       idx = [frames.start(v) + np.flatnonzero(frames.has_image(v)) for v in frames.videos()]
       parts.append((frames.source, np.concatenate(idx), str(d)))
-    else:
-      raise ValueError(f"{d}: a {builder.info.name!r} dataset; expected {FACE_IMAGES} or {AFFWILD2_FRAMES}")
   if not parts or not sum(len(p[1]) for p in parts):
     raise ValueError(f"{','.join(map(str, directories))}: no image in these datasets")
   return Records(parts)

@@ -1,0 +1,50 @@
+"""Builds the ArrayRecord TFDS datasets the loaders read with config.data.source='tfds'.
+
+  # Aff-Wild2 (licence-gated: its unpacked tree is the manual_dir), or the synthetic set:
+  python launch/build_tfds.py --dataset=aff_wild2_frames --manual_dir=/data/affwild2 \
+      --data_dir=/data/tfds
+  # a face corpus for pretraining, one or more folder trees mixed into one dataset:
+  python launch/build_tfds.py --dataset=face_images --roots=/data/affectnet,/data/rafdb \
+      --data_dir=/data/tfds
+
+Prints the dataset directory (<data_dir>/<dataset>/<version>) to pass as
+--config.data.tfds_dir (aff_wild2_frames) or in --config.data.roots (pretraining). A
+finished build of the same files is kept (one of changed files is refused unless --overwrite);
+an interrupted one leaves nothing half-written and is redone.
+"""
+
+from absl import app, flags, logging
+
+from affect_jax.data import affwild2, tfds_builders
+
+_DATASET = flags.DEFINE_enum("dataset", tfds_builders.AFFWILD2_FRAMES, sorted(tfds_builders.BUILDERS),
+                             "What to build.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where TFDS writes (local or gs://).", required=True)
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "aff_wild2_frames: the Aff-Wild2 tree; "
+                                  "face_images: one root (or use --roots).")
+_ROOTS = flags.DEFINE_list("roots", [], "face_images: folder trees of face images, mixed.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild a dataset whose source files changed "
+                                "since it was built (otherwise refused).")
+_MAX_UNMATCHED = flags.DEFINE_float("max_unmatched_frames", affwild2.MAX_UNMATCHED_FRAMES,
+                                    "aff_wild2_frames: as config.data.max_unmatched_frames.")
+
+
+def main(argv):
+  del argv
+  kwargs = {}
+  if _DATASET.value == tfds_builders.FACE_IMAGES:
+    if not (_ROOTS.value or _MANUAL_DIR.value):
+      raise app.UsageError("face_images needs --roots (or --manual_dir)")
+    kwargs["roots"] = _ROOTS.value
+  else:
+    if not _MANUAL_DIR.value:
+      raise app.UsageError("aff_wild2_frames needs --manual_dir: the Aff-Wild2 tree")
+    kwargs["max_unmatched"] = _MAX_UNMATCHED.value
+  out = tfds_builders.build(_DATASET.value, _DATA_DIR.value, manual_dir=_MANUAL_DIR.value,
+                             overwrite=_OVERWRITE.value, **kwargs)
+  logging.info("built %s", out)
+  print(out)
+
+
+if __name__ == "__main__":
+  app.run(main)

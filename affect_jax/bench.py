@@ -12,7 +12,7 @@ import functools
 import os
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -323,23 +323,61 @@ def write_fake_faces(root: str, count: int, size: int, seed: int = 0) -> list[st
   return paths
 
 
-def bench_loader(batch: int, image_size: int, *, worker_count: int = 0, num_batches: int = 20,
-                 paths: list[str] | None = None, source_size: int | None = None) -> dict:
-  """The grain pretraining pipeline alone: decode + random-resized-crop + flip + batch."""
+def loader_inputs(source: str, image_size: int, count: int = 256) -> Sequence:
+  """The bench's face images at `image_size`: JPEG paths ('folders') or the records of the
+  face_images dataset built from them ('tfds'). Kept between runs under ~/.cache (and never
+  deleted under a loader's read-ahead threads)."""
+  base = os.path.expanduser("~/.cache/affect_jax")
+  root = os.path.join(base, "bench_faces", str(image_size))
+  paths = write_fake_faces(root, count, image_size)
+  if source == "folders":
+    return paths
+  from affect_jax.data import tfds_builders
+  out = tfds_builders.build(tfds_builders.FACE_IMAGES, os.path.join(base, "bench_tfds", str(image_size)),
+                            roots=[root], overwrite=True)
+  return tfds_builders.face_records(str(out))
+
+
+def _cpu_seconds() -> float:
+  """CPU time of this process and all its live children (grain's workers), user + system."""
+  import psutil
+  me = psutil.Process()
+  procs = [me, *me.children(recursive=True)]
+  total = 0.0
+  for p in procs:
+    try:
+      t = p.cpu_times()
+      total += t.user + t.system
+    except psutil.NoSuchProcess:
+      pass
+  return total
+
+
+def bench_loader(batch: int, image_size: int, *, worker_count: int = 0, num_batches: int = 10,
+                 repeats: int = 5, source: str = "folders", items: Sequence | None = None) -> dict:
+  """The grain pretraining pipeline alone: read + decode + random-resized-crop + flip + batch,
+  from image files ('folders') or an ArrayRecord dataset of the same files ('tfds'). Medians
+  over `repeats` rounds of `num_batches`: img/s (wall clock) and img per CPU-second of the
+  process and its workers (its cost per core: the in-process pipeline decodes on several
+  threads, so wall-clock img/s alone does not say how many cores it took)."""
   from affect_jax.data import loaders
-  if paths is None:
-    # Kept between runs (and never deleted under a loader's read-ahead threads).
-    root = os.path.expanduser(f"~/.cache/affect_jax/bench_faces/{source_size or image_size}")
-    paths = write_fake_faces(root, 256, source_size or image_size)
-  it = iter(loaders.pretrain_dataset(paths, image_size=image_size, batch_size=batch, seed=0,
+  items = loader_inputs(source, image_size) if items is None else items
+  it = iter(loaders.pretrain_dataset(items, image_size=image_size, batch_size=batch, seed=0,
                                      worker_count=worker_count, shard_index=0, shard_count=1))
   next(it)  # start workers
-  t0 = time.perf_counter()
-  for _ in range(num_batches):
-    next(it)
-  dt = time.perf_counter() - t0
-  return {"what": "grain_loader", "batch": batch, "image_size": image_size,
-          "worker_count": worker_count, "img_per_s": batch * num_batches / dt}
+  rates, per_cpu = [], []
+  for _ in range(repeats):
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    for _ in range(num_batches):
+      next(it)
+    dt, dc = time.perf_counter() - t0, _cpu_seconds() - c0
+    rates.append(batch * num_batches / dt)
+    per_cpu.append(batch * num_batches / max(dc, 1e-9))
+  if hasattr(it, "close"):
+    it.close()
+  return {"what": "grain_loader", "source": source, "batch": batch, "image_size": image_size,
+          "worker_count": worker_count, "img_per_s": statistics.median(rates),
+          "img_per_cpu_s": statistics.median(per_cpu), "img_per_s_all": rates}
 
 
 def bench_temporal(preset: str = "paper", *, frames: int = 10_000, batch: int = 32,

@@ -1,7 +1,7 @@
 """Throughput benchmarks; one JSON line per result plus a readable table.
 
   python launch/bench.py --what=mae --preset=base --batch=8 --dtype=bfloat16
-  python launch/bench.py --what=loader --preset=tiny --batch=64 --worker_count=2
+  python launch/bench.py --what=loader --batch=64   # folders vs ArrayRecord, 0/1/2 workers, 64/224 px
   python launch/bench.py --what=temporal --preset=paper
   python launch/bench.py --what=matmul        # this machine's XLA matmul GFLOP/s (the ceiling)
   python launch/bench.py --what=matmul_layouts --preset=base --batch=8   # the step's own matmuls
@@ -26,7 +26,12 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for the MFU "
                                   "(default: known per device kind; none for CPUs).")
-_WORKERS = flags.DEFINE_integer("worker_count", 0, "grain worker processes for --what=loader.")
+_WORKERS = flags.DEFINE_list("worker_counts", ["0", "1", "2"], "--what=loader: grain worker "
+                             "processes, each count timed.")
+_SOURCES = flags.DEFINE_list("sources", ["folders", "tfds"], "--what=loader: image files, or an "
+                             "ArrayRecord dataset of the same files (config.data.source).")
+_LOADER_SIZES = flags.DEFINE_list("loader_image_sizes", ["64", "224"], "--what=loader: crop "
+                                  "sizes (the source images are this size too).")
 _STAGE = flags.DEFINE_enum("stage", "mae", ["mae", "finetune"], "--what=memory: whose step.")
 _MESH = flags.DEFINE_list("mesh_shape", [], "--what=memory: ('data', 'fsdp', 'model') sizes "
                           "(default: the preset's).")
@@ -71,8 +76,15 @@ def main(argv):
                                       scan_layers={"default": None, "true": True,
                                                    "false": False}[_SCAN.value]))
   if "loader" in _WHAT.value.split("+"):
-    size = _IMAGE_SIZE.value or mae_pretrain.get_config(_PRESET.value).data.image_size
-    results.append(bench.bench_loader(_BATCH.value, size, worker_count=_WORKERS.value))
+    sizes = [int(x) for x in _LOADER_SIZES.value]
+    if _WHAT.value == "mae+loader":  # the loader at the step's image size
+      sizes = [_IMAGE_SIZE.value or mae_pretrain.get_config(_PRESET.value).data.image_size]
+    for size in sizes:
+      for source in _SOURCES.value:
+        items = bench.loader_inputs(source, size)
+        for workers in _WORKERS.value:
+          results.append(bench.bench_loader(_BATCH.value, size, worker_count=int(workers),
+                                            source=source, items=items))
   for r in results:
     print(json.dumps({k: v for k, v in r.items() if not k.endswith("_all")}))
   print()
@@ -113,8 +125,9 @@ def main(argv):
             f"GFLOP/s, bfloat16 operands with float32 accumulation "
             f"{r['bfloat16_f32acc_gflops']:.0f} GFLOP/s")
     else:
-      print(f"grain loader {r['image_size']}px batch {r['batch']} workers {r['worker_count']}: "
-            f"{r['img_per_s']:.1f} img/s")
+      print(f"grain loader {r['source']:7s} {r['image_size']:3d}px batch {r['batch']} workers "
+            f"{r['worker_count']}: {r['img_per_s']:7.1f} img/s, {r['img_per_cpu_s']:7.1f} img per "
+            f"CPU-second (medians of {len(r['img_per_s_all'])})")
 
 
 if __name__ == "__main__":

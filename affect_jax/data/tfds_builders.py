@@ -34,6 +34,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2
 from etils import epath
 
 from affect_jax import fileio
@@ -274,7 +275,7 @@ def _open(directory: str | os.PathLike, *expect: str):
 
 
 class Records(Sequence):
-  """Random access to chosen records of one or more ArrayRecord splits, as loader records:
+  """Random access to chosen records of one or more ArrayRecord splits (raw sources), as loader records:
   {'image': encoded bytes, 'path': a name for messages, **columns[i]}. Picklable (grain's
   worker processes get a copy)."""
 
@@ -302,17 +303,25 @@ class Records(Sequence):
     i %= len(self)
     p = bisect.bisect_right(self._ends, i)
     src, idx, name = self._parts[p]
-    rec = src[int(idx[i - (self._ends[p - 1] if p else 0)])]
-    if "video" in rec:
-      what = f"{rec['video'].decode()}/{affwild2.frame_name(int(rec['frame']) + 1)}"
+    # The serialized tf.train.Example, parsed by protobuf's C++ parser for just the fields
+    # needed (TFDS's generic numpy deserialisation holds the GIL several times longer,
+    # which the loader's decode threads feel).
+    feature = tf_example_pb2.Example.FromString(src[int(idx[i - (self._ends[p - 1] if p else 0)])]).features.feature
+    if "video" in feature:
+      what = (f"{feature['video'].bytes_list.value[0].decode()}/"
+              f"{affwild2.frame_name(feature['frame'].int64_list.value[0] + 1)}")
     else:
-      what = rec["path"].decode()
-    out = {"image": rec["image"], "path": f"{name}: {what}"}
+      what = feature["path"].bytes_list.value[0].decode()
+    out = {"image": feature["image"].bytes_list.value[0], "path": f"{name}: {what}"}
     out.update({k: v[i] for k, v in self._columns.items()})
     return out
 
 
-def _source(builder, split: str):
+def _source(builder, split: str, raw: bool = False):
+  """The split's records by index: decoded to numpy (the image left as its encoded bytes),
+  or with `raw` the serialized examples as stored."""
+  if raw:
+    return builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
   return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
 
 
@@ -326,11 +335,12 @@ def face_records(directories: Sequence[str | os.PathLike] | str) -> Records:
   for d in directories:
     builder = _open(d, FACE_IMAGES, AFFWILD2_FRAMES)
     if builder.info.name == FACE_IMAGES:
-      parts.append((_source(builder, FACES_SPLIT), np.arange(builder.info.splits[FACES_SPLIT].num_examples), str(d)))
+      parts.append((_source(builder, FACES_SPLIT, raw=True),
+                    np.arange(builder.info.splits[FACES_SPLIT].num_examples), str(d)))
     else:
       frames = FramesDataset(d)
       idx = [frames.start(v) + np.flatnonzero(frames.has_image(v)) for v in frames.videos()]
-      parts.append((frames.source, np.concatenate(idx), str(d)))
+      parts.append((frames.raw_source, np.concatenate(idx), str(d)))
   if not parts or not sum(len(p[1]) for p in parts):
     raise ValueError(f"{','.join(map(str, directories))}: no image in these datasets")
   return Records(parts)
@@ -348,7 +358,8 @@ class FramesDataset:
       raise ValueError(f"{directory}: metadata.json without the video index; rebuild the dataset")
     self._videos: dict = meta["videos"]
     self._sets: dict = meta["sets"]
-    self.source = _source(builder, FRAMES_SPLIT)
+    self.source = _source(builder, FRAMES_SPLIT)  # decoded records, by index
+    self.raw_source = _source(builder, FRAMES_SPLIT, raw=True)  # what `Records` parse
 
   def videos(self, with_test: bool = True) -> dict[str, int]:
     """{video: num_frames} like `affwild2.all_videos`."""
@@ -397,7 +408,7 @@ class FramesDataset:
       labels.append(lab[valid])
     if not idx or not sum(map(len, idx)):
       raise ValueError(f"{self.directory}: no valid EXPR labels in {split}")
-    return Records([(self.source, np.concatenate(idx), self.directory)],
+    return Records([(self.raw_source, np.concatenate(idx), self.directory)],
                    {"label": np.concatenate(labels).astype(np.int32)})
 
   def image_records(self, videos: Sequence[str]) -> Records:
@@ -410,6 +421,6 @@ class FramesDataset:
       vid.append(np.full(len(k), i, np.int32))
       frame.append(k.astype(np.int32))
     cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)
-    return Records([(self.source, cat(idx, np.int64), self.directory)],
+    return Records([(self.raw_source, cat(idx, np.int64), self.directory)],
                    {"video": cat(vid, np.int32), "frame": cat(frame, np.int32)})
 

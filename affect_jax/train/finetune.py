@@ -178,16 +178,16 @@ def make_apply_fn(model, mesh):
 
 
 def predict_logits(model, params, records, *, image_size: int, batch_size: int, mesh,
-                   apply_fn=None) -> tuple[np.ndarray, np.ndarray]:
+                   apply_fn=None, worker_count: int = -1) -> tuple[np.ndarray, np.ndarray]:
   """(logits [N, C], labels [N]) over the readable records, all processes' together (each
-  process computes its share of the records)."""
+  process computes its share of the records; `worker_count` as `loaders.worker_count`)."""
   fn = apply_fn or make_apply_fn(model, mesh)
   rows = sharding.batch_rows(batch_size, mesh)
   spec = {"image": jax.ShapeDtypeStruct((image_size, image_size, 3), np.uint8)}
   outs, labels = [], []
   for batch, logits in sharding.map_batches(
       lambda b: fn(params, b["image"]), loaders.eval_dataset(records, image_size=image_size,
-                                                            batch_size=rows),
+                                                            batch_size=rows, worker_count=worker_count),
       mesh, rows=rows, row_spec=spec):
     outs.append(logits)
     labels.append(batch["label"])
@@ -217,7 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
 
   def evaluate(st):
     logits, labels = predict_logits(model, st.params, val, image_size=config.data.image_size,
-                                    batch_size=config.eval_batch_size, mesh=mesh, apply_fn=apply_fn)
+                                    batch_size=config.eval_batch_size, mesh=mesh, apply_fn=apply_fn,
+                                    worker_count=config.data.worker_count)
     pred = logits.argmax(-1)
     return {"f1": metrics.expr_f1(pred, labels), "accuracy": float(np.mean(pred == labels))}
 

@@ -148,3 +148,22 @@ def test_process_rows_partition_the_sequence(n, rows, count):
   assert sorted(sum(parts, [])) == list(range(n))
   for k, part in enumerate(parts):
     assert all((i // rows) % count == k for i in part)
+
+
+def test_crop_flip_equals_an_independent_crop_resize_and_numpy_flip(image_root):
+  rng_image = np.random.default_rng(7).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+  Image.fromarray(rng_image).save(image_root / "noise.png")  # asymmetric: a flip shows
+  path = str(image_root / "noise.png")
+  try:
+    flips = 0
+    for seed in range(8):
+      got = loaders.RandomResizedCropFlip(16).random_map(path, np.random.default_rng(seed))["image"]
+      rng = np.random.default_rng(seed)
+      box = loaders.random_resized_crop_box(56, 40, rng)
+      want = np.asarray(Image.fromarray(rng_image).resize((16, 16), Image.Resampling.BICUBIC, box=box))
+      if rng.random() < 0.5:
+        want, flips = want[:, ::-1], flips + 1
+      np.testing.assert_array_equal(got, want)
+    assert 0 < flips < 8
+  finally:
+    (image_root / "noise.png").unlink()

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from affect_jax import checkpoint
+from affect_jax.data import tfds_builders
 from affect_jax.data.features import FeatureStore
 
 pytestmark = pytest.mark.slow
@@ -100,11 +101,17 @@ def runs(synthetic_root, tmp_path_factory):
   out = tmp_path_factory.mktemp("multiprocess")
   root, logs, index = synthetic_root, out / "logs", out / "index"
   w = {f"{s}{p}": out / f"{s}{p}" for s in ("mae", "ft", "x", "va", "pred") for p in ("1p", "2p")}
+  # The 2-process fine-tuning reads the ArrayRecord dataset, in a grain worker process each:
+  # the same frames as the folders the 1-process run reads, so the same losses.
+  frames = tfds_builders.build(tfds_builders.AFFWILD2_FRAMES, out / "tfds", manual_dir=root)
+  ft_source = {"1p": [f"--config.data.root={root}"],
+               "2p": ["--config.data.source=tfds", f"--config.data.tfds_dir={frames}",
+                      "--config.data.worker_count=1"]}
   for p, procs in (("1p", 1), ("2p", 2)):
     _run("pretrain", _pretrain_args(root, w[f"mae{p}"], index), procs, logs)
     _run("finetune", [
-        "--config=configs/expr_finetune.py:tiny", f"--workdir={w[f'ft{p}']}",
-        f"--config.data.root={root}", f"--config.data.image_size={IMAGE}", "--config.batch_size=8",
+        "--config=configs/expr_finetune.py:tiny", f"--workdir={w[f'ft{p}']}", *ft_source[p],
+        f"--config.data.image_size={IMAGE}", "--config.batch_size=8",
         "--config.eval_batch_size=12", "--config.num_steps=8", "--config.log_every=1",
         "--config.eval_every_epochs=100", f"--config.init.mae_workdir={w['mae1p']}"], procs, logs)
     _run("extract", [

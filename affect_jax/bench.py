@@ -354,7 +354,8 @@ def _cpu_seconds() -> float:
 
 
 def bench_loader(batch: int, image_size: int, *, worker_count: int = 0, num_batches: int = 10,
-                 repeats: int = 5, source: str = "folders", items: Sequence | None = None) -> dict:
+                 repeats: int = 5, source: str = "folders", items: Sequence | None = None,
+                 read_threads: int | None = None) -> dict:
   """The grain pretraining pipeline alone: read + decode + random-resized-crop + flip + batch,
   from image files ('folders') or an ArrayRecord dataset of the same files ('tfds'). Medians
   over `repeats` rounds of `num_batches`: img/s (wall clock) and img per CPU-second of the
@@ -362,8 +363,10 @@ def bench_loader(batch: int, image_size: int, *, worker_count: int = 0, num_batc
   threads, so wall-clock img/s alone does not say how many cores it took)."""
   from affect_jax.data import loaders
   items = loader_inputs(source, image_size) if items is None else items
+  read_threads = loaders.READ_THREADS if read_threads is None else read_threads
   it = iter(loaders.pretrain_dataset(items, image_size=image_size, batch_size=batch, seed=0,
-                                     worker_count=worker_count, shard_index=0, shard_count=1))
+                                     worker_count=worker_count, read_threads=read_threads,
+                                     shard_index=0, shard_count=1))
   next(it)  # start workers
   rates, per_cpu = [], []
   for _ in range(repeats):
@@ -376,7 +379,8 @@ def bench_loader(batch: int, image_size: int, *, worker_count: int = 0, num_batc
   if hasattr(it, "close"):
     it.close()
   return {"what": "grain_loader", "source": source, "batch": batch, "image_size": image_size,
-          "worker_count": worker_count, "img_per_s": statistics.median(rates),
+          "worker_count": worker_count, "read_threads": read_threads,
+          "img_per_s": statistics.median(rates),
           "img_per_cpu_s": statistics.median(per_cpu), "img_per_s_all": rates}
 
 

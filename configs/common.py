@@ -7,7 +7,7 @@ Task configs call `get_data_config()` and override fields, e.g.
 import ml_collections
 
 from affect_jax import sharding
-from affect_jax.data import affwild2
+from affect_jax.data import affwild2, loaders
 
 # Where launchers write (and read) the embedded synthetic dataset when no root is given.
 DEFAULT_SYNTHETIC_ROOT = "/tmp/affect_jax/synthetic"
@@ -38,6 +38,9 @@ def add_image_loader(data: ml_collections.ConfigDict) -> None:
   # grain worker processes decoding and cropping: -1 sizes them from the host's cores (none
   # on a CPU backend, whose cores run the model), 0 decodes in the training process.
   data.worker_count = -1
+  # Threads reading and decoding in each of those processes; raise it for storage with a
+  # long latency per read (a bucket).
+  data.read_threads = loaders.READ_THREADS
   # Batches put on the devices ahead of the step, from a background thread (0: none).
   data.prefetch = 2
 

@@ -30,6 +30,8 @@ _WORKERS = flags.DEFINE_list("worker_counts", ["0", "1", "2"], "--what=loader: g
                              "processes, each count timed.")
 _SOURCES = flags.DEFINE_list("sources", ["folders", "tfds"], "--what=loader: image files, or an "
                              "ArrayRecord dataset of the same files (config.data.source).")
+_THREADS = flags.DEFINE_list("read_threads", [], "--what=loader: read/decode threads per process, "
+                             "each count timed (default: the loaders').")
 _LOADER_SIZES = flags.DEFINE_list("loader_image_sizes", ["64", "224"], "--what=loader: crop "
                                   "sizes (the source images are this size too).")
 _STAGE = flags.DEFINE_enum("stage", "mae", ["mae", "finetune"], "--what=memory: whose step.")
@@ -82,9 +84,11 @@ def main(argv):
     for size in sizes:
       for source in _SOURCES.value:
         items = bench.loader_inputs(source, size)
-        for workers in _WORKERS.value:
-          results.append(bench.bench_loader(_BATCH.value, size, worker_count=int(workers),
-                                            source=source, items=items))
+        for threads in _THREADS.value or [None]:
+          for workers in _WORKERS.value:
+            results.append(bench.bench_loader(
+                _BATCH.value, size, worker_count=int(workers), source=source, items=items,
+                read_threads=None if threads is None else int(threads)))
   for r in results:
     print(json.dumps({k: v for k, v in r.items() if not k.endswith("_all")}))
   print()
@@ -126,7 +130,7 @@ def main(argv):
             f"{r['bfloat16_f32acc_gflops']:.0f} GFLOP/s")
     else:
       print(f"grain loader {r['source']:7s} {r['image_size']:3d}px batch {r['batch']} workers "
-            f"{r['worker_count']}: {r['img_per_s']:7.1f} img/s, {r['img_per_cpu_s']:7.1f} img per "
+            f"{r['worker_count']} threads {r['read_threads']:2d}: {r['img_per_s']:7.1f} img/s, {r['img_per_cpu_s']:7.1f} img per "
             f"CPU-second (medians of {len(r['img_per_s_all'])})")
 
 

@@ -224,8 +224,24 @@ def worker_count(requested: int = -1) -> int:
   return max(0, min(host_cores() - 1, MAX_AUTO_WORKERS))
 
 
-def _finish(ds: grain.MapDataset, batch_size: int, drop_remainder: bool, workers: int):
-  it = ds.to_iter_dataset().filter(_is_present).batch(batch_size, drop_remainder=drop_remainder)
+# Threads reading and decoding in each process that runs the pipeline (the training process,
+# or each worker). PIL releases the GIL while it decodes and resizes, so a few threads use a
+# few cores; grain's default of 16 spends a third more CPU per image on two cores in lock
+# traffic (launch/bench.py --what=loader). Storage with a long latency per read (a bucket)
+# wants more.
+READ_THREADS = 4
+
+
+def options(data) -> dict:
+  """The loader arguments a stage's `config.data` sets: worker_count, read_threads."""
+  return {"worker_count": int(data.get("worker_count", -1)),
+          "read_threads": int(data.get("read_threads", READ_THREADS))}
+
+
+def _finish(ds: grain.MapDataset, batch_size: int, drop_remainder: bool, workers: int,
+            read_threads: int = READ_THREADS):
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
+  it = it.filter(_is_present).batch(batch_size, drop_remainder=drop_remainder)
   workers = worker_count(workers)
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
@@ -253,7 +269,7 @@ def _sequence(items) -> Sequence:
 
 def pretrain_dataset(items: Sequence, *, image_size: int, batch_size: int, seed: int,
                      num_epochs: int | None = None, worker_count: int = -1,
-                     crop_scale=(0.2, 1.0), flip: bool = True,
+                     crop_scale=(0.2, 1.0), flip: bool = True, read_threads: int = READ_THREADS,
                      shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
   """Shuffled, augmented, batched images (paths, or records with a 'path' and e.g. a label).
 
@@ -265,12 +281,13 @@ def pretrain_dataset(items: Sequence, *, image_size: int, batch_size: int, seed:
   ds = grain.MapDataset.source(_sequence(items)).shuffle(seed=seed).repeat(num_epochs)
   ds = ds.random_map(RandomResizedCropFlip(image_size, crop_scale, flip), seed=seed)
   return _finish(process_rows(ds, batch_size, shard_index, shard_count), batch_size, True,
-                 worker_count)
+                 worker_count, read_threads)
 
 
 def eval_dataset(items: Sequence, *, image_size: int, batch_size: int, worker_count: int = -1,
-                 shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
+                 read_threads: int = READ_THREADS, shard_index: int | None = None,
+                 shard_count: int | None = None) -> grain.IterDataset:
   """In order, resized, one pass; the last batch may be short. Records keep their fields,
   so predictions stay paired with labels even when an unreadable file is skipped."""
   ds = process_rows(grain.MapDataset.source(_sequence(items)), batch_size, shard_index, shard_count)
-  return _finish(ds.map(ResizeImage(image_size)), batch_size, False, worker_count)
+  return _finish(ds.map(ResizeImage(image_size)), batch_size, False, worker_count, read_threads)

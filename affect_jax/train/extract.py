@@ -133,7 +133,7 @@ def extract_visual(config: ml_collections.ConfigDict, out_dir: str, videos: dict
 
   batches = loaders.eval_dataset(records, image_size=size, batch_size=rows, shard_index=0,
                                  shard_count=1,  # records are already this process's own
-                                 worker_count=config.data.worker_count)
+                                 **loaders.options(config.data))
   spec = {"image": jax.ShapeDtypeStruct((size, size, 3), np.uint8)}
   for batch, out in sharding.map_batches(lambda b: forward(params, b["image"]), batches, mesh,
                                          rows=rows, row_spec=spec):

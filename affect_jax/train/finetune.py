@@ -178,16 +178,16 @@ def make_apply_fn(model, mesh):
 
 
 def predict_logits(model, params, records, *, image_size: int, batch_size: int, mesh,
-                   apply_fn=None, worker_count: int = -1) -> tuple[np.ndarray, np.ndarray]:
+                   apply_fn=None, **loader_options) -> tuple[np.ndarray, np.ndarray]:
   """(logits [N, C], labels [N]) over the readable records, all processes' together (each
-  process computes its share of the records; `worker_count` as `loaders.worker_count`)."""
+  process computes its share of the records; `loader_options` as `loaders.options`)."""
   fn = apply_fn or make_apply_fn(model, mesh)
   rows = sharding.batch_rows(batch_size, mesh)
   spec = {"image": jax.ShapeDtypeStruct((image_size, image_size, 3), np.uint8)}
   outs, labels = [], []
   for batch, logits in sharding.map_batches(
       lambda b: fn(params, b["image"]), loaders.eval_dataset(records, image_size=image_size,
-                                                            batch_size=rows, worker_count=worker_count),
+                                                            batch_size=rows, **loader_options),
       mesh, rows=rows, row_spec=spec):
     outs.append(logits)
     labels.append(batch["label"])
@@ -218,13 +218,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
   def evaluate(st):
     logits, labels = predict_logits(model, st.params, val, image_size=config.data.image_size,
                                     batch_size=config.eval_batch_size, mesh=mesh, apply_fn=apply_fn,
-                                    worker_count=config.data.worker_count)
+                                    **loaders.options(config.data))
     pred = logits.argmax(-1)
     return {"f1": metrics.expr_f1(pred, labels), "accuracy": float(np.mean(pred == labels))}
 
   data = loaders.pretrain_dataset(
       train, image_size=config.data.image_size, batch_size=config.batch_size // jax.process_count(),
-      seed=config.seed, worker_count=config.data.worker_count, crop_scale=tuple(config.data.crop_scale),
+      seed=config.seed, **loaders.options(config.data), crop_scale=tuple(config.data.crop_scale),
       flip=config.data.flip)
   data_iter = iter(loaders.prefetch_to_device(data, functools.partial(sharding.shard_batch, mesh=mesh),
                                               config.data.prefetch))

@@ -127,7 +127,7 @@ JOB_FILE = "job.json"
 # work is laid out, not what is computed.
 MAY_CHANGE_ON_RESUME = ("resume", "log_every", "checkpoint_every", "max_to_keep", "recon_every",
                         "eval_batch_size", "bootstrap_samples", "mesh_shape", "data.worker_count",
-                        "data.prefetch",
+                        "data.read_threads", "data.prefetch",
                         "data.index_cache", "model.remat", "profile_steps")
 
 

@@ -159,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step_fn = jit_train_step(model, config, schedule, shardings, mesh)
   ds = loaders.pretrain_dataset(
       paths, image_size=config.data.image_size, batch_size=config.batch_size // jax.process_count(),
-      seed=config.seed, worker_count=config.data.worker_count, crop_scale=tuple(config.data.crop_scale),
+      seed=config.seed, **loaders.options(config.data), crop_scale=tuple(config.data.crop_scale),
       flip=config.data.flip)
   data_iter = iter(loaders.prefetch_to_device(ds, functools.partial(sharding.shard_batch, mesh=mesh),
                                               config.data.prefetch))

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import grain
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from PIL import Image
 
 # ImageNet statistics, as the MAE recipe and the public checkpoints use.
@@ -212,15 +212,15 @@ def host_cores() -> int:
 def worker_count(requested: int = -1) -> int:
   """grain worker processes for a loader: `requested` when >= 0; -1 sizes them from the
   host: none on a CPU backend (there the cores run the model, and workers would take them
-  from XLA), else this process's cores less one for the training thread, at most
-  MAX_AUTO_WORKERS. Processes sharing a host without CPU pinning each see all its cores:
+  from XLA) or outside an absl app (grain's workers need its flags), else this process's
+  cores less one for the training thread, at most MAX_AUTO_WORKERS. Processes sharing a host without CPU pinning each see all its cores:
   give them a count of their own (`--config.data.worker_count`)."""
   if requested >= 0:
     return int(requested)
   if requested != -1:
     raise ValueError(f"worker_count={requested}: use -1 (sized from the host) or a count >= 0")
-  if jax.default_backend() == "cpu":
-    return 0
+  if jax.default_backend() == "cpu" or not flags.FLAGS.is_parsed():
+    return 0  # (grain's workers read absl flags: a process not run by absl.app decodes itself)
   return max(0, min(host_cores() - 1, MAX_AUTO_WORKERS))
 
 
@@ -243,6 +243,10 @@ def _finish(ds: grain.MapDataset, batch_size: int, drop_remainder: bool, workers
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
   it = it.filter(_is_present).batch(batch_size, drop_remainder=drop_remainder)
   workers = worker_count(workers)
+  if workers > 0 and not flags.FLAGS.is_parsed():
+    raise ValueError(f"worker_count={workers}: grain's worker processes need absl flags parsed; "
+                     "run the job through absl.app.run (as launch/*.py do) or call "
+                     "absl.flags.FLAGS.mark_as_parsed() first, or use worker_count=0")
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return it

@@ -1,5 +1,6 @@
 import math
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -167,3 +168,21 @@ def test_crop_flip_equals_an_independent_crop_resize_and_numpy_flip(image_root):
     assert 0 < flips < 8
   finally:
     (image_root / "noise.png").unlink()
+
+
+def test_worker_count_from_the_host():
+  assert loaders.worker_count(3) == 3
+  assert loaders.worker_count(-1) == 0  # a CPU backend: its cores run the model
+  with pytest.raises(ValueError, match="worker_count=-2: use -1"):
+    loaders.worker_count(-2)
+  assert loaders.options(ml_collections.ConfigDict({"worker_count": 2})) == {
+      "worker_count": 2, "read_threads": loaders.READ_THREADS}
+
+
+def test_workers_without_absl_flags_are_a_clear_error(image_root):
+  from absl import flags
+  if flags.FLAGS.is_parsed():
+    pytest.skip("flags already parsed in this process")
+  with pytest.raises(ValueError, match="grain's worker processes need absl flags parsed"):
+    loaders.eval_dataset([str(image_root / "video0" / "00001.jpg")], image_size=8, batch_size=1,
+                         worker_count=1)

@@ -24,7 +24,7 @@ import safetensors.numpy
 
 from affect_jax import pixel_baseline
 from affect_jax.data import affwild2 as aw
-from affect_jax.data import audio, features
+from affect_jax.data import audio, features, tfds_builders
 from affect_jax.models import convert
 from affect_jax.train import extract, finetune, loop, pretrain, temporal
 from configs import common, expr_finetune, mae_pretrain
@@ -183,7 +183,9 @@ def _audio_partly_silent(root, names, store):
 
 ANNOTATION_STAGES = ("temporal", "extract", "pixel")  # the stages that read VA annotations
 FRAMES_STAGES = ANNOTATION_STAGES + ("finetune",)  # the video is in the EXPR set too
-FRAME_STAGES = ("extract_visual", "pixel_store")  # the stages that turn images into features
+# The stages that turn images into features ('extract_visual_tfds': from an ArrayRecord
+# dataset built from the damaged tree, into a store of its own).
+FRAME_STAGES = ("extract_visual", "extract_visual_tfds", "pixel_store")
 
 CASES = [
     # -- annotations
@@ -269,6 +271,12 @@ def _run_stage(stage, root, tmp_path, finetune_workdir, out):
   if stage == "pixel_store":
     return features.FeatureStore(pixel_baseline.write_feature_store(root, tmp_path / "pixels", 4))
   config = extract_config_for(root, finetune_workdir)
+  if stage == "extract_visual_tfds":
+    config.data.source, config.audio = "tfds", False
+    config.data.tfds_dir = str(tfds_builders.build(tfds_builders.AFFWILD2_FRAMES, tmp_path / "tfds",
+                                                   manual_dir=root))
+    extract.run(config, str(tmp_path / "tfds_features"), log=lambda s: None)
+    return features.FeatureStore(tmp_path / "tfds_features" / "visual")
   config.visual, config.audio = stage in ("extract", "extract_visual"), stage in ("extract", "extract_audio")
   extract.run(config, str(out), log=lambda s: None)
   return features.FeatureStore(out / ("visual" if config.visual else "audio"))

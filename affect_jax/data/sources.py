@@ -17,6 +17,7 @@ import os
 from typing import Sequence
 
 import ml_collections
+import numpy as np
 
 from affect_jax.data import affwild2, faces
 
@@ -30,21 +31,75 @@ def source(config: ml_collections.ConfigDict) -> str:
   return kind
 
 
+class FolderFrames:
+  """An Aff-Wild2 tree read as it is, with the reading interface of the built dataset
+  (`tfds_builders.FramesDataset`): the videos, which frames have an image, a fingerprint of a
+  video's images, and the records the pipelines take (image paths)."""
+
+  def __init__(self, root: str | os.PathLike, max_unmatched: float = affwild2.MAX_UNMATCHED_FRAMES):
+    self.directory = str(root)
+    self._max_unmatched = max_unmatched
+    self._num_frames: dict[str, int] = {}
+
+  def videos(self, with_test: bool = True) -> dict[str, int]:
+    """{video: num_frames}: `affwild2.all_videos`."""
+    videos = affwild2.all_videos(self.directory, with_test, self._max_unmatched)
+    self._num_frames.update(videos)
+    return videos
+
+  def _frames(self, video: str) -> int:
+    if not self._num_frames:
+      self.videos()
+    return self._num_frames[video]
+
+  def has_image(self, video: str) -> np.ndarray:
+    return affwild2.image_mask(self.directory, video, self._frames(video))
+
+  def fingerprint(self, video: str) -> str:
+    """The names, sizes and mtimes of the video's images (`affwild2.frames_fingerprint`)."""
+    return affwild2.frames_fingerprint(self.directory, video, self._frames(video))
+
+  def where(self, video: str) -> str:
+    """The video's images, for messages."""
+    return os.path.join(self.directory, affwild2.FRAMES_DIR, video)
+
+  def _path(self, video: str, frame: int) -> str:
+    return os.path.join(self.directory, affwild2.FRAMES_DIR, video, affwild2.frame_name(frame + 1))
+
+  def expr_records(self, split: str) -> list[dict]:
+    """{'path', 'label'} for every frame of the EXPR `split` with a valid label. A labelled
+    frame without an image takes its nearest image (DESIGN.md's repair rule)."""
+    records = []
+    for v in affwild2.load_split(self.directory, "EXPR", split, max_unmatched=self._max_unmatched):
+      src = affwild2.nearest_image(v.has_image, self.where(v.video))
+      records += [{"path": self._path(v.video, int(src[t])), "label": np.int32(v.labels[t])}
+                  for t in np.flatnonzero(v.valid)]
+    if not records:
+      raise ValueError(f"{self.directory}: no valid EXPR labels in {split}")
+    return records
+
+  def image_records(self, videos: Sequence[str]) -> list[dict]:
+    """{'path', 'video', 'frame'} of each frame with an image of `videos` (video = position
+    in `videos`), in order."""
+    return [{"path": self._path(v, int(k)), "video": np.int32(i), "frame": np.int32(k)}
+            for i, v in enumerate(videos) for k in np.flatnonzero(self.has_image(v))]
+
+
 @functools.lru_cache(maxsize=8)
-def _frames(directory: str):
+def _built(directory: str):
   from affect_jax.data import tfds_builders
   return tfds_builders.FramesDataset(directory)
 
 
-def frames_dataset(config: ml_collections.ConfigDict):
-  """The aff_wild2_frames dataset of a 'tfds' config (`tfds_builders.FramesDataset`), or None
-  for 'folders'."""
+def frames(config: ml_collections.ConfigDict):
+  """The Aff-Wild2 frames a config reads: `FolderFrames` of data.root ('folders') or the
+  built dataset at data.tfds_dir ('tfds'); the same interface, the same records."""
   if source(config) == "folders":
-    return None
+    return FolderFrames(config.data.root, affwild2.max_unmatched(config))
   if not config.data.get("tfds_dir"):
     raise ValueError("config.data.source='tfds' needs config.data.tfds_dir: an aff_wild2_frames "
                      "dataset directory written by launch/build_tfds.py")
-  return _frames(str(config.data.tfds_dir))
+  return _built(str(config.data.tfds_dir))
 
 
 def face_roots(config: ml_collections.ConfigDict) -> list[str]:
@@ -52,8 +107,7 @@ def face_roots(config: ml_collections.ConfigDict) -> list[str]:
   if config.data.roots:
     return [r for r in config.data.roots.split(",") if r]
   if source(config) == "tfds":
-    frames_dataset(config)  # checks tfds_dir is set
-    return [str(config.data.tfds_dir)]
+    return [frames(config).directory]
   return [os.path.join(config.data.root, affwild2.FRAMES_DIR)]
 
 

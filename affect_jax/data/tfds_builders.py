@@ -390,6 +390,10 @@ class FramesDataset:
     has[self._videos[video]["missing"]] = False
     return has
 
+  def where(self, video: str) -> str:
+    """The video's records, for messages."""
+    return f"{self.directory}: video {video}"
+
   def fingerprint(self, video: str) -> str:
     """What a video's visual features are made from: a hash of its image bytes."""
     return f"tfds:{self._videos[video]['sha256']}"

@@ -11,7 +11,6 @@ recompute the rest.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 
 import jax
@@ -82,11 +81,11 @@ def open_store(path, **kwargs) -> features.FeatureStore:
   return store if jax.process_index() == 0 else features.FeatureStore.create(path, **kwargs)
 
 
-def extract_visual(config: ml_collections.ConfigDict, out_dir: str, videos: dict[str, int],
+def extract_visual(config: ml_collections.ConfigDict, out_dir: str, frames, videos: dict[str, int],
                    log=logging.info) -> features.FeatureStore:
-  """Each process extracts its share of the videos (balanced by frames) through one sharded
-  forward over all devices; every process runs the same number of batches."""
-  root = config.data.root
+  """Each process extracts its share of `videos` (balanced by frames) of `frames` (a
+  `sources.frames`) through one sharded forward over all devices; every process runs the
+  same number of batches."""
   model, params, size = load_encoder(config)
   store = open_store(
       fileio.path(out_dir) / VISUAL_DIR, kind="visual", dim=model.width, dtype=config.feature_dtype,
@@ -95,24 +94,13 @@ def extract_visual(config: ml_collections.ConfigDict, out_dir: str, videos: dict
               "encoder_kind": config.encoder_kind, "pool": model.pool, "image_size": size})
   names = list(videos)
   mine = {v: videos[v] for v in sharding.process_share(names, [videos[v] for v in names])}
-  frames = sources.frames_dataset(config)
-  if frames is None:
-    inputs = {v: affwild2.frames_fingerprint(root, v, n) for v, n in mine.items()}
-  else:
-    inputs = {v: frames.fingerprint(v) for v in mine}
+  inputs = {v: frames.fingerprint(v) for v in mine}
   todo = _plan(store, "visual", mine, inputs, log)
   mesh = sharding.make_mesh(config.mesh_shape)
   params = jax.device_put(params, sharding.replicated(mesh))
   forward = finetune.make_apply_fn(model, mesh)
-  if frames is None:
-    records, has_image = [], {}
-    for i, video in enumerate(todo):
-      has_image[video] = affwild2.image_mask(root, video, videos[video])
-      records += [{"path": os.path.join(root, affwild2.FRAMES_DIR, video, affwild2.frame_name(int(k) + 1)),
-                   "video": np.int32(i), "frame": np.int32(k)} for k in np.flatnonzero(has_image[video])]
-  else:
-    has_image = {v: frames.has_image(v) for v in todo}
-    records = frames.image_records(todo)
+  has_image = {v: frames.has_image(v) for v in todo}
+  records = frames.image_records(todo)
   rows = sharding.batch_rows(config.batch_size, mesh)
   current, feats = 0, {}
   start, done_frames = time.perf_counter(), 0
@@ -122,9 +110,7 @@ def extract_visual(config: ml_collections.ConfigDict, out_dir: str, videos: dict
     nonlocal current, feats, done_frames
     while current < upto:
       v = todo[current]
-      _finish_video(store, v, videos[v], has_image[v], feats, inputs[v],
-                    os.path.join(root, affwild2.FRAMES_DIR, v) if frames is None
-                    else f"{frames.directory}: video {v}")
+      _finish_video(store, v, videos[v], has_image[v], feats, inputs[v], frames.where(v))
       done_frames += videos[v]
       rate = done_frames / max(time.perf_counter() - start, 1e-9)
       log(f"visual {current + 1}/{len(todo)} {v}: {videos[v]} frames | {rate:.0f} frames/s | "
@@ -181,14 +167,11 @@ def extract_audio(config: ml_collections.ConfigDict, out_dir: str, videos: dict[
 
 def run(config: ml_collections.ConfigDict, out_dir: str, log=logging.info) -> dict[str, str]:
   """Extracts what the config asks for into `out_dir/{visual,audio}`; returns their paths."""
-  frames = sources.frames_dataset(config)
-  if frames is None:
-    videos = affwild2.all_videos(config.data.root, config.test_split, affwild2.max_unmatched(config))
-  else:
-    videos = frames.videos(config.test_split)
+  frames = sources.frames(config)
+  videos = frames.videos(config.test_split)
   out = {}
   if config.visual:
-    out["visual"] = str(extract_visual(config, out_dir, videos, log).root)
+    out["visual"] = str(extract_visual(config, out_dir, frames, videos, log).root)
   if config.audio:
     out["audio"] = str(extract_audio(config, out_dir, videos, log).root)
   return out

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -31,27 +30,15 @@ NUM_CLASSES = len(affwild2.EXPR_NAMES)
 
 def frame_records(root: str, split: str,
                   max_unmatched: float = affwild2.MAX_UNMATCHED_FRAMES) -> list[dict]:
-  """{'path', 'label'} for every frame of `split` with a valid expression label. A labelled
-  frame without an image takes its nearest image (as DESIGN.md's repair rule)."""
-  records = []
-  for v in affwild2.load_split(root, TASK, split, max_unmatched=max_unmatched):
-    src = affwild2.nearest_image(v.has_image, os.path.join(root, affwild2.FRAMES_DIR, v.video))
-    for t in np.flatnonzero(v.valid):
-      records.append({"path": os.path.join(root, affwild2.FRAMES_DIR, v.video,
-                                           affwild2.frame_name(int(src[t]) + 1)),
-                      "label": np.int32(v.labels[t])})
-  if not records:
-    raise ValueError(f"{root}: no valid {TASK} labels in {split}")
-  return records
+  """{'path', 'label'} for every frame of `split` of the tree at `root` with a valid
+  expression label (`sources.FolderFrames.expr_records`)."""
+  return sources.FolderFrames(root, max_unmatched).expr_records(split)
 
 
 def expr_records(config: ml_collections.ConfigDict, split: str) -> Sequence:
-  """`frame_records` of `split` from the config's source: the Aff-Wild2 tree at data.root,
-  or the built aff_wild2_frames dataset (`sources`): the same records, bytes for paths."""
-  frames = sources.frames_dataset(config)
-  if frames is None:
-    return frame_records(config.data.root, split, affwild2.max_unmatched(config))
-  return frames.expr_records(split)
+  """The labelled frames of `split` from the config's source (`sources.frames`): the tree at
+  data.root or the built aff_wild2_frames dataset, the same records (bytes for paths)."""
+  return sources.frames(config).expr_records(split)
 
 
 def class_weights(labels: np.ndarray, kind: str) -> np.ndarray | None:

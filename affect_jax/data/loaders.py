@@ -213,8 +213,9 @@ def worker_count(requested: int = -1) -> int:
   """grain worker processes for a loader: `requested` when >= 0; -1 sizes them from the
   host: none on a CPU backend (there the cores run the model, and workers would take them
   from XLA) or outside an absl app (grain's workers need its flags), else this process's
-  cores less one for the training thread, at most MAX_AUTO_WORKERS. Processes sharing a host without CPU pinning each see all its cores:
-  give them a count of their own (`--config.data.worker_count`)."""
+  cores less one for the training thread, at most MAX_AUTO_WORKERS. Processes sharing a host
+  without CPU pinning each see all its cores: give them a count of their own
+  (`--config.data.worker_count`)."""
   if requested >= 0:
     return int(requested)
   if requested != -1:

@@ -275,9 +275,9 @@ def _open(directory: str | os.PathLike, *expect: str):
 
 
 class Records(Sequence):
-  """Random access to chosen records of one or more ArrayRecord splits (raw sources), as loader records:
-  {'image': encoded bytes, 'path': a name for messages, **columns[i]}. Picklable (grain's
-  worker processes get a copy)."""
+  """Random access to chosen records of one or more ArrayRecord splits (their raw sources),
+  as loader records: {'image': encoded bytes, 'path': a name for messages, **columns[i]}.
+  Picklable (grain's worker processes get a copy)."""
 
   def __init__(self, parts: Sequence[tuple[object, np.ndarray, str]],
                columns: dict[str, np.ndarray] | None = None):
@@ -306,7 +306,8 @@ class Records(Sequence):
     # The serialized tf.train.Example, parsed by protobuf's C++ parser for just the fields
     # needed (TFDS's generic numpy deserialisation holds the GIL several times longer,
     # which the loader's decode threads feel).
-    feature = tf_example_pb2.Example.FromString(src[int(idx[i - (self._ends[p - 1] if p else 0)])]).features.feature
+    raw = src[int(idx[i - (self._ends[p - 1] if p else 0)])]
+    feature = tf_example_pb2.Example.FromString(raw).features.feature
     if "video" in feature:
       what = (f"{feature['video'].bytes_list.value[0].decode()}/"
               f"{affwild2.frame_name(feature['frame'].int64_list.value[0] + 1)}")

@@ -28,6 +28,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.variant = preset
   c.model.pool = "mean"  # 'mean' (MAE fine-tuning's global pool + fc_norm) or 'cls'
+  # 'sincos' (MAE's fixed table) or 'learned' (converted timm ViT weights with their own table)
+  c.model.pos_embed = "sincos"
   c.model.drop_path_rate = 0.1
   # c.model.dtype, c.model.remat, c.grad_accum_steps, c.mesh_shape: common.set_vit_scale.
   c.model.kernels = "auto"  # affect_jax.models.layers.KERNELS

@@ -13,9 +13,11 @@ onto `MaskedAutoencoder` or `VisionTransformer` params:
   decoder_embed.*, decoder_pred.*             -> same
   decoder_blocks.{i}.*, decoder_norm.*        -> decoder/blocks_{i}/..., decoder/norm
 
-torch Linear weights are [out, in]; our kernels are [in..., out...]. `pos_embed` and
-`decoder_pos_embed` are fixed sin-cos tables here, not params: they are checked against ours
-and otherwise ignored.
+torch Linear weights are [out, in]; our kernels are [in..., out...]. MAE's `pos_embed` and
+`decoder_pos_embed` are fixed sin-cos tables, not params: they are checked equal to ours. A
+learned `pos_embed` (timm's supervised ViTs) loads into a VisionTransformer with
+`pos_embed='learned'`, resampled (bicubic, as timm) to the model's grid; into a sin-cos model
+it is an error, never dropped: no checkpoint tensor is ignored.
 """
 
 import os
@@ -90,7 +92,7 @@ def _torch_shape(path, shape) -> tuple[int, ...]:
   if path[-1] == "kernel":
     k = _kernel_in_axes(path)
     return (int(np.prod(shape[k:])), int(np.prod(shape[:k])))  # [out, in]
-  if path[-1] in ("cls_token", "mask_token"):
+  if path[-1] in ("cls_token", "mask_token", "pos_embed"):
     return tuple(shape)
   return (int(np.prod(shape)),)  # biases and LayerNorm params are flat in torch
 
@@ -103,17 +105,28 @@ def _to_ours(path, value, shape):
   return value.reshape(shape)
 
 
-def _check_positions(state, template_widths):
+def is_sincos(table) -> bool:
+  """Whether a checkpoint's position table [1, 1 + h*w, D] is MAE's fixed sin-cos one."""
+  table = np.asarray(table, np.float32).reshape(-1, np.shape(table)[-1])
+  side = int(round((table.shape[0] - 1) ** 0.5))
+  if side * side != table.shape[0] - 1 or table.shape[1] % 4:
+    return False
+  return bool(np.allclose(vit.sincos_pos_embed_2d(table.shape[1], (side, side)), table, atol=1e-4))
+
+
+def _check_positions(state, template_widths, learned: bool) -> list[str]:
+  """Problems with the checkpoint's position tables for a model whose own are sin-cos
+  (`learned`: the encoder's is a param, loaded instead of checked)."""
+  problems = []
   for key, width_name in POSITION_KEYS.items():
-    if key not in state or width_name not in template_widths:
+    if key not in state or width_name not in template_widths or (key == "pos_embed" and learned):
       continue
-    table = np.asarray(state[key], np.float32).reshape(-1, state[key].shape[-1])
-    side = int(round((table.shape[0] - 1) ** 0.5))
-    ours = vit.sincos_pos_embed_2d(table.shape[1], (side, side))
-    if ours.shape != table.shape or not np.allclose(ours, table, atol=1e-4):
-      logging.warning(
-          "%s in the checkpoint is not the fixed 2-D sin-cos table our model uses; it is "
-          "ignored, so outputs will differ from the original model.", key)
+    if not is_sincos(state[key]):
+      fix = ("convert with --pos_embed=learned (a VisionTransformer with a learned table)"
+             if key == "pos_embed" else "a learned decoder table is not supported")
+      problems.append(f"{key} {tuple(np.shape(state[key]))} is a learned table, not MAE's fixed "
+                      f"2-D sin-cos one: {fix}")
+  return problems
 
 
 def convert_timm_state_dict(state: dict[str, Any], params_template: Any) -> dict[str, Any]:
@@ -141,19 +154,27 @@ def convert_timm_state_dict(state: dict[str, Any], params_template: Any) -> dict
   if ("decoder_embed", "kernel") in flat:
     widths["decoder_width"] = flat["decoder_embed", "kernel"].shape[-1]
 
+  learned = ("pos_embed",) in flat
   missing = sorted(set(expected) - set(state))
   unexpected = sorted(set(state) - set(expected) - set(POSITION_KEYS))
   wrong_shape = []
   for name in sorted(set(expected) & set(state)):
     path = expected[name]
-    want = _torch_shape(path, flat[path].shape)
-    if tuple(np.shape(state[name])) != want:
-      wrong_shape.append(f"{name}: checkpoint {tuple(np.shape(state[name]))}, "
-                         f"expected {want}")
-  if missing or unexpected or wrong_shape:
+    got = tuple(np.shape(state[name]))
+    if path == ("pos_embed",):  # any square grid: resampled to ours below
+      side = int(round(max(got[1] - 1, 0) ** 0.5)) if len(got) == 3 else 0
+      ok = len(got) == 3 and got[0] == 1 and got[2] == flat[path].shape[2] and side * side + 1 == got[1]
+      want = f"(1, 1 + h*w, {flat[path].shape[2]})"
+    else:
+      want = _torch_shape(path, flat[path].shape)
+      ok = got == want
+    if not ok:
+      wrong_shape.append(f"{name}: checkpoint {got}, expected {want}")
+  positions = _check_positions(state, widths, learned)
+  if missing or unexpected or wrong_shape or positions:
     lines = ["The checkpoint does not match the model."]
     for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("wrong shape", wrong_shape)):
+                         ("wrong shape", wrong_shape), ("position table", positions)):
       if items:
         lines.append(f"{title} ({len(items)}):")
         lines += [f"  {item}" for item in items]
@@ -162,11 +183,15 @@ def convert_timm_state_dict(state: dict[str, Any], params_template: Any) -> dict
                    "vit.load_mae_encoder)")
     raise ValueError("\n".join(lines))
 
-  _check_positions(state, widths)
   params = {}
   for name, path in expected.items():
     leaf = flat[path]
-    value = _to_ours(path, np.asarray(state[name]), leaf.shape)
+    if path == ("pos_embed",):
+      n = leaf.shape[1] - 1
+      side = int(round(n ** 0.5))
+      value = vit.resample_pos_embed(np.asarray(state[name])[0], (side, side))[None]
+    else:
+      value = _to_ours(path, np.asarray(state[name]), leaf.shape)
     params[path] = value.astype(leaf.dtype)
   params = traverse_util.unflatten_dict(params)
   return vit.stack_blocks(params) if scanned else params
@@ -214,22 +239,43 @@ def build_model(model: str, preset: str, **overrides) -> nn.Module:
   raise ValueError(f"model must be 'mae' or 'vit', got {model!r}")
 
 
-def params_shapes(module: nn.Module) -> Any:
-  """The module's params as ShapeDtypeStructs, without allocating them."""
-  # Params do not depend on the image size (position embeddings are not params).
-  imgs = jnp.zeros((1, 2 * module.patch_size, 2 * module.patch_size, 3))
+def params_shapes(module: nn.Module, image_size: int | None = None) -> Any:
+  """The module's params as ShapeDtypeStructs for `image_size` images, without allocating
+  them. Only a learned position table depends on the image size (default: 2x2 patches)."""
+  size = image_size or 2 * module.patch_size
+  imgs = jnp.zeros((1, size, size, 3))
   rngs = {"params": jax.random.key(0), "masking": jax.random.key(0)}
   return jax.eval_shape(lambda: module.init(rngs, imgs, train=False))["params"]
 
 
-def convert_checkpoint(input_path: str, model: str = "mae", preset: str = "base",
+def convert_checkpoint(input_path: str, model: str = "mae", preset: str = "base", *,
+                       pos_embed: str = "auto", image_size: int | None = None,
                        **overrides) -> dict[str, Any]:
   """Reads a timm/MAE checkpoint file and returns params for `build_model(...)`; errors name
-  the file."""
-  module = build_model(model, preset, **overrides)
+  the file.
+
+  `pos_embed` ('vit' only): 'auto' takes a learned table when the checkpoint's `pos_embed` is
+  not MAE's sin-cos one (logged), 'sincos' or 'learned' insist. A learned table is resampled
+  to `image_size` (default: the checkpoint's own grid).
+  """
   state = load_state_dict(input_path)
+  if pos_embed == "auto":
+    pos_embed = "learned" if model == "vit" and "pos_embed" in state and not is_sincos(
+        state["pos_embed"]) else "sincos"
+    if pos_embed == "learned":
+      logging.info("%s: pos_embed is a learned table: converting to a VisionTransformer with "
+                   "pos_embed='learned' (fine-tune with --config.model.pos_embed=learned)",
+                   input_path)
+  if pos_embed == "learned":
+    if model != "vit":
+      raise ValueError(f"{input_path}: a learned pos_embed loads only with --model=vit")
+    overrides["pos_embed"] = "learned"
+    if image_size is None and "pos_embed" in state:
+      patch = vit.variant_config(preset, decoder=False, **overrides)["patch_size"]
+      image_size = int(round((np.shape(state["pos_embed"])[1] - 1) ** 0.5)) * patch
+  module = build_model(model, preset, **overrides)
   try:
-    return convert_timm_state_dict(state, params_shapes(module))
+    return convert_timm_state_dict(state, params_shapes(module, image_size))
   except ValueError as e:
     raise ValueError(f"{input_path}: {e}") from None
 

@@ -97,6 +97,45 @@ def sincos_pos_embed_2d(width, grid, cls_token=True):
   return emb.astype(np.float32)
 
 
+POS_EMBEDS = ("sincos", "learned")
+
+
+def _cubic_weights(scale_in: int, size_out: int, a: float = -0.75) -> np.ndarray:
+  """[size_out, scale_in] weights of 1-D bicubic interpolation as torch's
+  `F.interpolate(mode='bicubic', align_corners=False)` computes it: Keys' kernel with
+  a = -0.75, half-pixel centres, taps clamped at the borders, no antialiasing."""
+  def kernel(x):
+    x = abs(x)
+    if x <= 1:
+      return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+      return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
+  w = np.zeros((size_out, scale_in))
+  for i in range(size_out):
+    src = (i + 0.5) * scale_in / size_out - 0.5
+    base = int(np.floor(src))
+    for tap in range(base - 1, base + 3):
+      w[i, min(max(tap, 0), scale_in - 1)] += kernel(src - tap)
+  return w
+
+
+def resample_pos_embed(table: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+  """A learned [1 + h*w, D] position table (CLS row first, square grid) resampled to
+  `grid` with torch's bicubic interpolation (what timm does when a ViT meets another image
+  size); the CLS row is kept. Host numpy, float32."""
+  table = np.asarray(table, np.float64)
+  side = int(round((table.shape[0] - 1) ** 0.5))
+  if side * side != table.shape[0] - 1:
+    raise ValueError(f"position table of {table.shape[0]} rows is not 1 + a square grid")
+  if (side, side) == tuple(grid):
+    return table.astype(np.float32)
+  patches = table[1:].reshape(side, side, -1)
+  patches = np.einsum("ih,hwd->iwd", _cubic_weights(side, grid[0]), patches)
+  patches = np.einsum("jw,iwd->ijd", _cubic_weights(side, grid[1]), patches)
+  return np.concatenate([table[:1], patches.reshape(-1, table.shape[1])]).astype(np.float32)
+
+
 def layer_norm(name, param_dtype, epsilon: float = 1e-6, kernels: str = "auto"):
   """LayerNorm (`layers.LayerNorm`); eps 1e-6 as MAE/timm (torch's default is 1e-5).
   Statistics and output in float32 whatever the compute dtype; the next Dense casts."""
@@ -372,6 +411,10 @@ class VisionTransformer(nn.Module):
   averages the patch tokens and applies `fc_norm` with no final encoder norm (MAE
   fine-tuning's global pool). Returns [B, num_classes] logits, or [B, D] features when
   `num_classes == 0`; float32 either way.
+
+  `pos_embed='sincos'`: MAE's fixed 2-D table for any image size; 'learned': a `pos_embed`
+  param [1, 1 + N, D] (timm's supervised ViTs) for the grid of the images it is initialised
+  with (`resample_pos_embed` fits a checkpoint's table to another grid).
   """
   patch_size: int
   width: int
@@ -386,15 +429,31 @@ class VisionTransformer(nn.Module):
   kernels: str = "auto"
   remat: str = "none"  # REMAT_POLICIES
   scan_layers: bool = False  # Encoder: blocks under nn.scan, params stacked
+  pos_embed: str = "sincos"  # POS_EMBEDS
 
   @nn.compact
   def __call__(self, imgs, *, train: bool = False):  # [B, H, W, C]
     if self.pool not in ("cls", "mean"):
       raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+    if self.pos_embed not in POS_EMBEDS:
+      raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
               kernels=self.kernels)
     grid = (imgs.shape[1] // self.patch_size, imgs.shape[2] // self.patch_size)
-    pos = sincos_pos_embed_2d(self.width, grid)  # [1 + N, D]
+    if self.pos_embed == "sincos":
+      pos = sincos_pos_embed_2d(self.width, grid)  # [1 + N, D]
+    else:
+      rows = 1 + grid[0] * grid[1]
+      if self.has_variable("params", "pos_embed"):
+        have = np.shape(nn.unbox(self.get_variable("params", "pos_embed")))
+        if have[1] != rows:
+          raise ValueError(f"a learned position table of {have[1] - 1} patches for "
+                           f"{grid[0]}x{grid[1]} patches: resample it (vit.resample_pos_embed, "
+                           "or convert_weights.py --image_size) for this image size")
+      pos = self.param(
+          "pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                    (None, None, "embed")),
+          (1, rows, self.width), self.param_dtype)[0]
 
     x = PatchEmbed(self.patch_size, self.width, name="patch_embed", **kw)(imgs)
     x = x + pos[1:]  # [B, N, D]
@@ -417,7 +476,8 @@ class VisionTransformer(nn.Module):
 
 
 def load_mae_encoder(params, mae_params):
-  """`params` of a VisionTransformer with the MAE's `patch_embed`, `cls_token`, `encoder`.
+  """`params` of a VisionTransformer with the MAE's `patch_embed`, `cls_token`, `encoder`
+  (and `pos_embed`, a learned table, when both have one: one without the other is an error).
 
   Keeps the classifier's own entries (head, fc_norm), drops the MAE's final encoder norm
   when the classifier has none (mean pooling), and stacks or unstacks the blocks to the
@@ -437,7 +497,14 @@ def load_mae_encoder(params, mae_params):
     return source
 
   params = dict(params)
-  for key in ("patch_embed", "cls_token", "encoder"):
+  if ("pos_embed" in params) != ("pos_embed" in mae_params):
+    raise ValueError(
+        "the weights have a learned position table (pos_embed) and the classifier does not: "
+        "set config.model.pos_embed='learned'" if "pos_embed" in mae_params else
+        "the classifier has a learned position table (config.model.pos_embed='learned') and "
+        "the weights do not: use pos_embed='sincos' for MAE weights")
+  keys = ("patch_embed", "cls_token", "encoder") + (("pos_embed",) if "pos_embed" in params else ())
+  for key in keys:
     template, source = nn.unbox(params[key]), nn.unbox(mae_params[key])
     if key == "encoder":
       source = to_layout(source, is_scanned(template))

@@ -62,7 +62,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int = NUM_CLASS
       **vit.variant_config(m.variant, decoder=False), num_classes=num_classes, pool=m.pool,
       drop_path_rate=m.drop_path_rate, dtype=jnp.dtype(m.dtype),
       kernels=m.get("kernels", "auto"), remat=m.get("remat", "none"),
-      scan_layers=m.get("scan_layers", False))
+      scan_layers=m.get("scan_layers", False), pos_embed=m.get("pos_embed", "sincos"))
 
 
 def initial_encoder(config: ml_collections.ConfigDict) -> dict | None:

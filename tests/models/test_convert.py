@@ -1,8 +1,8 @@
 """timm/MAE state dicts -> our params, checked against a numpy ViT written from the state dict."""
 
-import logging
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,12 +192,82 @@ def test_mismatches_are_listed_in_one_error():
   assert f"blocks.0.mlp.fc1.weight: checkpoint ({MLP + 1}, {D}), expected ({MLP}, {D})" in message
 
 
-def test_a_learned_position_table_is_flagged(caplog):
+def test_a_learned_position_table_is_never_dropped():
+  # A timm ViT's learned table into a model with MAE's fixed one: an error naming the fix.
   state = _timm_state("vit_cls")
   state["pos_embed"] = state["pos_embed"] + 0.5
-  with caplog.at_level(logging.WARNING):
+  with pytest.raises(ValueError) as error:
     convert.convert_timm_state_dict(state, convert.params_shapes(vit.VisionTransformer(**ENCODER)))
-  assert "pos_embed" in caplog.text
+  assert (f"position table (1):\n  pos_embed (1, {1 + GRID**2}, {D}) is a learned table, not "
+          "MAE's fixed 2-D sin-cos one: convert with --pos_embed=learned") in str(error.value)
+
+
+def _learned_state(grid=GRID, seed=3):
+  state = _timm_state("vit_cls")
+  state["pos_embed"] = (0.5 * np.random.default_rng(seed).normal(
+      size=(1, 1 + grid**2, D))).astype(np.float32)
+  return state
+
+
+def test_learned_position_table_checkpoint_matches_numpy_forward(tmp_path, imgs):
+  state = _learned_state()
+  path = str(tmp_path / "timm_vit.safetensors")
+  safetensors.numpy.save_file(state, path)
+  # Detected from the table ('auto'), for the checkpoint's own grid.
+  params = convert.convert_checkpoint(path, "vit", "tiny", **ENCODER)
+  np.testing.assert_array_equal(params["pos_embed"], state["pos_embed"])
+  model = vit.VisionTransformer(**ENCODER, pos_embed="learned")
+  out = jax.jit(model.apply)({"params": params}, jnp.asarray(imgs))
+  np.testing.assert_allclose(out, _np_vit(imgs.astype(np.float64), state, "cls"),
+                             rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="a learned position table of 16 patches for 6x6"):
+    model.apply({"params": params}, jnp.zeros((1, 6 * P, 6 * P, 3)))
+  # Exported back, it is the checkpoint again.
+  back = convert.export_timm_state_dict(params)
+  np.testing.assert_array_equal(back["pos_embed"], state["pos_embed"])
+
+
+def test_learned_position_table_is_resampled_to_the_image_size(tmp_path):
+  state = _learned_state(grid=3)
+  path = str(tmp_path / "timm_vit.npz")
+  np.savez(path, **state)
+  params = convert.convert_checkpoint(path, "vit", "tiny", image_size=IMG, **ENCODER)
+  want = vit.resample_pos_embed(state["pos_embed"][0], (GRID, GRID))
+  np.testing.assert_allclose(params["pos_embed"][0], want, rtol=1e-6)
+  np.testing.assert_array_equal(params["pos_embed"][0, 0], state["pos_embed"][0, 0])  # CLS kept
+
+
+def test_bicubic_resampling_is_torchs():
+  # torch: F.interpolate(tensor([[[[0., 1.]]]]), size=(1, 4), mode='bicubic',
+  # align_corners=False) -> [-0.10546875, 0.2265625, 0.7734375, 1.10546875], worked by hand
+  # from Keys' kernel with a = -0.75 and clamped taps.
+  w = vit._cubic_weights(2, 4)
+  np.testing.assert_allclose(w @ np.array([0.0, 1.0]), [-0.10546875, 0.2265625, 0.7734375, 1.10546875])
+  np.testing.assert_allclose(w.sum(1), 1.0)
+  table = np.random.default_rng(0).normal(size=(1 + 9, 8)).astype(np.float32)
+  np.testing.assert_array_equal(vit.resample_pos_embed(table, (3, 3)), table)  # same grid
+  # A table constant over the grid stays constant; rows and columns resample separably.
+  const = np.concatenate([table[:1], np.tile(table[1:2], (9, 1))])
+  np.testing.assert_allclose(vit.resample_pos_embed(const, (5, 5))[1:], np.tile(table[1:2], (25, 1)),
+                             rtol=1e-6)
+  out = vit.resample_pos_embed(table, (5, 4))[1:].reshape(5, 4, 8)
+  want = np.einsum("ih,jw,hwd->ijd", vit._cubic_weights(3, 5), vit._cubic_weights(3, 4),
+                   table[1:].reshape(3, 3, 8))
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_learned_table_and_encoder_loading_must_agree():
+  learned = vit.VisionTransformer(**ENCODER, pos_embed="learned", num_classes=3)
+  fixed = vit.VisionTransformer(**ENCODER, num_classes=3)
+  imgs = jnp.zeros((1, IMG, IMG, 3))
+  p_learned = nn.unbox(learned.init(jax.random.key(0), imgs)["params"])
+  p_fixed = nn.unbox(fixed.init(jax.random.key(1), imgs)["params"])
+  loaded = vit.load_mae_encoder(p_learned, {**p_fixed, "pos_embed": p_learned["pos_embed"] + 1})
+  np.testing.assert_array_equal(loaded["pos_embed"], p_learned["pos_embed"] + 1)
+  with pytest.raises(ValueError, match="set config.model.pos_embed='learned'"):
+    vit.load_mae_encoder(p_fixed, p_learned)
+  with pytest.raises(ValueError, match="the weights do not"):
+    vit.load_mae_encoder(p_learned, p_fixed)
 
 
 def test_convert_checkpoint_and_save_round_trip(tmp_path):

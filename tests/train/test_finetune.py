@@ -121,6 +121,39 @@ def test_converted_timm_checkpoint_initialises_fine_tuning(synthetic_root, tmp_p
   assert np.isfinite([h["loss"] for h in out["history"] if "loss" in h]).all()
 
 
+def test_a_timm_vit_with_a_learned_position_table_initialises_fine_tuning(synthetic_root, tmp_path):
+  """A supervised timm ViT (learned pos_embed, trained at another image size) -> converted
+  for this image size -> config.model.pos_embed='learned'; with 'sincos' it is refused."""
+  import safetensors.numpy
+  from affect_jax.models import convert, vit
+  from tests.models.test_convert import _blocks
+  t = vit.VARIANTS["tiny"]
+  d, p, grid = t["width"], t["patch_size"], IMAGE // t["patch_size"]
+  rng = np.random.default_rng(4)
+  state = {"cls_token": 0.02 * rng.normal(size=(1, 1, d)),
+           "pos_embed": 0.02 * rng.normal(size=(1, 1 + (grid + 2) ** 2, d)),
+           "patch_embed.proj.weight": rng.normal(size=(d, 3, p, p)) / (3 * p * p) ** 0.5,
+           "patch_embed.proj.bias": 0.1 * rng.normal(size=d),
+           "norm.weight": np.ones(d), "norm.bias": np.zeros(d),
+           **_blocks(rng, "blocks", t["depth"], d, t["mlp_dim"])}
+  state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+  safetensors.numpy.save_file(state, str(tmp_path / "timm_vit.safetensors"))
+  convert.save_params(convert.convert_checkpoint(str(tmp_path / "timm_vit.safetensors"), "vit",
+                                                 "tiny", image_size=IMAGE),
+                      str(tmp_path / "converted"))
+  c = _ft_config(synthetic_root)
+  c.init.kind, c.init.params_path = "converted", str(tmp_path / "converted")
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  with pytest.raises(ValueError, match="set config.model.pos_embed='learned'"):
+    finetune.create_train_state(c, finetune.create_model(c), jax.random.key(1), mesh,
+                                lambda s: 1e-3, finetune.initial_encoder(c))
+  c.model.pos_embed = "learned"
+  ft_state, _ = finetune.create_train_state(c, finetune.create_model(c), jax.random.key(1), mesh,
+                                            lambda s: 1e-3, finetune.initial_encoder(c))
+  np.testing.assert_allclose(np.asarray(ft_state.params["pos_embed"])[0],
+                             vit.resample_pos_embed(state["pos_embed"][0], (grid, grid)), rtol=1e-6)
+
+
 def test_mixup_cutmix_run_on_the_sharded_step(synthetic_root, tmp_path):
   c = _ft_config(synthetic_root, num_steps=3, log_every=1, eval_every_epochs=100.0,
                  mixup=0.8, cutmix=1.0)

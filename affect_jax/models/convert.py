@@ -1,6 +1,7 @@
 """Public PyTorch MAE / timm ViT checkpoints -> our params.
 
-The state dict (torch names, numpy arrays; read from .safetensors or .npz) maps one to one
+The state dict (torch names, numpy arrays; read from .safetensors, .npz or a torch.save
+archive without torch, `torch_pickle`) maps one to one
 onto `MaskedAutoencoder` or `VisionTransformer` params:
 
   cls_token, mask_token                       -> same                       [1, 1, D]
@@ -35,6 +36,7 @@ import safetensors.numpy
 
 from affect_jax import fileio
 from affect_jax.models import mae as mae_lib
+from affect_jax.models import torch_pickle
 from affect_jax.models import vit
 
 # Fixed (not learned) in our models; checked, not loaded.
@@ -49,15 +51,41 @@ _EXPECTED = {
 }
 
 
+TORCH_EXTS = (".pth", ".pt", ".bin", ".ckpt")
+# Where training scripts nest the weights in what they torch.save (facebookresearch/mae:
+# {'model': ...}; Lightning: {'state_dict': ...}).
+NESTED_KEYS = ("model", "state_dict", "module")
+
+
+def _state_dict_of(obj, path: str) -> dict[str, np.ndarray]:
+  """The flat {name: array} inside a loaded torch object (unwrapping NESTED_KEYS, said in
+  the log; DataParallel's 'module.' prefix stripped)."""
+  while isinstance(obj, dict) and not any(isinstance(v, np.ndarray) for v in obj.values()):
+    key = next((k for k in NESTED_KEYS if isinstance(obj.get(k), dict)), None)
+    if key is None:
+      raise ValueError(f"{path}: no state dict inside (top-level keys: {sorted(map(str, obj))[:8]})")
+    logging.info("%s: reading the state dict under %r", path, key)
+    obj = obj[key]
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+  other = sorted(str(k) for k, v in obj.items() if not isinstance(v, np.ndarray))
+  if other:
+    raise ValueError(f"{path}: {len(other)} entries that are not tensors: {other[:5]}")
+  if obj and all(str(k).startswith("module.") for k in obj):
+    obj = {str(k)[len("module."):]: v for k, v in obj.items()}
+  return {str(k): v for k, v in obj.items()}
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a flat {torch name: array} dict from .safetensors or .npz; neither can run code
-  when read (no pickle), which is why PyTorch's .pth/.bin are refused."""
-  if not path.endswith((".safetensors", ".npz")):
-    raise ValueError(f"{path}: expected a .safetensors or .npz state dict; a PyTorch .pth/.bin "
-                     "is a pickle, which is never loaded here: re-save it with "
-                     "safetensors.torch.save_file where you trust it")
+  """Reads a flat {torch name: array} dict from .safetensors, .npz, or a torch.save archive
+  (.pth/.pt/.bin/.ckpt, through `torch_pickle`: tensors and dicts only, no code runs)."""
+  if not path.endswith((".safetensors", ".npz", *TORCH_EXTS)):
+    raise ValueError(f"{path}: expected a .safetensors, .npz or PyTorch "
+                     f"({'/'.join(TORCH_EXTS)}) state dict")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such weight file")
+  if path.endswith(TORCH_EXTS):
+    return _state_dict_of(torch_pickle.load(path), path)
   kind = "safetensors" if path.endswith(".safetensors") else "npz"
   try:
     if kind == "safetensors":

@@ -420,9 +420,12 @@ WEIGHTS = {
     "text_named_npz": (
         lambda t: _raw_file(t, "w.npz", b"not weights\n"),
         "{path}: not a readable npz file (not a zip archive)"),
-    "pytorch_pickle": (
+    "pytorch_pickle": (  # a bare pickle, not torch.save's zip archive: never unpickled
         lambda t: _raw_file(t, "w.pth", b"\x80\x04K\x01."),
-        "{path}: expected a .safetensors or .npz state dict; a PyTorch .pth/.bin is a pickle"),
+        "{path}: not a torch.save zip archive (a legacy pre-1.6 torch file or another format)"),
+    "unknown_extension": (
+        lambda t: _raw_file(t, "w.pkl", b"\x80\x04K\x01."),
+        "{path}: expected a .safetensors, .npz or PyTorch (.pth/.pt/.bin/.ckpt) state dict"),
     "wrong_shape": (
         lambda t: _state_file(t, "w.safetensors", lambda s: s.update(
             {"blocks.0.mlp.fc1.weight": np.ones((65, 32), np.float32)})),

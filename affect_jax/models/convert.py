@@ -41,6 +41,25 @@ from affect_jax.models import vit
 
 # Fixed (not learned) in our models; checked, not loaded.
 POSITION_KEYS = {"pos_embed": "width", "decoder_pos_embed": "decoder_width"}
+SHOWN = 5  # keys of each kind an error lists
+LAYOUTS = ("timm / facebookresearch/mae", "Hugging Face ViT", "Hugging Face ViTMAE")
+DECODER_PREFIXES = ("decoder_", "mask_token")
+
+# Hugging Face transformers' ViT / ViTMAE names -> timm's (one layer's part, then the rest).
+_HF_LAYER = {
+    "attention.output.dense": "attn.proj", "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2", "layernorm_before": "norm1", "layernorm_after": "norm2",
+}
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
+    "classifier.weight": "head.weight", "classifier.bias": "head.bias",
+    "decoder.mask_token": "mask_token", "decoder.decoder_pos_embed": "decoder_pos_embed",
+    **{f"decoder.decoder_{part}.{kind}": f"decoder_{part}.{kind}"
+       for part in ("embed", "norm", "pred") for kind in ("weight", "bias")},
+}
 
 
 _EXPECTED = {
@@ -96,6 +115,39 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
       return {k: data[k] for k in data.files}
   except Exception as e:  # noqa: BLE001 - whatever the reader says, the file is at fault
     raise ValueError(f"{path}: not a readable {kind} file ({e}); expected {_EXPECTED[kind]}") from e
+
+
+def detect_layout(state: dict[str, np.ndarray]) -> str:
+  """Which of LAYOUTS a state dict's names follow."""
+  if any(re.search(r"(^|\.)encoder\.layer\.\d+\.", k) for k in state):
+    return LAYOUTS[2] if any(k.startswith("decoder.") or "mask_token" in k for k in state) else LAYOUTS[1]
+  return LAYOUTS[0]
+
+
+def from_hugging_face(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A Hugging Face ViTModel / ViTForImageClassification / ViTMAEForPreTraining state dict
+  under timm's names: query/key/value concatenated into qkv, the rest renamed one to one.
+  Names it does not know are kept as they are (and reported as unexpected)."""
+  out, qkv = {}, {}
+  for key, value in state.items():
+    name = key[len("vit."):] if key.startswith("vit.") else key
+    m = re.match(r"^(encoder\.layer|decoder\.decoder_layers)\.(\d+)\.(.+)\.(weight|bias)$", name)
+    if m:
+      block = f"{'blocks' if m[1] == 'encoder.layer' else 'decoder_blocks'}.{m[2]}"
+      part, kind = m[3], m[4]
+      if part.startswith("attention.attention."):
+        qkv.setdefault((block, kind), {})[part.rsplit(".", 1)[1]] = value
+      elif part in _HF_LAYER:
+        out[f"{block}.{_HF_LAYER[part]}.{kind}"] = value
+      else:
+        out[key] = value
+      continue
+    out[_HF_TOP.get(name, key)] = value
+  for (block, kind), parts in qkv.items():
+    if sorted(parts) != ["key", "query", "value"]:
+      raise ValueError(f"{block}: attention {kind} has {sorted(parts)}, expected query, key, value")
+    out[f"{block}.attn.qkv.{kind}"] = np.concatenate([parts["query"], parts["key"], parts["value"]])
+  return out
 
 
 def _torch_name(path: tuple[str, ...]) -> str:
@@ -205,10 +257,12 @@ def convert_timm_state_dict(state: dict[str, Any], params_template: Any) -> dict
                          ("wrong shape", wrong_shape), ("position table", positions)):
       if items:
         lines.append(f"{title} ({len(items)}):")
-        lines += [f"  {item}" for item in items]
-    if any(k.startswith(("decoder_", "mask_token")) for k in unexpected):
-      lines.append("(a full MAE checkpoint: convert it as 'mae', then take the encoder with "
-                   "vit.load_mae_encoder)")
+        lines += [f"  {item}" for item in items[:SHOWN]]
+        if len(items) > SHOWN:
+          lines.append(f"  ... and {len(items) - SHOWN} more")
+    if len(missing) + len(unexpected) > 2 * SHOWN:
+      lines.append("(most keys differ: another model size (--preset), or another layout: "
+                   f"{', '.join(LAYOUTS)} are read)")
     raise ValueError("\n".join(lines))
 
   params = {}
@@ -287,6 +341,17 @@ def convert_checkpoint(input_path: str, model: str = "mae", preset: str = "base"
   to `image_size` (default: the checkpoint's own grid).
   """
   state = load_state_dict(input_path)
+  layout = detect_layout(state)
+  logging.info("%s: %d tensors in the %s layout", input_path, len(state), layout)
+  if layout != LAYOUTS[0]:
+    state = from_hugging_face(state)
+  if model == "vit":
+    decoder = sorted(k for k in state if k.startswith(DECODER_PREFIXES))
+    if decoder:
+      logging.info("%s: a full MAE checkpoint: converting its encoder; its %d decoder tensors "
+                   "(%s, ...) have no place in a VisionTransformer", input_path, len(decoder),
+                   decoder[0])
+      state = {k: v for k, v in state.items() if k not in decoder}
   if pos_embed == "auto":
     pos_embed = "learned" if model == "vit" and "pos_embed" in state and not is_sincos(
         state["pos_embed"]) else "sincos"
@@ -305,7 +370,7 @@ def convert_checkpoint(input_path: str, model: str = "mae", preset: str = "base"
   try:
     return convert_timm_state_dict(state, params_shapes(module, image_size))
   except ValueError as e:
-    raise ValueError(f"{input_path}: {e}") from None
+    raise ValueError(f"{input_path} ({layout} layout): {e}") from None
 
 
 def save_params(params: Any, output_dir: str) -> None:

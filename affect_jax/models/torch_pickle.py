@@ -98,8 +98,9 @@ def load(path: str):
   """The object a `torch.save` zip archive holds, tensors as numpy arrays. Raises ValueError
   (naming `path`) for a file that is not one, and for any global beyond tensors and dicts."""
   if not zipfile.is_zipfile(path):
-    raise ValueError(f"{path}: not a torch.save zip archive (a legacy pre-1.6 torch file or "
-                     "another format): re-save it with torch >= 1.6, or as safetensors")
+    raise ValueError(f"{path}: not a torch.save zip archive (expected the zip file torch >= 1.6 "
+                     "writes; a legacy torch file or another format): re-save it with a current "
+                     "torch, or as safetensors")
   with zipfile.ZipFile(path) as archive:
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
     if len(pickles) != 1:

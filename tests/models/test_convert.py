@@ -1,6 +1,8 @@
 """timm/MAE state dicts -> our params, checked against a numpy ViT written from the state dict."""
 
+import logging
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -335,7 +337,7 @@ def _broken_weight_files(tmp_path):
       "empty.npz": (b"", f"{bad_npz} (not a zip archive)"),
       "cut.npz": (npz[:len(npz) // 2], f"{bad_npz} (not a zip archive)"),
       "pickle.npz": (payload, f"{bad_npz} (not a zip archive)"),
-      "model.pth": (payload, "expected a .safetensors or .npz state dict"),
+      "model.pth": (payload, "not a torch.save zip archive"),  # a bare pickle: never unpickled
   }
 
 
@@ -355,3 +357,72 @@ def test_unreadable_weight_files_are_named_and_never_unpickled(tmp_path):
   assert not (tmp_path / "pwned").exists()
   with pytest.raises(FileNotFoundError, match="missing.safetensors: no such weight file"):
     convert.load_state_dict(str(tmp_path / "missing.safetensors"))
+
+
+# ---- Hugging Face layouts: written here from the timm names (the inverse direction) ----
+
+_TO_HF_LAYER = {"attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense",
+                "mlp.fc2": "output.dense", "norm1": "layernorm_before", "norm2": "layernorm_after"}
+
+
+def _hugging_face(state, prefix="vit."):
+  out = {}
+  for k, v in state.items():
+    m = re.match(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)\.(weight|bias)$", k)
+    if m:
+      layer = (f"{prefix}encoder.layer.{m[2]}" if m[1] == "blocks"
+               else f"decoder.decoder_layers.{m[2]}")
+      if m[3] == "attn.qkv":
+        for name, part in zip(("query", "key", "value"), np.split(v, 3)):
+          out[f"{layer}.attention.attention.{name}.{m[4]}"] = part
+      else:
+        out[f"{layer}.{_TO_HF_LAYER[m[3]]}.{m[4]}"] = v
+      continue
+    top = {"cls_token": f"{prefix}embeddings.cls_token",
+           "pos_embed": f"{prefix}embeddings.position_embeddings",
+           "patch_embed.proj.weight": f"{prefix}embeddings.patch_embeddings.projection.weight",
+           "patch_embed.proj.bias": f"{prefix}embeddings.patch_embeddings.projection.bias",
+           "norm.weight": f"{prefix}layernorm.weight", "norm.bias": f"{prefix}layernorm.bias",
+           "mask_token": "decoder.mask_token", "decoder_pos_embed": "decoder.decoder_pos_embed"}
+    out[top.get(k, k.replace("decoder_", "decoder.decoder_", 1) if k.startswith("decoder_") else k)] = v
+  return out
+
+
+@pytest.mark.parametrize("kind,model,layout", [
+    ("vit_cls", "vit", "Hugging Face ViT"), ("mae", "mae", "Hugging Face ViTMAE")])
+def test_hugging_face_layouts_convert_like_timm(tmp_path, kind, model, layout, caplog):
+  state = _learned_state() if kind == "vit_cls" else _timm_state("mae")
+  hf = _hugging_face(state)
+  assert any(".attention.attention.query.weight" in k for k in hf) and "blocks.0.norm1.weight" not in hf
+  assert convert.detect_layout(hf) == layout
+  safetensors.numpy.save_file(state, str(tmp_path / "timm.safetensors"))
+  safetensors.numpy.save_file(hf, str(tmp_path / "model.safetensors"))
+  kw = dict(ENCODER, **(DECODER if model == "mae" else {}))
+  want = convert.convert_checkpoint(str(tmp_path / "timm.safetensors"), model, "tiny", **kw)
+  with caplog.at_level(logging.INFO):
+    got = convert.convert_checkpoint(str(tmp_path / "model.safetensors"), model, "tiny", **kw)
+  assert f"in the {layout} layout" in caplog.text
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_a_full_mae_checkpoint_as_a_vit_takes_its_encoder(tmp_path, imgs, caplog):
+  state = _timm_state("mae")
+  safetensors.numpy.save_file(state, str(tmp_path / "mae.safetensors"))
+  with caplog.at_level(logging.INFO):
+    params = convert.convert_checkpoint(str(tmp_path / "mae.safetensors"), "vit", "tiny", **ENCODER)
+  assert "a full MAE checkpoint: converting its encoder" in caplog.text
+  out = vit.VisionTransformer(**ENCODER).apply({"params": params}, jnp.asarray(imgs))
+  np.testing.assert_allclose(out, _np_vit(imgs.astype(np.float64), state, "cls"), rtol=1e-4, atol=1e-4)
+
+
+def test_errors_are_short_and_name_the_layout(tmp_path):
+  state = {f"layer{i}.weight": np.ones(2, np.float32) for i in range(40)}
+  safetensors.numpy.save_file(state, str(tmp_path / "other.safetensors"))
+  with pytest.raises(ValueError) as error:
+    convert.convert_checkpoint(str(tmp_path / "other.safetensors"), "vit", "tiny", **ENCODER)
+  message = str(error.value)
+  assert message.startswith(f"{tmp_path / 'other.safetensors'} (timm / facebookresearch/mae layout): "
+                            "The checkpoint does not match the model.")
+  assert "unexpected (40):" in message and "  ... and 35 more" in message
+  assert "another layout: timm / facebookresearch/mae, Hugging Face ViT, Hugging Face ViTMAE" in message
+  assert len(message.splitlines()) < 20

@@ -422,23 +422,23 @@ WEIGHTS = {
         "{path}: not a readable npz file (not a zip archive)"),
     "pytorch_pickle": (  # a bare pickle, not torch.save's zip archive: never unpickled
         lambda t: _raw_file(t, "w.pth", b"\x80\x04K\x01."),
-        "{path}: not a torch.save zip archive (a legacy pre-1.6 torch file or another format)"),
+        "{path}: not a torch.save zip archive (expected the zip file torch >= 1.6 writes"),
     "unknown_extension": (
         lambda t: _raw_file(t, "w.pkl", b"\x80\x04K\x01."),
         "{path}: expected a .safetensors, .npz or PyTorch (.pth/.pt/.bin/.ckpt) state dict"),
     "wrong_shape": (
         lambda t: _state_file(t, "w.safetensors", lambda s: s.update(
             {"blocks.0.mlp.fc1.weight": np.ones((65, 32), np.float32)})),
-        "{path}: The checkpoint does not match the model.\nwrong shape (1):\n  "
+        "{path} (timm / facebookresearch/mae layout): The checkpoint does not match the model.\nwrong shape (1):\n  "
         "blocks.0.mlp.fc1.weight: checkpoint (65, 32), expected (64, 32)"),
     "extra_key": (
         lambda t: _state_file(t, "w.safetensors", lambda s: s.update(
             {"blocks.0.attn.q_norm.weight": np.ones(32, np.float32)})),
-        "{path}: The checkpoint does not match the model.\nunexpected (1):\n  "
+        "{path} (timm / facebookresearch/mae layout): The checkpoint does not match the model.\nunexpected (1):\n  "
         "blocks.0.attn.q_norm.weight"),
     "missing_key": (
         lambda t: _state_file(t, "w.safetensors", lambda s: s.pop("blocks.1.mlp.fc2.bias")),
-        "{path}: The checkpoint does not match the model.\nmissing (1):\n  blocks.1.mlp.fc2.bias"),
+        "{path} (timm / facebookresearch/mae layout): The checkpoint does not match the model.\nmissing (1):\n  blocks.1.mlp.fc2.bias"),
 }
 
 

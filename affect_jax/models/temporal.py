@@ -300,21 +300,30 @@ def params_from_torch_state_dict(state: Mapping[str, np.ndarray], *, num_heads: 
   PReLUs, `down`; `proj` (Conv1d k=1); `enc.layers.{l}` (`self_attn.in_proj_*`,
   `out_proj`, `linear1/2`, `norm1/2`); `head.0/1/2` (Linear, BatchNorm1d, Linear). Its
   single TCN becomes `tcn_{modality}`. `num_heads` cannot be read off the shapes.
-  Returns plain (unboxed) numpy arrays.
+  Returns plain (unboxed) numpy arrays. Every tensor is used or the load fails (with the
+  names left over, or missing): a state dict of another layout is never half read.
   """
   s = {k: np.asarray(v, np.float32) for k, v in state.items()}
+  used: set[str] = set()
+
+  def take(key):
+    if key not in s:
+      raise ValueError(f"the state dict has no {key!r}: not the layout of "
+                       "../shared/bench/torch_temporal.py's AuthorsModel")
+    used.add(key)
+    return s[key]
 
   def linear(prefix):  # torch [out, in(, 1)] -> kernel [in, out]
-    w = s[f"{prefix}.weight"]
-    return {"kernel": w.reshape(w.shape[0], -1).T, "bias": s[f"{prefix}.bias"]}
+    w = take(f"{prefix}.weight")
+    return {"kernel": w.reshape(w.shape[0], -1).T, "bias": take(f"{prefix}.bias")}
 
   def weight_norm_conv(prefix):
-    g = s[f"{prefix}.parametrizations.weight.original0"]
-    v = s[f"{prefix}.parametrizations.weight.original1"]
-    return {"v": v.transpose(2, 1, 0), "g": g.reshape(-1), "bias": s[f"{prefix}.bias"]}
+    g = take(f"{prefix}.parametrizations.weight.original0")
+    v = take(f"{prefix}.parametrizations.weight.original1")
+    return {"v": v.transpose(2, 1, 0), "g": g.reshape(-1), "bias": take(f"{prefix}.bias")}
 
   def prelu(prefix):
-    return {"negative_slope": s[f"{prefix}.weight"].reshape(())}
+    return {"negative_slope": take(f"{prefix}.weight").reshape(())}
 
   tcn = {}
   for i in range(len({k.split(".")[1] for k in s if k.startswith("tcn.")})):
@@ -329,7 +338,7 @@ def params_from_torch_state_dict(state: Mapping[str, np.ndarray], *, num_heads: 
   encoder = {}
   for l in range(len({k.split(".")[2] for k in s if k.startswith("enc.layers.")})):
     p = f"enc.layers.{l}"
-    in_w, in_b = s[f"{p}.self_attn.in_proj_weight"], s[f"{p}.self_attn.in_proj_bias"]
+    in_w, in_b = take(f"{p}.self_attn.in_proj_weight"), take(f"{p}.self_attn.in_proj_bias")
     width = in_w.shape[1]
     head_dim = width // num_heads
     out = linear(f"{p}.self_attn.out_proj")
@@ -341,8 +350,8 @@ def params_from_torch_state_dict(state: Mapping[str, np.ndarray], *, num_heads: 
             "out": {"kernel": out["kernel"].reshape(num_heads, head_dim, width),
                     "bias": out["bias"]}},
         "ff": {"fc1": linear(f"{p}.linear1"), "fc2": linear(f"{p}.linear2")},
-        "norm1": {"scale": s[f"{p}.norm1.weight"], "bias": s[f"{p}.norm1.bias"]},
-        "norm2": {"scale": s[f"{p}.norm2.weight"], "bias": s[f"{p}.norm2.bias"]},
+        "norm1": {"scale": take(f"{p}.norm1.weight"), "bias": take(f"{p}.norm1.bias")},
+        "norm2": {"scale": take(f"{p}.norm2.weight"), "bias": take(f"{p}.norm2.bias")},
     }
 
   params = {
@@ -350,9 +359,17 @@ def params_from_torch_state_dict(state: Mapping[str, np.ndarray], *, num_heads: 
       "proj": linear("proj"),
       "encoder": encoder,
       "head": {"fc1": linear("head.0"),
-               "bn": {"scale": s["head.1.weight"], "bias": s["head.1.bias"]},
+               "bn": {"scale": take("head.1.weight"), "bias": take("head.1.bias")},
                "fc2": linear("head.2")},
   }
-  batch_stats = {"head": {"bn": {"mean": s["head.1.running_mean"],
-                                 "var": s["head.1.running_var"]}}}
+  batch_stats = {"head": {"bn": {"mean": take("head.1.running_mean"),
+                                 "var": take("head.1.running_var")}}}
+  if not tcn or not encoder:
+    raise ValueError(f"the state dict has {len(tcn)} TCN levels ('tcn.N.') and {len(encoder)} "
+                     "Transformer layers ('enc.layers.N.'): not the layout of "
+                     "../shared/bench/torch_temporal.py's AuthorsModel")
+  left = sorted(set(s) - used - {"head.1.num_batches_tracked"})
+  if left:
+    raise ValueError(f"{len(left)} tensors of the state dict have no place in the model: "
+                     f"{left[:5]}{' ...' if len(left) > 5 else ''}")
   return {"params": params, "batch_stats": batch_stats}

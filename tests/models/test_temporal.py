@@ -408,3 +408,20 @@ def test_bf16_compute_stays_close_and_returns_float32():
   y16 = jax.jit(bf16.apply)(variables, inputs, mask)
   assert y16.dtype == jnp.float32
   np.testing.assert_allclose(y16, y32, rtol=0.1, atol=0.1)
+
+
+def test_a_state_dict_of_another_layout_is_never_half_read():
+  rng = np.random.default_rng(2)
+  s = _torch_like_state_dict(rng, D_IN, SMALL["tcn_channels"], 5, SMALL["d_model"],
+                             SMALL["num_layers"], SMALL["ff_dim"], 3)
+  # The authors' own names for the TCN (locuslab's TemporalConvNet): no level found.
+  renamed = {k.replace("tcn.", "temporal.network.", 1): v for k, v in s.items()}
+  with pytest.raises(ValueError, match=r"0 TCN levels \('tcn.N.'\) and 2 Transformer layers"):
+    temporal.params_from_torch_state_dict(renamed, num_heads=SMALL["num_heads"])
+  with pytest.raises(ValueError, match=r"1 tensors of the state dict have no place in the model: "
+                     r"\['head.3.weight'\]"):
+    temporal.params_from_torch_state_dict({**s, "head.3.weight": np.ones(2)},
+                                          num_heads=SMALL["num_heads"])
+  del s["proj.bias"]
+  with pytest.raises(ValueError, match="the state dict has no 'proj.bias'"):
+    temporal.params_from_torch_state_dict(s, num_heads=SMALL["num_heads"])

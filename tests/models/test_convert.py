@@ -399,7 +399,7 @@ def test_hugging_face_layouts_convert_like_timm(tmp_path, kind, model, layout, c
   safetensors.numpy.save_file(hf, str(tmp_path / "model.safetensors"))
   kw = dict(ENCODER, **(DECODER if model == "mae" else {}))
   want = convert.convert_checkpoint(str(tmp_path / "timm.safetensors"), model, "tiny", **kw)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     got = convert.convert_checkpoint(str(tmp_path / "model.safetensors"), model, "tiny", **kw)
   assert f"in the {layout} layout" in caplog.text
   jax.tree.map(np.testing.assert_array_equal, got, want)
@@ -408,7 +408,7 @@ def test_hugging_face_layouts_convert_like_timm(tmp_path, kind, model, layout, c
 def test_a_full_mae_checkpoint_as_a_vit_takes_its_encoder(tmp_path, imgs, caplog):
   state = _timm_state("mae")
   safetensors.numpy.save_file(state, str(tmp_path / "mae.safetensors"))
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     params = convert.convert_checkpoint(str(tmp_path / "mae.safetensors"), "vit", "tiny", **ENCODER)
   assert "a full MAE checkpoint: converting its encoder" in caplog.text
   out = vit.VisionTransformer(**ENCODER).apply({"params": params}, jnp.asarray(imgs))

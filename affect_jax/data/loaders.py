@@ -115,9 +115,15 @@ def _with_image(record: dict, x: np.ndarray) -> dict:
   return out
 
 
+# What a transform returns for an unreadable image: an empty record, dropped after the
+# workers (grain's workers would drop a None themselves, and the round-robin order in which
+# their elements are merged would then depend on how many workers there are).
+SKIPPED: dict = {}
+
+
 class RandomResizedCropFlip(grain.transforms.RandomMap):
-  """path or {'path', ...} -> {'image': uint8 [S, S, 3], ...} with MAE's augmentation; None
-  if unreadable (logged). Other record fields (a label) pass through."""
+  """path or {'path', ...} -> {'image': uint8 [S, S, 3], ...} with MAE's augmentation;
+  SKIPPED if unreadable (logged). Other record fields (a label) pass through."""
 
   def __init__(self, image_size: int, scale=(0.2, 1.0), flip: bool = True):
     self.image_size = image_size
@@ -128,7 +134,7 @@ class RandomResizedCropFlip(grain.transforms.RandomMap):
     record = _as_record(item)
     im = _open_rgb(record)
     if im is None:
-      return None
+      return SKIPPED
     box = random_resized_crop_box(im.width, im.height, rng, self.scale)
     im = im.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box)
     if self.flip and rng.random() < 0.5:
@@ -139,7 +145,7 @@ class RandomResizedCropFlip(grain.transforms.RandomMap):
 
 
 class ResizeImage(grain.transforms.Map):
-  """path or {'path', ...} -> {'image': uint8 [S, S, 3], ...}, no augmentation; None if
+  """path or {'path', ...} -> {'image': uint8 [S, S, 3], ...}, no augmentation; SKIPPED if
   unreadable (logged)."""
 
   def __init__(self, image_size: int):
@@ -149,14 +155,14 @@ class ResizeImage(grain.transforms.Map):
     record = _as_record(item)
     im = _open_rgb(record)
     if im is None:
-      return None
+      return SKIPPED
     if im.size != (self.image_size, self.image_size):
       im = im.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
     return _with_image(record, np.asarray(im, dtype=np.uint8))
 
 
 def _is_present(x) -> bool:
-  return x is not None
+  return bool(x)
 
 
 class ProcessRows(grain.MapDataset):
@@ -239,18 +245,83 @@ def options(data) -> dict:
           "read_threads": int(data.get("read_threads", READ_THREADS))}
 
 
-def _finish(ds: grain.MapDataset, batch_size: int, drop_remainder: bool, workers: int,
-            read_threads: int = READ_THREADS):
+INDEX = "_index"  # each element's position in the pipeline's MapDataset, while it flows
+
+
+def _with_index(index: int, x: dict) -> dict:
+  return {**x, INDEX: np.int64(index)} if x else x
+
+
+def _batches(ds: grain.MapDataset, batch_size: int, drop_remainder: bool, workers: int,
+             read_threads: int) -> grain.IterDataset:
+  """Elements of `ds` read by threads (and worker processes: each takes every workers-th
+  element, merged back round robin), then filtered and batched in this process: the same
+  batches for any number of workers or threads."""
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
-  it = it.filter(_is_present).batch(batch_size, drop_remainder=drop_remainder)
+  if workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return it.filter(_is_present).batch(batch_size, drop_remainder=drop_remainder)
+
+
+class _ResumableBatches(grain.IterDataset):
+  """The batches of a random-access pipeline whose iterator state is how many of its
+  elements were consumed: a checkpoint resumes with any number of workers or threads (grain's
+  own multiprocess state is per worker). Resuming slices the MapDataset there and rebuilds."""
+
+  def __init__(self, ds: grain.MapDataset, build: Callable[[grain.MapDataset], grain.IterDataset]):
+    super().__init__()
+    self._ds = ds.map_with_index(_with_index)
+    self._build = build
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _ResumableIterator(self._ds, self._build)
+
+
+class _ResumableIterator(grain.DatasetIterator):
+
+  def __init__(self, ds: grain.MapDataset, build):
+    super().__init__()
+    self._ds, self._build = ds, build
+    self._it = None
+    self._start(0)
+
+  def _start(self, consumed: int) -> None:
+    self.close()
+    self._consumed = consumed
+    self._it = iter(self._build(self._ds[consumed:] if consumed else self._ds))
+
+  def __next__(self) -> dict:
+    batch = dict(next(self._it))
+    self._consumed = int(batch.pop(INDEX)[-1]) + 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"consumed": self._consumed}
+
+  def set_state(self, state: dict) -> None:
+    if "consumed" in state:
+      self._start(int(state["consumed"]))
+    elif set(state) == {"next_index"}:  # grain's own state of the same pipeline, no workers
+      self._start(int(state["next_index"]))
+    else:
+      raise ValueError(f"a loader position saved in grain's per-worker form ({sorted(state)}) "
+                       "by an earlier affect-jax: it cannot be carried over; start a new "
+                       "--workdir, or resume with the affect-jax that wrote it")
+
+  def close(self) -> None:
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()  # stops worker processes and frees their shared memory
+
+
+def _finish(ds: grain.MapDataset, batch_size: int, drop_remainder: bool, workers: int,
+            read_threads: int = READ_THREADS) -> grain.IterDataset:
   workers = worker_count(workers)
   if workers > 0 and not flags.FLAGS.is_parsed():
     raise ValueError(f"worker_count={workers}: grain's worker processes need absl flags parsed; "
                      "run the job through absl.app.run (as launch/*.py do) or call "
                      "absl.flags.FLAGS.mark_as_parsed() first, or use worker_count=0")
-  if workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return it
+  return _ResumableBatches(ds, lambda part: _batches(part, batch_size, drop_remainder, workers,
+                                                     read_threads))
 
 
 def prefetch_to_device(ds: grain.IterDataset, put: Callable[[dict], Any],

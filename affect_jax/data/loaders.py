@@ -115,9 +115,7 @@ def _with_image(record: dict, x: np.ndarray) -> dict:
   return out
 
 
-# What a transform returns for an unreadable image: an empty record, dropped after the
-# workers (grain's workers would drop a None themselves, and the round-robin order in which
-# their elements are merged would then depend on how many workers there are).
+# What a transform returns for an unreadable image: an empty record, dropped before batching.
 SKIPPED: dict = {}
 
 
@@ -245,55 +243,87 @@ def options(data) -> dict:
           "read_threads": int(data.get("read_threads", READ_THREADS))}
 
 
-INDEX = "_index"  # each element's position in the pipeline's MapDataset, while it flows
+class _Chunks(grain.MapDataset):
+  """Element j: [(i, parent[i]) for the `size` consecutive indices i from j * size] - what a
+  worker makes and ships in one piece (per-element transfers cost more than the decoding)."""
 
+  def __init__(self, parent: grain.MapDataset, size: int):
+    super().__init__(parent)
+    self._size = size
 
-def _with_index(index: int, x: dict) -> dict:
-  return {**x, INDEX: np.int64(index)} if x else x
+  def __len__(self) -> int:
+    return -(-len(self._parent) // self._size)
 
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    start = index * self._size
+    stop = min(start + self._size, len(self._parent))
+    return [(i, self._parent[i]) for i in range(start, stop)]
 
-def _batches(ds: grain.MapDataset, batch_size: int, drop_remainder: bool, workers: int,
-             read_threads: int) -> grain.IterDataset:
-  """Elements of `ds` read by threads (and worker processes: each takes every workers-th
-  element, merged back round robin), then filtered and batched in this process: the same
-  batches for any number of workers or threads."""
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
-  if workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return it.filter(_is_present).batch(batch_size, drop_remainder=drop_remainder)
+  def __str__(self) -> str:
+    return f"Chunks(size={self._size})"
 
 
 class _ResumableBatches(grain.IterDataset):
-  """The batches of a random-access pipeline whose iterator state is how many of its
-  elements were consumed: a checkpoint resumes with any number of workers or threads (grain's
-  own multiprocess state is per worker). Resuming slices the MapDataset there and rebuilds."""
+  """Batches of a random-access pipeline, the same for any number of worker processes and
+  threads, with a checkpointed position that resumes under any number of them.
 
-  def __init__(self, ds: grain.MapDataset, build: Callable[[grain.MapDataset], grain.IterDataset]):
+  Workers and threads make chunks of consecutive elements (grain merges the workers' outputs
+  round robin, so chunks arrive in order); this process drops the unreadable (SKIPPED) ones
+  and cuts batches. grain's own batching in the workers would fill each batch from one
+  worker's every N-th element (batches that depend on N, and one pass out of order), and its
+  multiprocess state is per worker. The state here is how many elements were consumed; a
+  resume slices the MapDataset there and rebuilds."""
+
+  def __init__(self, ds: grain.MapDataset, batch_size: int, drop_remainder: bool, workers: int,
+               read_threads: int):
     super().__init__()
-    self._ds = ds.map_with_index(_with_index)
-    self._build = build
+    self._ds, self._batch_size, self._drop = ds, batch_size, drop_remainder
+    self._workers, self._threads = workers, read_threads
+
+  def chunks(self, start: int):
+    """An iterator of the chunks from element `start` on."""
+    part = _Chunks(self._ds[start:] if start else self._ds, self._batch_size)
+    it = part.to_iter_dataset(grain.ReadOptions(num_threads=self._threads,
+                                                prefetch_buffer_size=2 * self._threads))
+    if self._workers > 0:
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+    return iter(it)
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _ResumableIterator(self._ds, self._build)
+    return _ResumableIterator(self)
 
 
 class _ResumableIterator(grain.DatasetIterator):
 
-  def __init__(self, ds: grain.MapDataset, build):
+  def __init__(self, batches: _ResumableBatches):
     super().__init__()
-    self._ds, self._build = ds, build
+    self._batches = batches
     self._it = None
     self._start(0)
 
   def _start(self, consumed: int) -> None:
     self.close()
-    self._consumed = consumed
-    self._it = iter(self._build(self._ds[consumed:] if consumed else self._ds))
+    self._base = self._consumed = consumed  # element indices of the chunks are from _base
+    self._pending: list[tuple[int, dict]] = []  # readable elements not yet in a batch
+    self._it = self._batches.chunks(consumed)
+    self._done = False
 
   def __next__(self) -> dict:
-    batch = dict(next(self._it))
-    self._consumed = int(batch.pop(INDEX)[-1]) + 1
-    return batch
+    size = self._batches._batch_size
+    while len(self._pending) < size and not self._done:
+      try:
+        chunk = next(self._it)
+      except StopIteration:
+        self._done = True
+        break
+      self._pending += [(self._base + i, x) for i, x in chunk if _is_present(x)]
+    if not self._pending or (len(self._pending) < size and self._batches._drop):
+      raise StopIteration
+    take, self._pending = self._pending[:size], self._pending[size:]
+    self._consumed = take[-1][0] + 1
+    return {k: np.stack([x[k] for _, x in take]) for k in take[0][1]}
 
   def get_state(self) -> dict:
     return {"consumed": self._consumed}
@@ -320,8 +350,7 @@ def _finish(ds: grain.MapDataset, batch_size: int, drop_remainder: bool, workers
     raise ValueError(f"worker_count={workers}: grain's worker processes need absl flags parsed; "
                      "run the job through absl.app.run (as launch/*.py do) or call "
                      "absl.flags.FLAGS.mark_as_parsed() first, or use worker_count=0")
-  return _ResumableBatches(ds, lambda part: _batches(part, batch_size, drop_remainder, workers,
-                                                     read_threads))
+  return _ResumableBatches(ds, batch_size, drop_remainder, workers, read_threads)
 
 
 def prefetch_to_device(ds: grain.IterDataset, put: Callable[[dict], Any],

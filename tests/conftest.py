@@ -46,3 +46,15 @@ def synthetic_root(tmp_path_factory):
   root = tmp_path_factory.mktemp("synthetic_tiny")
   synthetic.generate(root, TINY_SYNTHETIC)
   return root
+
+
+@pytest.fixture
+def absl_flags_parsed():
+  """absl flags parsed, as in a launcher: grain's worker processes read them."""
+  from absl import flags
+  parsed = flags.FLAGS.is_parsed()
+  if not parsed:
+    flags.FLAGS.mark_as_parsed()
+  yield
+  if not parsed:
+    flags.FLAGS.unparse_flags()

@@ -188,18 +188,6 @@ def test_workers_without_absl_flags_are_a_clear_error(image_root):
                          worker_count=1)
 
 
-@pytest.fixture
-def absl_flags_parsed():
-  """grain's worker processes read absl flags: parsed, as in a launcher."""
-  from absl import flags
-  parsed = flags.FLAGS.is_parsed()
-  if not parsed:
-    flags.FLAGS.mark_as_parsed()
-  yield
-  if not parsed:
-    flags.FLAGS.unparse_flags()
-
-
 def test_batches_order_and_resume_do_not_depend_on_workers(image_root, absl_flags_parsed):
   # With the corrupt image in the set: a skipped element must not shift the others.
   paths = faces.index_images(image_root, cache_dir=None)

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-from absl import flags
 from PIL import Image
 
 from affect_jax.data import affwild2, faces, loaders, tfds_builders
@@ -112,17 +111,6 @@ def test_pipelines_over_tfds_equal_the_folder_pipelines(frames, synthetic_root):
                   loaders.eval_dataset(frames.image_records(video_names), **ev), strict=True):
     for k in ("image", "video", "frame"):
       np.testing.assert_array_equal(x[k], y[k])
-
-
-@pytest.fixture
-def absl_flags_parsed():
-  """grain's worker processes read absl flags: parsed, as in a launcher."""
-  parsed = flags.FLAGS.is_parsed()
-  if not parsed:
-    flags.FLAGS.mark_as_parsed()
-  yield
-  if not parsed:
-    flags.FLAGS.unparse_flags()
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -87,21 +87,28 @@ def test_short_run_exports_best_and_loads_back(synthetic_root, tmp_path):
                              atol=1e-6)
 
 
-def test_converted_timm_checkpoint_initialises_fine_tuning(synthetic_root, tmp_path):
-  """launch/convert_weights.py output (a public MAE ViT in timm layout) -> init.kind='converted'."""
-  import safetensors.numpy
-  from affect_jax.models import convert, vit
+def _tiny_vit_state(seed: int, pos_embed: np.ndarray) -> dict:
+  """A random timm-layout state dict of the tiny ViT encoder with the given position table."""
+  from affect_jax.models import vit
   from tests.models.test_convert import _blocks
   t = vit.VARIANTS["tiny"]
-  d, p, grid = t["width"], t["patch_size"], IMAGE // t["patch_size"]
-  rng = np.random.default_rng(3)
-  state = {"cls_token": 0.02 * rng.normal(size=(1, 1, d)),
-           "pos_embed": vit.sincos_pos_embed_2d(d, (grid, grid))[None],
+  d, p = t["width"], t["patch_size"]
+  rng = np.random.default_rng(seed)
+  state = {"cls_token": 0.02 * rng.normal(size=(1, 1, d)), "pos_embed": pos_embed,
            "patch_embed.proj.weight": rng.normal(size=(d, 3, p, p)) / (3 * p * p) ** 0.5,
            "patch_embed.proj.bias": 0.1 * rng.normal(size=d),
            "norm.weight": np.ones(d), "norm.bias": np.zeros(d),
            **_blocks(rng, "blocks", t["depth"], d, t["mlp_dim"])}
-  state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+  return {k: np.asarray(v, np.float32) for k, v in state.items()}
+
+
+def test_converted_timm_checkpoint_initialises_fine_tuning(synthetic_root, tmp_path):
+  """launch/convert_weights.py output (a public MAE ViT in timm layout) -> init.kind='converted'."""
+  import safetensors.numpy
+  from affect_jax.models import convert, vit
+  t = vit.VARIANTS["tiny"]
+  d, grid = t["width"], IMAGE // t["patch_size"]
+  state = _tiny_vit_state(3, vit.sincos_pos_embed_2d(d, (grid, grid))[None])
   safetensors.numpy.save_file(state, str(tmp_path / "mae_vit.safetensors"))
   convert.save_params(convert.convert_checkpoint(str(tmp_path / "mae_vit.safetensors"), "vit",
                                                  "tiny"), str(tmp_path / "converted"))
@@ -126,17 +133,10 @@ def test_a_timm_vit_with_a_learned_position_table_initialises_fine_tuning(synthe
   for this image size -> config.model.pos_embed='learned'; with 'sincos' it is refused."""
   import safetensors.numpy
   from affect_jax.models import convert, vit
-  from tests.models.test_convert import _blocks
   t = vit.VARIANTS["tiny"]
-  d, p, grid = t["width"], t["patch_size"], IMAGE // t["patch_size"]
-  rng = np.random.default_rng(4)
-  state = {"cls_token": 0.02 * rng.normal(size=(1, 1, d)),
-           "pos_embed": 0.02 * rng.normal(size=(1, 1 + (grid + 2) ** 2, d)),
-           "patch_embed.proj.weight": rng.normal(size=(d, 3, p, p)) / (3 * p * p) ** 0.5,
-           "patch_embed.proj.bias": 0.1 * rng.normal(size=d),
-           "norm.weight": np.ones(d), "norm.bias": np.zeros(d),
-           **_blocks(rng, "blocks", t["depth"], d, t["mlp_dim"])}
-  state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+  d, grid = t["width"], IMAGE // t["patch_size"]
+  table = 0.02 * np.random.default_rng(4).normal(size=(1, 1 + (grid + 2) ** 2, d))
+  state = _tiny_vit_state(4, table)
   safetensors.numpy.save_file(state, str(tmp_path / "timm_vit.safetensors"))
   convert.save_params(convert.convert_checkpoint(str(tmp_path / "timm_vit.safetensors"), "vit",
                                                  "tiny", image_size=IMAGE),

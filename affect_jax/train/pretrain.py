@@ -173,7 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # The same images on every process: the picture is computed by all, written by one.
     sample = next(iter(loaders.pretrain_dataset(
         paths, image_size=config.data.image_size, batch_size=8, seed=12345, num_epochs=1,
-        crop_scale=(1.0, 1.0), flip=False, shard_index=0, shard_count=1)))["image"]
+        crop_scale=(1.0, 1.0), flip=False, shard_index=0, shard_count=1,
+        worker_count=0)))["image"]  # 8 images: no worker processes for them
     recon_fn = jax.jit(functools.partial(reconstruct, model), out_shardings=sharding.replicated(mesh))
 
     def recon_hook(step, st, _):

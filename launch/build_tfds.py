@@ -19,7 +19,9 @@ from affect_jax.data import affwild2, tfds_builders
 
 _DATASET = flags.DEFINE_enum("dataset", tfds_builders.AFFWILD2_FRAMES, sorted(tfds_builders.BUILDERS),
                              "What to build.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where TFDS writes (local or gs://).", required=True)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where TFDS writes: a filesystem path "
+                                "(ArrayRecord does not open gs:// URLs; mount a bucket).",
+                                required=True)
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "aff_wild2_frames: the Aff-Wild2 tree; "
                                   "face_images: one root (or use --roots).")
 _ROOTS = flags.DEFINE_list("roots", [], "face_images: folder trees of face images, mixed.")

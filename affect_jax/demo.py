@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from affect_jax import fileio
+from affect_jax.report import FRESH  # the fresh draw's key beside the split names
 from affect_jax.data import affwild2, synthetic
 from affect_jax.data.synthetic import corpus as corpus_lib
 from affect_jax.data.synthetic.writer import MANIFEST, ORACLE
@@ -111,7 +112,6 @@ VARIANTS = (  # (name, row label, encoder, model overrides)
 # over random init, TCN+Transformer over the TCN alone over the frame-wise model, and audio.
 PAIRS = (("tcn_tf_va", "pixels"), ("tcn_tf_v", "tcn_tf_v_random"), ("tcn_tf_v", "tcn_v"),
          ("tcn_v", "frame_mlp"), ("tcn_tf_va", "tcn_tf_v"))
-FRESH = "fresh"  # the key of the fresh draw's scores, beside the split names
 
 
 class Stages:

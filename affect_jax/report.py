@@ -8,7 +8,6 @@ import shutil
 
 from affect_jax import fileio, metrics
 from affect_jax.data import affwild2
-from affect_jax.demo import FRESH  # the fresh draw's key beside the split names
 from affect_jax.train import loop
 
 METRIC_NAME = {"VA": "CCC", "EXPR": "F1", "AU": "F1"}
@@ -37,6 +36,7 @@ def stride_table(strides: dict, segment_len: int) -> str:
 
 
 PIXEL_ROW = "linear model on 12x12 pixels, per frame (no learned features)"
+FRESH = "fresh"  # the key of the fresh draw's scores, beside the split names
 # Scored sets, as columns: the key of their scores and their heading.
 COLUMNS = ((affwild2.VALIDATION_SET, "val"), (affwild2.TEST_SET, "test"), (FRESH, "fresh draw"))
 

@@ -115,13 +115,9 @@ def _with_image(record: dict, x: np.ndarray) -> dict:
   return out
 
 
-# What a transform returns for an unreadable image: an empty record, dropped before batching.
-SKIPPED: dict = {}
-
-
 class RandomResizedCropFlip(grain.transforms.RandomMap):
   """path or {'path', ...} -> {'image': uint8 [S, S, 3], ...} with MAE's augmentation;
-  SKIPPED if unreadable (logged). Other record fields (a label) pass through."""
+  None (grain's "filtered") if unreadable (logged). Other record fields (a label) pass through."""
 
   def __init__(self, image_size: int, scale=(0.2, 1.0), flip: bool = True):
     self.image_size = image_size
@@ -132,7 +128,7 @@ class RandomResizedCropFlip(grain.transforms.RandomMap):
     record = _as_record(item)
     im = _open_rgb(record)
     if im is None:
-      return SKIPPED
+      return None
     box = random_resized_crop_box(im.width, im.height, rng, self.scale)
     im = im.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box)
     if self.flip and rng.random() < 0.5:
@@ -143,7 +139,7 @@ class RandomResizedCropFlip(grain.transforms.RandomMap):
 
 
 class ResizeImage(grain.transforms.Map):
-  """path or {'path', ...} -> {'image': uint8 [S, S, 3], ...}, no augmentation; SKIPPED if
+  """path or {'path', ...} -> {'image': uint8 [S, S, 3], ...}, no augmentation; None if
   unreadable (logged)."""
 
   def __init__(self, image_size: int):
@@ -153,14 +149,14 @@ class ResizeImage(grain.transforms.Map):
     record = _as_record(item)
     im = _open_rgb(record)
     if im is None:
-      return SKIPPED
+      return None
     if im.size != (self.image_size, self.image_size):
       im = im.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
     return _with_image(record, np.asarray(im, dtype=np.uint8))
 
 
 def _is_present(x) -> bool:
-  return bool(x)
+  return x is not None
 
 
 class ProcessRows(grain.MapDataset):
@@ -270,7 +266,7 @@ class _ResumableBatches(grain.IterDataset):
   threads, with a checkpointed position that resumes under any number of them.
 
   Workers and threads make chunks of consecutive elements (grain merges the workers' outputs
-  round robin, so chunks arrive in order); this process drops the unreadable (SKIPPED) ones
+  round robin, so chunks arrive in order); this process drops the unreadable ones (None)
   and cuts batches. grain's own batching in the workers would fill each batch from one
   worker's every N-th element (batches that depend on N, and one pass out of order), and its
   multiprocess state is per worker. The state here is how many elements were consumed; a
@@ -304,13 +300,17 @@ class _ResumableIterator(grain.DatasetIterator):
     self._start(0)
 
   def _start(self, consumed: int) -> None:
+    """Restarts at element `consumed`; threads and workers start with the first batch asked
+    for (a resume calls this right after the constructor did)."""
     self.close()
+    self._it = None
     self._base = self._consumed = consumed  # element indices of the chunks are from _base
     self._pending: list[tuple[int, dict]] = []  # readable elements not yet in a batch
-    self._it = self._batches.chunks(consumed)
     self._done = False
 
   def __next__(self) -> dict:
+    if self._it is None:
+      self._it = self._batches.chunks(self._base)
     size = self._batches._batch_size
     while len(self._pending) < size and not self._done:
       try:

@@ -12,7 +12,6 @@ on the choice; only how fast they arrive does.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Sequence
 
@@ -85,12 +84,6 @@ class FolderFrames:
             for i, v in enumerate(videos) for k in np.flatnonzero(self.has_image(v))]
 
 
-@functools.lru_cache(maxsize=8)
-def _built(directory: str):
-  from affect_jax.data import tfds_builders
-  return tfds_builders.FramesDataset(directory)
-
-
 def frames(config: ml_collections.ConfigDict):
   """The Aff-Wild2 frames a config reads: `FolderFrames` of data.root ('folders') or the
   built dataset at data.tfds_dir ('tfds'); the same interface, the same records."""
@@ -99,7 +92,8 @@ def frames(config: ml_collections.ConfigDict):
   if not config.data.get("tfds_dir"):
     raise ValueError("config.data.source='tfds' needs config.data.tfds_dir: an aff_wild2_frames "
                      "dataset directory written by launch/build_tfds.py")
-  return _built(str(config.data.tfds_dir))
+  from affect_jax.data import tfds_builders
+  return tfds_builders.FramesDataset(config.data.tfds_dir)
 
 
 def face_roots(config: ml_collections.ConfigDict) -> list[str]:

@@ -73,7 +73,15 @@ class FaceImages(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, roots: Sequence[str | os.PathLike] = (), **kwargs):
     self._roots = [os.fspath(r) for r in roots]
+    self._listing = None
     super().__init__(**kwargs)
+
+  def source_files(self, manual_dir=None) -> list[str]:
+    """The image files this build reads (the roots walked once per builder)."""
+    if self._listing is None:
+      self._roots = self._roots or [os.fspath(manual_dir)]
+      self._listing = _face_files(self._roots)
+    return self._listing[1]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -82,12 +90,13 @@ class FaceImages(tfds.core.GeneratorBasedBuilder):
         disable_shuffling=True, metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
-    roots = self._roots or [os.fspath(dl_manager.manual_dir)]
-    return {FACES_SPLIT: self._generate_examples(roots)}
+    if self._listing is None:  # (reads manual_dir only when no roots were given)
+      self.source_files(None if self._roots else dl_manager.manual_dir)
+    return {FACES_SPLIT: self._generate_examples()}
 
-  def _generate_examples(self, roots):
-    names, paths = _face_files(roots)
-    self.info.metadata["roots"] = [os.path.realpath(r) for r in roots]
+  def _generate_examples(self):
+    names, paths = self._listing
+    self.info.metadata["roots"] = [os.path.realpath(r) for r in self._roots]
     self.info.metadata["source_fingerprint"] = fileio.stat_fingerprint(paths)
     for i, (name, data) in enumerate(zip(names, _read_bytes(paths))):
       yield i, {"image": data, "path": name}
@@ -104,8 +113,9 @@ def _face_files(roots) -> tuple[list[str], list[str]]:
   return names, paths
 
 
-def _affwild2_files(root, max_unmatched: float) -> list[str]:
-  """Every file an aff_wild2_frames build reads: annotations, test lists, frame images."""
+def _affwild2_files(root, max_unmatched: float) -> tuple[dict[str, int], list[str]]:
+  """({video: num_frames} as `affwild2.all_videos`, every file an aff_wild2_frames build
+  reads: annotations, test lists, frame images)."""
   files = []
   for task in affwild2.TASKS:
     try:
@@ -114,10 +124,11 @@ def _affwild2_files(root, max_unmatched: float) -> list[str]:
       continue
     files += sorted(str(p) for split in affwild2.SPLITS for p in (folder / split).glob("*.txt"))
     files.append(os.path.join(root, affwild2.task_test_list(task)))
-  for video, n in affwild2.all_videos(root, True, max_unmatched).items():
+  videos = affwild2.all_videos(root, True, max_unmatched)
+  for video, n in videos.items():
     files += [os.path.join(root, affwild2.FRAMES_DIR, video, affwild2.frame_name(int(k) + 1))
               for k in np.flatnonzero(affwild2.image_mask(root, video, n))]
-  return files
+  return videos, files
 
 
 def _frame_labels(root, task: str, split: str, video: str, num_frames: int,
@@ -143,7 +154,14 @@ class AffWild2Frames(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, max_unmatched: float = affwild2.MAX_UNMATCHED_FRAMES, **kwargs):
     self._max_unmatched = max_unmatched
+    self._listing = None
     super().__init__(**kwargs)
+
+  def source_files(self, manual_dir) -> list[str]:
+    """The files this build reads (the tree's annotations parsed once per builder)."""
+    if self._listing is None:
+      self._listing = _affwild2_files(os.fspath(manual_dir), self._max_unmatched)
+    return self._listing[1]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -164,7 +182,8 @@ class AffWild2Frames(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, root):
     unmatched = self._max_unmatched
-    videos = affwild2.all_videos(root, with_test=True, max_unmatched=unmatched)
+    files = self.source_files(root)
+    videos = self._listing[0]
     sets: dict[str, dict[str, list[str]]] = {}
     where: dict[str, dict[str, str]] = {v: {} for v in videos}  # video -> task -> split
     for task in affwild2.TASKS:
@@ -183,7 +202,7 @@ class AffWild2Frames(tfds.core.GeneratorBasedBuilder):
           where[v].setdefault(task, split)
     index, start = {}, 0
     self.info.metadata["root"] = os.path.realpath(root)
-    self.info.metadata["source_fingerprint"] = fileio.stat_fingerprint(_affwild2_files(root, unmatched))
+    self.info.metadata["source_fingerprint"] = fileio.stat_fingerprint(files)
     self.info.metadata["sets"] = sets
     self.info.metadata["videos"] = index
     key = 0
@@ -231,16 +250,11 @@ def build(name: str, data_dir: str | os.PathLike, *, manual_dir: str | os.PathLi
   """
   if name not in BUILDERS:
     raise ValueError(f"unknown dataset {name!r}: expected one of {sorted(BUILDERS)}")
-  if name == FACE_IMAGES:
-    roots = kwargs.get("roots") or [manual_dir]
-    files = _face_files(roots)[1]
-    source = ",".join(os.fspath(r) for r in roots)
-  else:
-    if manual_dir is None:
-      raise ValueError("aff_wild2_frames: manual_dir must be the Aff-Wild2 tree")
-    files = _affwild2_files(manual_dir, kwargs.get("max_unmatched", affwild2.MAX_UNMATCHED_FRAMES))
-    source = os.fspath(manual_dir)
+  if name == AFFWILD2_FRAMES and manual_dir is None:
+    raise ValueError("aff_wild2_frames: manual_dir must be the Aff-Wild2 tree")
+  source = ",".join(map(os.fspath, kwargs.get("roots") or [manual_dir]))
   builder = BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record", **kwargs)
+  files = builder.source_files(manual_dir)  # the builder generates from this same listing
   out = epath.Path(builder.data_dir)
   mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   if (out / "dataset_info.json").exists():

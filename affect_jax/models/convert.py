@@ -188,8 +188,8 @@ def _to_ours(path, value, shape):
 def is_sincos(table) -> bool:
   """Whether a checkpoint's position table [1, 1 + h*w, D] is MAE's fixed sin-cos one."""
   table = np.asarray(table, np.float32).reshape(-1, np.shape(table)[-1])
-  side = int(round((table.shape[0] - 1) ** 0.5))
-  if side * side != table.shape[0] - 1 or table.shape[1] % 4:
+  side = vit.table_grid(table.shape[0])
+  if side is None or table.shape[1] % 4:
     return False
   return bool(np.allclose(vit.sincos_pos_embed_2d(table.shape[1], (side, side)), table, atol=1e-4))
 
@@ -222,7 +222,8 @@ def convert_timm_state_dict(state: dict[str, Any], params_template: Any) -> dict
     A params dict of numpy arrays with the template's structure and dtypes.
 
   Raises:
-    ValueError: listing every missing, unexpected and wrongly shaped key at once.
+    ValueError: with the counts of missing, unexpected and wrongly shaped keys (and position
+      tables that are not what the model has), the first few of each.
   """
   template = nn.unbox(params_template)
   scanned = vit.is_scanned(template)  # a scan_layers model: map onto the unrolled layout
@@ -242,8 +243,8 @@ def convert_timm_state_dict(state: dict[str, Any], params_template: Any) -> dict
     path = expected[name]
     got = tuple(np.shape(state[name]))
     if path == ("pos_embed",):  # any square grid: resampled to ours below
-      side = int(round(max(got[1] - 1, 0) ** 0.5)) if len(got) == 3 else 0
-      ok = len(got) == 3 and got[0] == 1 and got[2] == flat[path].shape[2] and side * side + 1 == got[1]
+      ok = (len(got) == 3 and got[0] == 1 and got[2] == flat[path].shape[2]
+            and vit.table_grid(got[1]) is not None)
       want = f"(1, 1 + h*w, {flat[path].shape[2]})"
     else:
       want = _torch_shape(path, flat[path].shape)
@@ -269,8 +270,7 @@ def convert_timm_state_dict(state: dict[str, Any], params_template: Any) -> dict
   for name, path in expected.items():
     leaf = flat[path]
     if path == ("pos_embed",):
-      n = leaf.shape[1] - 1
-      side = int(round(n ** 0.5))
+      side = vit.table_grid(leaf.shape[1])
       value = vit.resample_pos_embed(np.asarray(state[name])[0], (side, side))[None]
     else:
       value = _to_ours(path, np.asarray(state[name]), leaf.shape)
@@ -365,7 +365,7 @@ def convert_checkpoint(input_path: str, model: str = "mae", preset: str = "base"
     overrides["pos_embed"] = "learned"
     if image_size is None and "pos_embed" in state:
       patch = vit.variant_config(preset, decoder=False, **overrides)["patch_size"]
-      image_size = int(round((np.shape(state["pos_embed"])[1] - 1) ** 0.5)) * patch
+      image_size = (vit.table_grid(np.shape(state["pos_embed"])[1]) or 0) * patch or None
   module = build_model(model, preset, **overrides)
   try:
     return convert_timm_state_dict(state, params_shapes(module, image_size))

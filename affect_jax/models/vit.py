@@ -120,13 +120,20 @@ def _cubic_weights(scale_in: int, size_out: int, a: float = -0.75) -> np.ndarray
   return w
 
 
+def table_grid(rows: int) -> int | None:
+  """The side of the square patch grid a position table of `rows` rows (CLS first) covers,
+  or None when rows - 1 is not a square."""
+  side = int(round(max(rows - 1, 0) ** 0.5))
+  return side if side * side == rows - 1 else None
+
+
 def resample_pos_embed(table: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
   """A learned [1 + h*w, D] position table (CLS row first, square grid) resampled to
   `grid` with torch's bicubic interpolation (what timm does when a ViT meets another image
   size); the CLS row is kept. Host numpy, float32."""
   table = np.asarray(table, np.float64)
-  side = int(round((table.shape[0] - 1) ** 0.5))
-  if side * side != table.shape[0] - 1:
+  side = table_grid(table.shape[0])
+  if side is None:
     raise ValueError(f"position table of {table.shape[0]} rows is not 1 + a square grid")
   if (side, side) == tuple(grid):
     return table.astype(np.float32)

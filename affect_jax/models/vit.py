@@ -100,7 +100,7 @@ def sincos_pos_embed_2d(width, grid, cls_token=True):
 POS_EMBEDS = ("sincos", "learned")
 
 
-def _cubic_weights(scale_in: int, size_out: int, a: float = -0.75) -> np.ndarray:
+def _cubic_weights(size_in: int, size_out: int, a: float = -0.75) -> np.ndarray:
   """[size_out, scale_in] weights of 1-D bicubic interpolation as torch's
   `F.interpolate(mode='bicubic', align_corners=False)` computes it: Keys' kernel with
   a = -0.75, half-pixel centres, taps clamped at the borders, no antialiasing."""
@@ -111,12 +111,12 @@ def _cubic_weights(scale_in: int, size_out: int, a: float = -0.75) -> np.ndarray
     if x < 2:
       return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
     return 0.0
-  w = np.zeros((size_out, scale_in))
+  w = np.zeros((size_out, size_in))
   for i in range(size_out):
-    src = (i + 0.5) * scale_in / size_out - 0.5
+    src = (i + 0.5) * size_in / size_out - 0.5
     base = int(np.floor(src))
     for tap in range(base - 1, base + 3):
-      w[i, min(max(tap, 0), scale_in - 1)] += kernel(src - tap)
+      w[i, min(max(tap, 0), size_in - 1)] += kernel(src - tap)
   return w
 
 

@@ -101,7 +101,7 @@ POS_EMBEDS = ("sincos", "learned")
 
 
 def _cubic_weights(size_in: int, size_out: int, a: float = -0.75) -> np.ndarray:
-  """[size_out, scale_in] weights of 1-D bicubic interpolation as torch's
+  """[size_out, size_in] weights of 1-D bicubic interpolation as torch's
   `F.interpolate(mode='bicubic', align_corners=False)` computes it: Keys' kernel with
   a = -0.75, half-pixel centres, taps clamped at the borders, no antialiasing."""
   def kernel(x):

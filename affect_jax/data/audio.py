@@ -95,6 +95,23 @@ def read_wav(path) -> tuple[np.ndarray, int]:
   return _decode(path, raw, tag, width, channels), int(rate)
 
 
+def write_wav(path, samples: np.ndarray, rate: int = AUDIO_RATE) -> None:
+  """Mono 16-bit PCM, atomically: int16 samples as they are, float ones in [-1, 1] scaled
+  (and clipped) to int16."""
+  from affect_jax.fileio import atomic_write
+  x = np.asarray(samples).reshape(-1)
+  if x.dtype != np.int16:
+    x = np.round(np.clip(x.astype(np.float64), -1.0, 32767 / 32768) * 32768).astype(np.int16)
+
+  def write(tmp):
+    with wave.open(str(tmp), "wb") as f:
+      f.setnchannels(1)
+      f.setsampwidth(2)
+      f.setframerate(int(rate))
+      f.writeframes(x.astype("<i2").tobytes())
+  atomic_write(path, write)
+
+
 def _read_riff(path: Path) -> tuple[int, int, int, int, bytes]:
   """(format tag, channels, bytes per sample, rate, data) from the RIFF chunks."""
   data = path.read_bytes()

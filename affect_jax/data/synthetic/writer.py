@@ -14,16 +14,16 @@ import json
 import os
 import pathlib
 import shutil
-import wave
 from typing import NamedTuple
 
 import numpy as np
 
 from affect_jax import metrics
 from affect_jax.data.affwild2 import (
-    AUDIO_DIR, AUDIO_RATE, FRAMES_DIR, TASK_DIRS, TASKS, TEST_LABELS_DIR, TEST_SET, TRAIN_SET,
+    AUDIO_DIR, FRAMES_DIR, TASK_DIRS, TASKS, TEST_LABELS_DIR, TEST_SET, TRAIN_SET,
     VALIDATION_SET, frame_name, task_test_list, write_annotation)
 from affect_jax.fileio import write_text_atomic
+from affect_jax.data import audio as audio_io
 from affect_jax.data.synthetic import audio, dynamics, render
 
 MANIFEST = "synthetic_manifest.json"
@@ -119,17 +119,6 @@ def plan(config: SyntheticConfig) -> list[Source]:
                  {t: split_of[i] for t in TASKS if t in labelled[i]}) for i in range(n)]
 
 
-def _write_wav(path: pathlib.Path, samples: np.ndarray) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with wave.open(str(tmp), "wb") as f:
-    f.setnchannels(1)
-    f.setsampwidth(2)
-    f.setframerate(AUDIO_RATE)
-    f.writeframes(samples.astype("<i2").tobytes())
-  os.replace(tmp, path)
-
-
 def _owned_names() -> list[str]:
   names = [FRAMES_DIR, AUDIO_DIR, TEST_LABELS_DIR, ORACLE, MANIFEST]
   return names + [TASK_DIRS[t][0] for t in TASKS] + [task_test_list(t) for t in TASKS]
@@ -174,7 +163,7 @@ def _write_source(root: pathlib.Path, src: Source, config: SyntheticConfig, scor
   affects = [dynamics.simulate_affect(_rng(seed, src.index, s, _AFFECT), n, config.fps, config.min_event_s)
              for s in range(len(src.videos))]
   track = audio.synthesize(_rng(seed, src.index, 0, _AUDIO), affects[0], config.fps)
-  _write_wav(root / AUDIO_DIR / f"{src.name}.wav", track)
+  audio_io.write_wav(root / AUDIO_DIR / f"{src.name}.wav", track)
   entries = {}
   for s, (video, affect) in enumerate(zip(src.videos, affects)):
     rng = _rng(seed, src.index, s, _RENDER)

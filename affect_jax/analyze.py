@@ -125,7 +125,7 @@ def find_faces(video_path: str, work: str, settings: FaceSettings = FaceSettings
   record = {
       "key": key, "video": os.path.abspath(video_path), "name": name, "fps": info.fps,
       "width": info.width, "height": info.height, "num_frames": n, "time_s": time_s,
-      "boxes": [None if np.isnan(b[0]) else [round(float(v), 1) for v in b] for b in squares],
+      "boxes": [None if np.isnan(b[0]) else [float(v) for v in b] for b in squares],
       "detected": track.detected.astype(int).tolist(), "found": track.found.astype(int).tolist(),
       "tracks": track.tracks, "has_audio": info.has_audio,
       "audio_seconds": len(samples) / affwild2.AUDIO_RATE, "detect_fps": detect_fps}
@@ -158,7 +158,8 @@ def _visual(store: features.FeatureStore, tree: str, name: str, num_frames: int,
       "feature_dtype": store.info["dtype"], "batch_size": batch_size, "mesh_shape": (-1, 1, 1),
       "data": {"root": tree, "image_size": int(made.get("image_size", 0))}})
   out = os.path.join(work, FEATURES_DIR, _key(store.info))
-  new = extract.extract_visual(config, out, sources.FolderFrames(tree), {name: num_frames}, log)
+  new = extract.extract_visual(config, out, sources.FolderFrames(tree, num_frames={name: num_frames}),
+                                 {name: num_frames}, log)
   if new.info["model_hash"] != store.info["model_hash"]:
     raise ValueError(
         f"the encoder at {workdir} (weights {new.info['model_hash']}) is not the one that made "
@@ -327,3 +328,59 @@ def plot_timeline(path: str, faces: dict, outputs: Mapping[str, np.ndarray], tit
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fileio.save_figure_atomic(path, dpi=90)
+
+
+# ---- The command line (launch/analyze_video.py, the affect-jax-analyze-video script) ----
+
+
+def _define_flags():
+  from absl import flags
+  d = FaceSettings()
+  flags.DEFINE_string("video", None, "The video file (any container and codec FFmpeg reads).",
+                      required=True)
+  flags.DEFINE_string("out_dir", None, "<name>.csv and <name>.png go here, the crops and "
+                      "features under <name>/.", required=True)
+  flags.DEFINE_string("va", "", "Workdir of a trained VA temporal model.")
+  flags.DEFINE_string("expr", "", "Workdir of a trained Expr temporal model.")
+  flags.DEFINE_string("au", "", "Workdir of a trained AU temporal model.")
+  flags.DEFINE_string("encoder", "", "The encoder workdir that made the models' training "
+                      "features (default: the one their feature stores name).")
+  flags.DEFINE_integer("crop_size", d.crop_size, "Side of the face crops, pixels.")
+  flags.DEFINE_float("crop_scale", d.crop_scale, "Crop side / detected box side.")
+  flags.DEFINE_float("crop_shift", d.crop_shift, "Crop centre below the box's, box heights.")
+  flags.DEFINE_float("min_face", d.min_face, "Smallest face, share of the frame's shorter side.")
+  flags.DEFINE_integer("min_neighbors", d.min_neighbors, "Detector hits that make a face.")
+  flags.DEFINE_integer("max_gap", d.max_gap, "Detector misses bridged, frames.")
+  flags.DEFINE_integer("batch_size", 64, "Frames per forward pass of the encoder.")
+
+
+def _main(argv):
+  del argv
+  from absl import flags
+  from affect_jax.train import loop
+  sharding.join()
+  loop.quiet_library_logs()
+  loop.enable_compilation_cache()
+  f = flags.FLAGS
+  workdirs = {t: w for t, w in (("VA", f.va), ("EXPR", f.expr), ("AU", f.au)) if w}
+  if not workdirs:
+    from absl import app
+    raise app.UsageError("give at least one of --va, --expr, --au")
+  settings = FaceSettings(crop_size=f.crop_size, crop_scale=f.crop_scale, crop_shift=f.crop_shift,
+                          min_face=f.min_face, min_neighbors=f.min_neighbors, max_gap=f.max_gap)
+  out = analyze(f.video, f.out_dir, workdirs, settings=settings,
+                encoder_workdir=f.encoder or None, batch_size=f.batch_size)
+  faces = out["faces"]
+  print(f"{faces['name']}: {faces['num_frames']} frames, a face in {sum(faces['found'])} "
+        f"({sum(faces['detected'])} detected); {', '.join(f'{k} {v:.1f} s' for k, v in out['seconds'].items())}")
+  print(f"csv: {out['csv']}")
+  print(f"timeline: {out['png']}")
+
+
+def cli() -> None:
+  """Entry point of launch/analyze_video.py and the affect-jax-analyze-video script."""
+  from absl import app
+  from affect_jax import hostenv
+  _define_flags()
+  hostenv.configure()
+  app.run(_main)

@@ -33,12 +33,15 @@ def source(config: ml_collections.ConfigDict) -> str:
 class FolderFrames:
   """An Aff-Wild2 tree read as it is, with the reading interface of the built dataset
   (`tfds_builders.FramesDataset`): the videos, which frames have an image, a fingerprint of a
-  video's images, and the records the pipelines take (image paths)."""
+  video's images, and the records the pipelines take (image paths). `num_frames`
+  ({video: frames}) stands in for the annotations and test lists in a tree that has none
+  (a video file's crops: `affect_jax.analyze`)."""
 
-  def __init__(self, root: str | os.PathLike, max_unmatched: float = affwild2.MAX_UNMATCHED_FRAMES):
+  def __init__(self, root: str | os.PathLike, max_unmatched: float = affwild2.MAX_UNMATCHED_FRAMES,
+               num_frames: dict[str, int] | None = None):
     self.directory = str(root)
     self._max_unmatched = max_unmatched
-    self._num_frames: dict[str, int] = {}
+    self._num_frames: dict[str, int] = dict(num_frames or {})
 
   def videos(self, with_test: bool = True) -> dict[str, int]:
     """{video: num_frames}: `affwild2.all_videos`."""

@@ -4,6 +4,7 @@ file written once; a killed process stops the other; a rerun resumes to the unin
 result. A process joins through flags (--coordinator_address ...) or, for extraction, a
 SLURM-style environment."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from PIL import Image
 from affect_jax import checkpoint
 from affect_jax.data import tfds_builders
 from affect_jax.data.features import FeatureStore
+from affect_jax.data.synthetic import clip
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 IMAGE = 32
 PRETRAIN_STEPS = 40  # long enough that the kill below lands mid-run
 TIMEOUT = 300
+HAVE_VIDEO = all(importlib.util.find_spec(m) for m in ("av", "cv2"))
 
 
 def _free_port() -> int:
@@ -100,7 +103,9 @@ def runs(synthetic_root, tmp_path_factory):
   isolates one stage (and reads a checkpoint written on another process layout)."""
   out = tmp_path_factory.mktemp("multiprocess")
   root, logs, index = synthetic_root, out / "logs", out / "index"
-  w = {f"{s}{p}": out / f"{s}{p}" for s in ("mae", "ft", "x", "va", "pred") for p in ("1p", "2p")}
+  w = {f"{s}{p}": out / f"{s}{p}" for s in ("mae", "ft", "x", "va", "pred", "video")
+       for p in ("1p", "2p")}
+  mp4 = clip.write_clip(out / "clip", clip.ClipConfig(num_frames=60)) if HAVE_VIDEO else None
   # The 2-process fine-tuning reads the ArrayRecord dataset, in a grain worker process each:
   # the same frames as the folders the 1-process run reads, so the same losses.
   frames = tfds_builders.build(tfds_builders.AFFWILD2_FRAMES, out / "tfds", manual_dir=root)
@@ -126,6 +131,9 @@ def runs(synthetic_root, tmp_path_factory):
         "--config.eval_every_epochs=100", "--config.bootstrap_samples=20"], procs, logs)
     _run("predict", [f"--out_dir={w[f'pred{p}']}", f"--va={w['va1p']}", "--split=Train_Set"],
          procs, logs)
+    if mp4:
+      _run("analyze_video", [f"--video={mp4}", f"--out_dir={w[f'video{p}']}", f"--va={w['va1p']}"],
+           procs, logs)
   return out, w
 
 
@@ -175,6 +183,18 @@ def test_temporal_predictions_match_one_process(runs):
   assert sorted(one) == sorted(two) and len(one) >= 4
   for video in one:
     np.testing.assert_allclose(two[video], one[video], atol=1.01e-4, err_msg=video)  # 4 decimals
+
+
+@pytest.mark.skipif(not HAVE_VIDEO, reason="the video extra: pip install 'affect-jax[video]'")
+def test_video_analysis_matches_one_process(runs):
+  """A video file through the 1-process run's VA model (visual + audio) by 2 processes: the
+  same faces and the same per-frame values."""
+  from affect_jax import analyze
+  _, w = runs
+  one, two = (analyze.read_csv(w[f"video{p}"] / "synthetic_clip.csv") for p in ("1p", "2p"))
+  assert list(one) == list(two) and len(one["frame"]) == 60 and one["face_found"].sum() > 50
+  for column in one:
+    np.testing.assert_allclose(two[column], one[column], atol=1.01e-4, err_msg=column)
 
 
 def test_temporal_training_and_evaluation_match_one_process(runs):

@@ -13,14 +13,15 @@ leave them out.
 
 The `paper` preset is exactly the released model (visual only, causal TCN [768, 256, 128]
 k5, 8 post-LN layers of width 512, 4 heads, ff 512, ReLU, no positional encoding, dropout 0);
-`params_from_torch_state_dict` loads the PyTorch reference's weights
-(`../shared/bench/torch_temporal.py` layout) onto it.
+`params_from_torch_state_dict` loads PyTorch weights onto it: the authors' own checkpoints
+(upczww/abaw6's `Model`) and the reference of `../shared/bench/torch_temporal.py`.
 
 Initialisation follows torch's defaults (Linear kernels uniform +-1/sqrt(fan_in), the fused
 attention projection xavier-uniform) except that Linear biases start at zero.
 """
 
 import functools
+import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -291,11 +292,65 @@ def example_inputs(input_dims: Mapping[str, int], batch: int = 1, length: int = 
   return inputs, jnp.ones((batch, length), jnp.float32)
 
 
+# The authors' `Model` (upczww/abaw6 {VA,EXPR,AU}/model): locuslab's TemporalConvNet with
+# torch.nn.utils.weight_norm (weight_g / weight_v), whose TemporalBlock also holds its layers
+# in `net` (so each tensor is saved twice), and TransEncoder's 1x1 conv `conv1`.
+_AUTHORS_NAMES = (
+    (r"^temporal\.network\.(\d+)\.conv([12])\.weight_g$", r"tcn.\1.c\2.parametrizations.weight.original0"),
+    (r"^temporal\.network\.(\d+)\.conv([12])\.weight_v$", r"tcn.\1.c\2.parametrizations.weight.original1"),
+    (r"^temporal\.network\.(\d+)\.conv([12])\.bias$", r"tcn.\1.c\2.bias"),
+    (r"^temporal\.network\.(\d+)\.relu([12])\.weight$", r"tcn.\1.a\2.weight"),
+    (r"^temporal\.network\.(\d+)\.relu\.weight$", r"tcn.\1.a.weight"),
+    (r"^temporal\.network\.(\d+)\.downsample\.(weight|bias)$", r"tcn.\1.down.\2"),
+    (r"^encoder\.conv1\.(weight|bias)$", r"proj.\1"),
+    (r"^encoder\.transformer_encoder\.layers\.(.*)$", r"enc.layers.\1"),
+    (r"^(head\..*)$", r"\1"),
+)
+# TemporalBlock.net = Sequential(conv1, chomp1, relu1, dropout1, conv2, chomp2, relu2, dropout2).
+_LAYOUTS_KNOWN = ("expected the authors' Model (upczww/abaw6: 'temporal.network.N.conv1.weight_g', "
+                  "'encoder.transformer_encoder.layers.N...') or the reference's "
+                  "(../shared/bench/torch_temporal.py: 'tcn.N.c1...', 'enc.layers.N...')")
+_AUTHORS_NET = {"0": "conv1", "2": "relu1", "4": "conv2", "6": "relu2"}
+
+
+def authors_state_dict(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+  """The authors' `Model` state dict (DataParallel's `module.` prefix allowed) in the
+  reference's names, or None when `state` is not of that layout. Each tensor their
+  TemporalBlock saves twice (`conv1` and `net.0`, ...) must be equal in both places."""
+  state = {str(k): v for k, v in state.items()}
+  if state and all(k.startswith("module.") for k in state):
+    state = {k[len("module."):]: v for k, v in state.items()}
+  if not any(k.startswith("temporal.network.") for k in state):
+    return None
+  out, unplaced = {}, []
+  for key, value in state.items():
+    net = re.match(r"^temporal\.network\.(\d+)\.net\.(\d+)\.(.*)$", key)
+    if net and net.group(2) in _AUTHORS_NET:
+      twin = f"temporal.network.{net.group(1)}.{_AUTHORS_NET[net.group(2)]}.{net.group(3)}"
+      if twin not in state:
+        raise ValueError(f"{key} has no twin {twin}: not the authors' TemporalBlock")
+      if np.shape(state[twin]) != np.shape(value) or not np.array_equal(state[twin], value):
+        raise ValueError(f"{key} and {twin} are the same tensor in the authors' model, but "
+                         "differ in this state dict: it was edited, and neither can be trusted")
+      continue
+    for pattern, repl in _AUTHORS_NAMES:
+      if re.match(pattern, key):
+        out[re.sub(pattern, repl, key)] = value
+        break
+    else:
+      unplaced.append(key)
+  if unplaced:
+    raise ValueError(f"{len(unplaced)} tensors of the authors' layout have no place in the "
+                     f"model: {sorted(unplaced)[:5]}{' ...' if len(unplaced) > 5 else ''}")
+  return out
+
+
 def params_from_torch_state_dict(state: Mapping[str, np.ndarray], *, num_heads: int = 4,
                                  modality: str = "visual") -> dict:
-  """The PyTorch reference's `state_dict` (numpy arrays) -> {'params', 'batch_stats'}.
+  """A PyTorch `state_dict` (numpy arrays) -> {'params', 'batch_stats'}.
 
-  Layout of `../shared/bench/torch_temporal.py`'s `AuthorsModel`: `tcn.{i}.c1/c2` with
+  The authors' checkpoints (`authors_state_dict`) are renamed to the reference's layout
+  first. Layout of `../shared/bench/torch_temporal.py`'s `AuthorsModel`: `tcn.{i}.c1/c2` with
   `parametrizations.weight.original0/1` (g [C_out, 1, 1], v [C_out, C_in, k]), `a1/a2/a`
   PReLUs, `down`; `proj` (Conv1d k=1); `enc.layers.{l}` (`self_attn.in_proj_*`,
   `out_proj`, `linear1/2`, `norm1/2`); `head.0/1/2` (Linear, BatchNorm1d, Linear). Its
@@ -303,13 +358,12 @@ def params_from_torch_state_dict(state: Mapping[str, np.ndarray], *, num_heads: 
   Returns plain (unboxed) numpy arrays. Every tensor is used or the load fails (with the
   names left over, or missing): a state dict of another layout is never half read.
   """
-  s = {k: np.asarray(v, np.float32) for k, v in state.items()}
+  s = {k: np.asarray(v, np.float32) for k, v in (authors_state_dict(state) or state).items()}
   used: set[str] = set()
 
   def take(key):
     if key not in s:
-      raise ValueError(f"the state dict has no {key!r}: not the layout of "
-                       "../shared/bench/torch_temporal.py's AuthorsModel")
+      raise ValueError(f"the state dict has no {key!r}: {_LAYOUTS_KNOWN}")
     used.add(key)
     return s[key]
 
@@ -366,8 +420,7 @@ def params_from_torch_state_dict(state: Mapping[str, np.ndarray], *, num_heads: 
                                  "var": take("head.1.running_var")}}}
   if not tcn or not encoder:
     raise ValueError(f"the state dict has {len(tcn)} TCN levels ('tcn.N.') and {len(encoder)} "
-                     "Transformer layers ('enc.layers.N.'): not the layout of "
-                     "../shared/bench/torch_temporal.py's AuthorsModel")
+                     f"Transformer layers ('enc.layers.N.'): {_LAYOUTS_KNOWN}")
   left = sorted(set(s) - used - {"head.1.num_batches_tracked"})
   if left:
     raise ValueError(f"{len(left)} tensors of the state dict have no place in the model: "

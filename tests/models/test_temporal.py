@@ -410,14 +410,69 @@ def test_bf16_compute_stays_close_and_returns_float32():
   np.testing.assert_allclose(y16, y32, rtol=0.1, atol=0.1)
 
 
+def _authors_layout(s):
+  """The reference's weights under the names upczww/abaw6's `Model` saves them (weight_norm's
+  weight_g/_v, each TemporalBlock layer again under `net.N`, TransEncoder's `conv1`),
+  through DataParallel (`module.`)."""
+  out = {}
+  for key, value in s.items():
+    parts = key.split(".")
+    if parts[0] == "tcn":
+      level, layer, rest = parts[1], parts[2], parts[3:]
+      name = {"c1": "conv1", "c2": "conv2", "a1": "relu1", "a2": "relu2", "a": "relu",
+              "down": "downsample"}[layer]
+      rest = {"parametrizations.weight.original0": "weight_g",
+              "parametrizations.weight.original1": "weight_v"}.get(".".join(rest), ".".join(rest))
+      out[f"temporal.network.{level}.{name}.{rest}"] = value
+      net = {"conv1": 0, "relu1": 2, "conv2": 4, "relu2": 6}.get(name)
+      if net is not None:
+        out[f"temporal.network.{level}.net.{net}.{rest}"] = value.copy()
+    elif parts[0] == "proj":
+      out[f"encoder.conv1.{parts[1]}"] = value
+    elif parts[0] == "enc":
+      out["encoder.transformer_encoder." + ".".join(parts[1:])] = value
+    else:
+      out[key] = value
+  out["head.1.num_batches_tracked"] = np.array(1234, np.int64)
+  return {f"module.{k}": v for k, v in out.items()}
+
+
+def test_the_authors_checkpoint_layout_loads_as_the_reference():
+  rng = np.random.default_rng(3)
+  s = _torch_like_state_dict(rng, D_IN, SMALL["tcn_channels"], 5, SMALL["d_model"],
+                             SMALL["num_layers"], SMALL["ff_dim"], 8)
+  authors = _authors_layout(s)
+  assert len(authors) > len(s) and any(".net.4.weight_v" in k for k in authors)
+  got = temporal.params_from_torch_state_dict(authors, num_heads=SMALL["num_heads"])
+  want = temporal.params_from_torch_state_dict(s, num_heads=SMALL["num_heads"])
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  # Their twin tensors must agree: an edited copy is refused, never one of them picked.
+  edited = dict(authors)
+  edited["module.temporal.network.1.net.0.weight_v"] = edited[
+      "module.temporal.network.1.net.0.weight_v"] + 1
+  with pytest.raises(ValueError, match=r"temporal.network.1.net.0.weight_v and "
+                     r"temporal.network.1.conv1.weight_v are the same tensor"):
+    temporal.params_from_torch_state_dict(edited, num_heads=SMALL["num_heads"])
+  with pytest.raises(ValueError, match=r"1 tensors of the authors' layout have no place in the "
+                     r"model: \['temporal.network.0.attention.weight'\]"):
+    temporal.params_from_torch_state_dict(
+        {**authors, "module.temporal.network.0.attention.weight": np.ones(3)},
+        num_heads=SMALL["num_heads"])
+
+
 def test_a_state_dict_of_another_layout_is_never_half_read():
   rng = np.random.default_rng(2)
   s = _torch_like_state_dict(rng, D_IN, SMALL["tcn_channels"], 5, SMALL["d_model"],
                              SMALL["num_layers"], SMALL["ff_dim"], 3)
-  # The authors' own names for the TCN (locuslab's TemporalConvNet): no level found.
+  # The TCN's names half changed to the authors' (their levels, the reference's convs).
   renamed = {k.replace("tcn.", "temporal.network.", 1): v for k, v in s.items()}
-  with pytest.raises(ValueError, match=r"0 TCN levels \('tcn.N.'\) and 2 Transformer layers"):
+  with pytest.raises(ValueError, match=r"tensors of the authors' layout have no place in the "
+                     r"model: \['enc.layers.0.linear1.bias'"):
     temporal.params_from_torch_state_dict(renamed, num_heads=SMALL["num_heads"])
+  no_tcn = {k: v for k, v in s.items() if not k.startswith("tcn.")}
+  with pytest.raises(ValueError, match=r"0 TCN levels \('tcn.N.'\) and 2 Transformer layers"):
+    temporal.params_from_torch_state_dict(no_tcn, num_heads=SMALL["num_heads"])
   with pytest.raises(ValueError, match=r"1 tensors of the state dict have no place in the model: "
                      r"\['head.3.weight'\]"):
     temporal.params_from_torch_state_dict({**s, "head.3.weight": np.ones(2)},

@@ -42,7 +42,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
   del requires_grad, backward_hooks, metadata
   size, stride = tuple(size), tuple(stride)
   if not size:
-    return storage[storage_offset].copy()
+    return np.array(storage[storage_offset])  # 0-d, an array like the others
   needed = storage_offset + 1 + sum((n - 1) * s for n, s in zip(size, stride) if n > 0)
   if min(size) > 0 and needed > storage.size:
     raise ValueError(f"a tensor of size {size} and stride {stride} at offset {storage_offset} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import types
 from typing import Any, Mapping
 
 import jax
@@ -354,3 +355,36 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   fileio.write_shared_text(fileio.path(workdir) / "cross_validation.json", json.dumps(out, indent=1))
   fileio.write_shared_text(fileio.path(workdir) / "cross_validation.md", out["table"] + "\n")
   return out
+
+
+def import_weights(config: ml_collections.ConfigDict, variables: Mapping[str, Any], workdir: str,
+                   source: str) -> None:
+  """Writes converted weights ({'params', 'batch_stats'}, e.g. from
+  `models.temporal.params_from_torch_state_dict`) as a run of `config` in `workdir`: its
+  config with a checkpoint, its best state and best.json, so `predict.load`,
+  launch/predict.py and launch/analyze_video.py take it like a trained run. The weights
+  must have exactly the names and shapes `create_model(config)` has."""
+  import flax.linen as nn
+  model = create_model(config)
+  tcn = variables["params"].get(f"tcn_{modalities(config)[0]}", {})
+  if "level_0" not in tcn:
+    raise ValueError(f"{source}: no TCN for modality {modalities(config)[0]!r} in the weights")
+  dims = {m: int(variables["params"][f"tcn_{m}"]["level_0"]["conv1"]["v"].shape[1])
+          for m in modalities(config)}
+  want = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *temporal.example_inputs(dims)))
+  want = {k: want[k] for k in ("params", "batch_stats") if k in want}
+  flat = lambda t: {jax.tree_util.keystr(p): tuple(np.shape(x))  # noqa: E731
+                    for p, x in jax.tree_util.tree_leaves_with_path(t)}
+  fw, fg = flat(want), flat(dict(variables))
+  if fw != fg:
+    diff = sorted(k for k in set(fw) | set(fg) if fw.get(k) != fg.get(k))
+    raise ValueError(
+        f"{source}: the weights do not fit config.model (preset {config.model.preset!r}, "
+        f"{len(diff)} names or shapes differ, e.g. "
+        + ", ".join(f"{k}: weights {fg.get(k)}, model {fw.get(k)}" for k in diff[:3]) + ")")
+  state = types.SimpleNamespace(**{k: jax.tree.map(np.asarray, v) for k, v in variables.items()})
+  with checkpoint.make_manager(fileio.path(workdir) / checkpoint.CHECKPOINTS_DIR, save_every=1) as m:
+    checkpoint.save(m, 0, dict(vars(state)), config=config, force=True)
+    m.wait_until_finished()
+  checkpoint.save_best(workdir, 0, state, {"step": 0, "metric": None, "value": None,
+                                          "scores": {}, "imported_from": source})

@@ -111,7 +111,7 @@ def test_tensors_of_every_layout_come_back(tmp_path):
   assert got["b"].dtype == ml_dtypes.bfloat16 and got["h"].dtype == np.float16
   np.testing.assert_array_equal(got["b"], bf16.array)
   np.testing.assert_array_equal(got["i"], np.arange(5))
-  assert got["scalar"] == 2 and got["w_t"].flags.c_contiguous
+  assert got["scalar"].shape == () and got["scalar"] == 2 and got["w_t"].flags.c_contiguous
 
 
 def test_a_mae_pth_converts_like_its_safetensors(tmp_path):

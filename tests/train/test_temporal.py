@@ -260,3 +260,52 @@ def test_results_record_the_run(va_run):
   saved = json.loads((workdir / "results.json").read_text())
   assert saved["run"]["job"] == "temporal VA" and saved["run"]["config"]["task"] == "VA"
   assert saved["run"]["version"].startswith("0.1.0")
+
+
+def test_the_authors_temporal_checkpoint_converts_to_a_run_that_predicts(synthetic_root, extracted,
+                                                                         tmp_path):
+  """A .pt as upczww/abaw6 saves it (their names, DataParallel's prefix) through
+  launch/convert_weights.py --model=temporal: a run workdir whose predictions are the numpy
+  reference model's on the same features."""
+  import subprocess
+  import sys
+  from pathlib import Path
+  from affect_jax import predict
+  from tests.models.test_temporal import (_authors_layout, _np_reference_model,
+                                          _torch_like_state_dict)
+  from tests.models.test_torch_pickle import _save, _tensor_dict
+  _, paths, _ = extracted
+  store = features.FeatureStore(paths["visual"])
+  rng = np.random.default_rng(4)
+  s = _torch_like_state_dict(rng, store.dim, (768, 256, 128), 5, 512, 8, 512, 8)
+  s = {k: (v * 0.1 if v.ndim >= 2 else v) for k, v in s.items()}  # moderate activations
+  obj, storages = _tensor_dict(_authors_layout(s))
+  _save(str(tmp_path / "expr_fold0.pt"), obj, storages)
+  repo = Path(__file__).resolve().parents[2]
+  subprocess.run([sys.executable, str(repo / "launch" / "convert_weights.py"),
+                  f"--input={tmp_path / 'expr_fold0.pt'}", "--model=temporal", "--task=EXPR",
+                  f"--visual_features={paths['visual']}", f"--output={tmp_path / 'run'}"],
+                 check=True, cwd=repo, env={**__import__("os").environ, "PYTHONPATH": str(repo)},
+                 capture_output=True)
+  config, fn, thresholds = predict.load(str(tmp_path / "run"))
+  assert config.task == "EXPR" and config.model.preset == "paper" and thresholds is None
+  video = store.videos()[0]
+  x = np.asarray(store.read(video), np.float32)
+  assert len(x) <= config.data.segment_len  # one window: the reference sees the same frames
+  got = fn({video: len(x)})[video]
+  logits = _np_reference_model(s, x[None].astype(np.float64), 4, np.ones((1, len(x)), bool))[0]
+  want = np.exp(logits - logits.max(-1, keepdims=True))
+  np.testing.assert_allclose(got, want / want.sum(-1, keepdims=True), atol=2e-4)
+
+
+def test_temporal_weights_that_do_not_fit_the_preset_are_refused(tmp_path):
+  from tests.models.test_temporal import SMALL, _torch_like_state_dict
+  from affect_jax.models import temporal as temporal_model
+  s = _torch_like_state_dict(np.random.default_rng(5), 16, SMALL["tcn_channels"], 5,
+                             SMALL["d_model"], SMALL["num_layers"], SMALL["ff_dim"], 2)
+  variables = temporal_model.params_from_torch_state_dict(s, num_heads=SMALL["num_heads"])
+  with pytest.raises(ValueError, match=r"small.pt: the weights do not fit config.model \(preset "
+                     r"'paper', \d+ names or shapes differ"):
+    temporal.import_weights(common.get_temporal_config("VA", "paper"), variables,
+                            str(tmp_path / "run"), "small.pt")
+  assert not (tmp_path / "run").exists()

@@ -1,8 +1,10 @@
-"""Writes the synthetic Aff-Wild2 dataset, or the synthetic face corpus for MAE pretraining.
+"""Writes the synthetic Aff-Wild2 dataset, the synthetic face corpus for MAE pretraining, or a
+video file of one synthetic subject (for launch/analyze_video.py).
 
   python launch/make_synthetic.py --out_dir=/tmp/affect_jax/synthetic --num_videos=30
   python launch/make_synthetic.py --kind=faces --out_dir=/tmp/affect_jax/faces \
       --num_identities=20000 --image_size=64
+  python launch/make_synthetic.py --kind=clip --out_dir=/tmp/affect_jax/clip --clip_frames=900
 """
 
 import time
@@ -10,14 +12,17 @@ import time
 from absl import app, flags
 
 from affect_jax.data import synthetic
-from affect_jax.data.synthetic import corpus
+from affect_jax.data.synthetic import clip, corpus
 from configs import common
 
 _DEFAULTS = synthetic.SyntheticConfig()
 _CORPUS = corpus.FaceCorpusConfig()
-_KIND = flags.DEFINE_enum("kind", "videos", ["videos", "faces"],
+_CLIP = clip.ClipConfig()
+_KIND = flags.DEFINE_enum("kind", "videos", ["videos", "faces", "clip"],
                           "videos: the Aff-Wild2-format dataset; faces: the pretraining corpus "
-                          "(a face folder tree of other people).")
+                          "(a face folder tree of other people); clip: synthetic_clip.mp4 (H.264 + "
+                          "AAC) and its truth synthetic_clip.json.")
+_CLIP_FRAMES = flags.DEFINE_integer("clip_frames", _CLIP.num_frames, "--kind=clip: frames.")
 _OUT_DIR = flags.DEFINE_string("out_dir", common.DEFAULT_SYNTHETIC_ROOT, "Root to write.")
 _NUM_VIDEOS = flags.DEFINE_integer("num_videos", _DEFAULTS.num_videos, "Videos; a _left/_right pair is two.")
 _MIN_FRAMES = flags.DEFINE_integer("min_frames", _DEFAULTS.min_frames, "Shortest video, frames.")
@@ -34,7 +39,14 @@ _SEED = flags.DEFINE_integer("seed", _DEFAULTS.seed, "Same seed, byte-identical 
 def main(argv):
   del argv
   start = time.perf_counter()
-  if _KIND.value == "faces":
+  if _KIND.value == "clip":
+    # The default seed's subject is one OpenCV's Haar cascade finds (it misses many
+    # synthetic faces); --seed picks another.
+    seed = _SEED.value if flags.FLAGS["seed"].present else _CLIP.seed
+    path = clip.write_clip(_OUT_DIR.value, clip.ClipConfig(
+        num_frames=_CLIP_FRAMES.value, fps=_FPS.value, seed=seed))
+    print(f"{path}: {_CLIP_FRAMES.value} frames at {_FPS.value:g} fps")
+  elif _KIND.value == "faces":
     manifest = corpus.generate_corpus(_OUT_DIR.value, corpus.FaceCorpusConfig(
         num_identities=_NUM_IDS.value, max_images=_MAX_IMAGES.value,
         image_size=_IMAGE_SIZE.value or _CORPUS.image_size, seed=_SEED.value))

@@ -4,17 +4,18 @@
 
 The video goes through the path Aff-Wild2's frames take, so the models see what they were
 trained on:
-1. faces (`data.video`): decode every frame, find the faces, follow one subject, crop each
-   frame's face square to `crop_size` and write it where Aff-Wild2 keeps its
-   `cropped_aligned/` frames, under `out_dir/<name>/affwild2/` (the audio beside it as a
-   16 kHz WAV);
+1. faces (`data.video`): decode every frame, find the faces, follow one subject, level each
+   frame's face square by the roll of the eyes, crop it to `crop_size` and write it where
+   Aff-Wild2 keeps its `cropped_aligned/` frames, under `out_dir/<name>/affwild2/` (the
+   audio beside it as a 16 kHz WAV);
 2. features: the visual features with the encoder that made each model's training features
    (named in its feature store, its weights checked against the store's hash), audio features
    with the store's settings on the video's own frame clock;
 3. the temporal models of `launch/predict.py`'s workdirs, over the whole video;
-4. `<name>.csv`: one row per frame (time, the face square, whether a face was found and
-   whether the detector saw it or it was bridged over a short gap, valence, arousal, the 8
-   expression probabilities, the 12 AU probabilities); `<name>.png`: a timeline.
+4. `<name>.csv`: one row per frame (time, the face square and its roll, whether a face was
+   found and whether the detector saw it or it was bridged over a short gap, valence,
+   arousal, the 8 expression probabilities, the 12 AU probabilities); `<name>.png`: a
+   timeline.
 
 A frame without the subject's face keeps its row, flagged `face_found=0`; its predictions
 come from the features of the nearest frame with a face (Aff-Wild2's rule for frames without
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -53,6 +55,7 @@ class FaceSettings:
   crop_size: int = 112        # Aff-Wild2's cropped_aligned side; the encoder resizes as in training
   crop_scale: float = 1.1     # crop side / detector box side (`video.crop_boxes`)
   crop_shift: float = 0.0     # crop centre below the box centre, in box heights
+  align: bool = True          # level the crop by the roll of the eyes (`video.EyeFinder`)
   detect_width: int = 640     # frames are searched at most this wide
   min_face: float = 0.08      # smallest face, share of the frame's shorter side
   min_neighbors: int = 5
@@ -88,10 +91,13 @@ def find_faces(video_path: str, work: str, settings: FaceSettings = FaceSettings
   info = video_io.probe(video_path)
   detector = video_io.FaceDetector(settings.detect_width, settings.min_face,
                                    min_neighbors=settings.min_neighbors)
+  eyes = video_io.EyeFinder() if settings.align else None
   start = time.perf_counter()
-  detections, times = [], []
+  detections, rolls, times = [], [], []
   for _, t, rgb in video_io.frames(video_path):
-    detections.append(detector(rgb))
+    found = detector(rgb)
+    detections.append(found)
+    rolls.append([eyes(rgb, box) for box in found] if eyes else [])
     times.append(t)
   n = len(detections)
   if n == 0:
@@ -106,26 +112,36 @@ def find_faces(video_path: str, work: str, settings: FaceSettings = FaceSettings
         f"(OpenCV's Haar frontal-face cascade) needs frontal faces at least {settings.min_face:.0%}"
         " of the frame's shorter side; try --min_face smaller or --min_neighbors lower")
   squares = video_io.crop_boxes(track.boxes, settings.crop_scale, settings.crop_shift)
+  roll = np.where(track.found, 0.0, np.nan)
+  if eyes:
+    roll = video_io.smooth_roll([rolls[t][j] if j >= 0 else np.nan
+                                 for t, j in enumerate(track.index)], track.found)
   tree = os.path.join(work, TREE_DIR)
   frames_dir = os.path.join(tree, affwild2.FRAMES_DIR, name)
+  wav = affwild2.audio_path(tree, name)
+  if os.path.isfile(marker):
+    os.remove(marker)  # an interrupted rewrite must not pass for the earlier result
   if os.path.isdir(frames_dir):
     shutil.rmtree(frames_dir)  # crops of other settings must not stay among these
+  if wav.is_file():
+    wav.unlink()
   os.makedirs(frames_dir)
   from PIL import Image
   for k, _, rgb in video_io.frames(video_path):
     if k < n and track.found[k]:
-      face = video_io.crop(rgb, squares[k], settings.crop_size)
+      face = video_io.crop(rgb, squares[k], settings.crop_size, float(roll[k]))
       Image.fromarray(face).save(os.path.join(frames_dir, affwild2.frame_name(k + 1)),
                                  quality=settings.jpeg_quality)
   samples = video_io.decode_audio(video_path, info)
   if info.has_audio:
-    audio.write_wav(affwild2.audio_path(tree, name), samples)
+    audio.write_wav(wav, samples)
   t0 = times[0] if np.isfinite(times[0]) else 0.0
   time_s = [float(t - t0) if np.isfinite(t) else k / info.fps for k, t in enumerate(times)]
   record = {
       "key": key, "video": os.path.abspath(video_path), "name": name, "fps": info.fps,
       "width": info.width, "height": info.height, "num_frames": n, "time_s": time_s,
       "boxes": [None if np.isnan(b[0]) else [float(v) for v in b] for b in squares],
+      "roll": [None if np.isnan(r) else float(r) for r in roll],
       "detected": track.detected.astype(int).tolist(), "found": track.found.astype(int).tolist(),
       "tracks": track.tracks, "has_audio": info.has_audio,
       "audio_seconds": len(samples) / affwild2.AUDIO_RATE, "detect_fps": detect_fps}
@@ -161,6 +177,9 @@ def _visual(store: features.FeatureStore, tree: str, name: str, num_frames: int,
   new = extract.extract_visual(config, out, sources.FolderFrames(tree, num_frames={name: num_frames}),
                                  {name: num_frames}, log)
   if new.info["model_hash"] != store.info["model_hash"]:
+    sharding.barrier(f"checked {new.root}")
+    if jax.process_index() == 0:  # a rerun with the right encoder starts clean
+      shutil.rmtree(new.root, ignore_errors=True)
     raise ValueError(
         f"the encoder at {workdir} (weights {new.info['model_hash']}) is not the one that made "
         f"the features a model was trained on ({store.root}: {store.info['model_hash']}); its "
@@ -255,7 +274,8 @@ def analyze(video_path: str, out_dir: str, workdirs: Mapping[str, str], *,
 
 
 def csv_columns(tasks) -> list[str]:
-  cols = ["frame", "time_s", "face_found", "face_detected", "face_x", "face_y", "face_w", "face_h"]
+  cols = ["frame", "time_s", "face_found", "face_detected", "face_x", "face_y", "face_w", "face_h",
+          "face_roll_deg"]
   if "VA" in tasks:
     cols += list(affwild2.VA_NAMES)
   if "EXPR" in tasks:
@@ -267,13 +287,16 @@ def csv_columns(tasks) -> list[str]:
 
 def write_csv(path: str, faces: dict, outputs: Mapping[str, np.ndarray]) -> None:
   """One row per frame, `csv_columns` (frame 1-based, as the crops are named; the face
-  square empty where there is none; VA clipped to [-1, 1], as submitted)."""
+  square and the roll it was levelled by empty where there is none; VA clipped to [-1, 1],
+  as submitted)."""
   tasks = [t for t in affwild2.TASKS if t in outputs]
   lines = [",".join(csv_columns(tasks))]
   for k in range(faces["num_frames"]):
     box = faces["boxes"][k]
     row = [str(k + 1), f"{faces['time_s'][k]:.4f}", str(faces["found"][k]), str(faces["detected"][k])]
     row += [f"{v:.1f}" for v in box] if box else [""] * 4
+    roll = faces["roll"][k]
+    row.append(f"{math.degrees(roll):.1f}" if roll is not None else "")
     for task in tasks:
       out = np.clip(outputs[task][k], -1, 1) if task == "VA" else outputs[task][k]
       row += [f"{v:.4f}" for v in out]
@@ -348,6 +371,7 @@ def _define_flags():
   flags.DEFINE_integer("crop_size", d.crop_size, "Side of the face crops, pixels.")
   flags.DEFINE_float("crop_scale", d.crop_scale, "Crop side / detected box side.")
   flags.DEFINE_float("crop_shift", d.crop_shift, "Crop centre below the box's, box heights.")
+  flags.DEFINE_bool("align", d.align, "Level each crop by the roll of the eyes.")
   flags.DEFINE_float("min_face", d.min_face, "Smallest face, share of the frame's shorter side.")
   flags.DEFINE_integer("min_neighbors", d.min_neighbors, "Detector hits that make a face.")
   flags.DEFINE_integer("max_gap", d.max_gap, "Detector misses bridged, frames.")
@@ -367,6 +391,7 @@ def _main(argv):
     from absl import app
     raise app.UsageError("give at least one of --va, --expr, --au")
   settings = FaceSettings(crop_size=f.crop_size, crop_scale=f.crop_scale, crop_shift=f.crop_shift,
+                          align=f.align,
                           min_face=f.min_face, min_neighbors=f.min_neighbors, max_gap=f.max_gap)
   out = analyze(f.video, f.out_dir, workdirs, settings=settings,
                 encoder_workdir=f.encoder or None, batch_size=f.batch_size)

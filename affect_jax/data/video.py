@@ -150,10 +150,44 @@ class FaceDetector:
                                            minNeighbors=self.min_neighbors, minSize=(side, side))
     return np.asarray(found, np.float32).reshape(-1, 4) / scale
 
-  def settings(self) -> dict:
-    return {"detector": "opencv-haar-frontalface-default", "detect_width": self.detect_width,
-            "min_face": self.min_face, "scale_factor": self.scale_factor,
-            "min_neighbors": self.min_neighbors}
+
+class EyeFinder:
+  """OpenCV's Haar eye cascade inside a face box: the roll of the face, the angle (radians,
+  image coordinates: positive when the eye on the image's right sits lower) of the line
+  through the centres of the largest eye found in each half of the box's upper part; NaN
+  when either eye is not found or the angle is beyond `max_roll`."""
+
+  def __init__(self, min_neighbors: int = 5, max_roll: float = 0.6,
+               cascade: str = "haarcascade_eye.xml"):
+    cv2 = _import("cv2")
+    path = os.path.join(cv2.data.haarcascades, cascade)
+    self._cascade = cv2.CascadeClassifier(path)
+    if self._cascade.empty():
+      raise FileNotFoundError(f"{path}: OpenCV's Haar cascade is missing: "
+                              "pip install 'opencv-python-headless<5'")
+    self.min_neighbors, self.max_roll = int(min_neighbors), float(max_roll)
+    self._cv2 = cv2
+
+  def __call__(self, rgb: np.ndarray, box: np.ndarray) -> float:
+    cv2 = self._cv2
+    h, w = rgb.shape[:2]
+    x0, y0 = max(int(box[0]), 0), max(int(box[1]), 0)
+    x1, y1 = min(int(box[0] + box[2]), w), min(int(box[1] + 0.6 * box[3]), h)
+    if x1 - x0 < 16 or y1 - y0 < 8:
+      return float("nan")
+    grey = cv2.equalizeHist(cv2.cvtColor(np.ascontiguousarray(rgb[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY))
+    side = float(box[2])
+    found = np.asarray(self._cascade.detectMultiScale(
+        grey, scaleFactor=1.1, minNeighbors=self.min_neighbors,
+        minSize=(max(6, round(side / 8)),) * 2, maxSize=(round(side / 2.5),) * 2), float).reshape(-1, 4)
+    centres = found[:, :2] + found[:, 2:] / 2 + (x0, y0)
+    mid = box[0] + box[2] / 2
+    halves = [found[:, 2] * (centres[:, 0] < mid), found[:, 2] * (centres[:, 0] >= mid)]
+    if not all(half.max(initial=0) > 0 for half in halves):
+      return float("nan")
+    left, right = (centres[int(np.argmax(half))] for half in halves)
+    roll = math.atan2(right[1] - left[1], right[0] - left[0])
+    return roll if abs(roll) <= self.max_roll else float("nan")
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -171,23 +205,26 @@ class Track:
   boxes: np.ndarray     # [T, 4] (x, y, w, h) of the subject's face; NaN where there is none
   detected: np.ndarray  # [T] bool: the detector found it in this frame (else bridged or none)
   tracks: int           # how many people the detections formed (the subject is one)
+  index: np.ndarray     # [T] int: which of the frame's detections is the subject's; -1: none
 
   @property
   def found(self) -> np.ndarray:
     return ~np.isnan(self.boxes[:, 0])
 
 
-def _link(detections: Sequence[np.ndarray], max_gap: int, min_iou: float) -> list[dict[int, np.ndarray]]:
-  """Detections -> tracks {frame: box}: each box joins the track whose last box (seen at most
-  max_gap + 1 frames ago) it overlaps most, at least `min_iou` (centres within a face's
-  width count too: a fast head jumps between frames); otherwise it starts a track. One box per
-  track per frame."""
-  tracks: list[dict[int, np.ndarray]] = []
+def _link(detections: Sequence[np.ndarray], max_gap: int, min_iou: float) -> list[dict[int, int]]:
+  """Detections -> tracks {frame: index of the box in that frame's detections}: each box joins
+  the track whose last box (seen at most max_gap + 1 frames ago) it overlaps most, at least
+  `min_iou` (centres within a face's width count too: a fast head jumps between frames);
+  otherwise it starts a track. One box per track per frame, larger boxes first."""
+  tracks: list[dict[int, int]] = []
   last: list[tuple[int, np.ndarray]] = []
   for t, boxes in enumerate(detections):
+    boxes = np.asarray(boxes).reshape(-1, 4)
     open_ = [i for i, (f, _) in enumerate(last) if t - f <= max_gap + 1]
     taken = set()
-    for box in sorted(np.asarray(boxes).reshape(-1, 4), key=lambda b: -b[2] * b[3]):
+    for j in np.argsort(-boxes[:, 2] * boxes[:, 3], kind="stable"):
+      box = boxes[j]
       best, best_score = None, 0.0
       for i in open_:
         if i in taken:
@@ -202,7 +239,7 @@ def _link(detections: Sequence[np.ndarray], max_gap: int, min_iou: float) -> lis
         tracks.append({})
         last.append((t, box))
         best = len(tracks) - 1
-      tracks[best][t] = box
+      tracks[best][t] = int(j)
       last[best] = (t, box)
       taken.add(best)
   return tracks
@@ -210,23 +247,24 @@ def _link(detections: Sequence[np.ndarray], max_gap: int, min_iou: float) -> lis
 
 def _smooth(boxes: np.ndarray, window: int) -> np.ndarray:
   """Centred moving average of each coordinate over `window` frames, within each run of
-  frames that have a box (never across a gap; shorter windows at a run's ends)."""
+  frames that have a value (never across a gap, NaN; shorter windows at a run's ends)."""
   if window <= 1:
     return boxes
   out = boxes.copy()
-  found = ~np.isnan(boxes[:, 0])
+  found = ~np.isnan(boxes.reshape(len(boxes), -1)[:, 0])
   edges = np.flatnonzero(np.diff(np.concatenate([[0], found.astype(int), [0]])))
   half = window // 2
   for start, stop in zip(edges[::2], edges[1::2]):
     run = boxes[start:stop]
-    csum = np.concatenate([np.zeros((1, 4)), np.cumsum(run, 0)])
+    csum = np.concatenate([np.zeros((1,) + run.shape[1:]), np.cumsum(run, 0)])
     idx = np.arange(len(run))
     lo, hi = np.maximum(idx - half, 0), np.minimum(idx + half + 1, len(run))
-    out[start:stop] = (csum[hi] - csum[lo]) / (hi - lo)[:, None]
+    out[start:stop] = (csum[hi] - csum[lo]) / (hi - lo).reshape((-1,) + (1,) * (run.ndim - 1))
   return out
 
 
-def _subject(tracks: list[dict[int, np.ndarray]], min_track: int) -> list[dict[int, np.ndarray]]:
+def _subject(tracks: list[dict[int, int]], detections: Sequence[np.ndarray],
+             min_track: int) -> list[dict[int, int]]:
   """The subject's tracks: of those with at least `min_track` detections, the set that never
   overlap in time with the largest summed box area (weighted interval scheduling). One
   person who leaves the picture and comes back is one chain of tracks; someone else in the
@@ -235,7 +273,8 @@ def _subject(tracks: list[dict[int, np.ndarray]], min_track: int) -> list[dict[i
   if not tracks:
     return []
   ends = [max(tr) for tr in tracks]
-  weight = [sum(float(b[2] * b[3]) for b in tr.values()) for tr in tracks]
+  area = lambda t, j: float(np.prod(np.asarray(detections[t]).reshape(-1, 4)[j, 2:]))  # noqa: E731
+  weight = [sum(area(t, j) for t, j in tr.items()) for tr in tracks]
   best = [0.0] * (len(tracks) + 1)  # best[i]: of the first i tracks
   take = [False] * len(tracks)
   prev = []
@@ -268,18 +307,18 @@ def follow_subject(detections: Sequence[np.ndarray], *, max_gap: int = 15, min_i
   n = len(detections)
   tracks = _link(detections, max_gap, min_iou)
   boxes = np.full((n, 4), np.nan)
-  detected = np.zeros(n, bool)
-  subject = {t: b for tr in _subject(tracks, min_track) for t, b in tr.items()}
+  index = np.full(n, -1)
+  subject = {t: j for tr in _subject(tracks, detections, min_track) for t, j in tr.items()}
   if not subject:
-    return Track(boxes, detected, len(tracks))
+    return Track(boxes, index >= 0, len(tracks), index)
   seen = np.array(sorted(subject))
-  detected[seen] = True
-  boxes[seen] = np.stack([subject[t] for t in seen])
+  index[seen] = [subject[t] for t in seen]
+  boxes[seen] = np.stack([np.asarray(detections[t]).reshape(-1, 4)[subject[t]] for t in seen])
   for a, b in zip(seen[:-1], seen[1:]):
     if 1 < b - a <= max_gap + 1:
       w = ((np.arange(a + 1, b) - a) / (b - a))[:, None]
       boxes[a + 1:b] = (1 - w) * boxes[a] + w * boxes[b]
-  return Track(_smooth(boxes, smooth), detected, len(tracks))
+  return Track(_smooth(boxes, smooth), index >= 0, len(tracks), index)
 
 
 def crop_boxes(boxes: np.ndarray, scale: float = 1.1, shift: float = 0.0) -> np.ndarray:
@@ -295,10 +334,37 @@ def crop_boxes(boxes: np.ndarray, scale: float = 1.1, shift: float = 0.0) -> np.
   return np.stack([cx - side / 2, cy - side / 2, side, side], 1)
 
 
-def crop(rgb: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
-  """The square `box` (x, y, side, side) of a frame resized to [size, size, 3] uint8 (area
-  averaging when shrinking); what lies outside the frame is black, as in Aff-Wild2's crops."""
+def smooth_roll(rolls: np.ndarray, found: np.ndarray, window: int = 9) -> np.ndarray:
+  """Per-frame rolls [T] (NaN where the eyes were not found) -> a roll for every frame with a
+  face: within each run of such frames, the missing ones interpolated between their
+  neighbours (the nearest at a run's ends; 0 for a run without any), then averaged over
+  `window` frames. NaN where there is no face."""
+  rolls = np.asarray(rolls, np.float64)
+  out = np.full(len(rolls), np.nan)
+  edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(found, int), [0]])))
+  for start, stop in zip(edges[::2], edges[1::2]):
+    run = rolls[start:stop]
+    known = np.flatnonzero(~np.isnan(run))
+    out[start:stop] = (np.interp(np.arange(len(run)), known, run[known]) if len(known)
+                       else 0.0)
+  return _smooth(out, window)
+
+
+def crop(rgb: np.ndarray, box: np.ndarray, size: int, roll: float = 0.0) -> np.ndarray:
+  """The square `box` (x, y, side, side) of a frame, turned by -`roll` about its centre (so
+  a face rolled by `roll` comes out level), resized to [size, size, 3] uint8 (area averaging
+  when shrinking); what lies outside the frame is black, as in Aff-Wild2's crops."""
   cv2 = _import("cv2")
+  if roll:
+    # The square's circumscribed square, levelled, then its centre: no corner leaves it.
+    side = float(box[2])
+    big = math.ceil(side * math.sqrt(2)) + 2
+    cx, cy = box[0] + side / 2, box[1] + side / 2
+    region = crop(rgb, np.array([cx - big / 2, cy - big / 2, big, big]), big)
+    turn = cv2.getRotationMatrix2D((big / 2, big / 2), math.degrees(roll), 1.0)
+    level = cv2.warpAffine(region, turn, (big, big), flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return crop(level, np.array([(big - side) / 2, (big - side) / 2, side, side]), size)
   h, w = rgb.shape[:2]
   x0, y0 = math.floor(box[0]), math.floor(box[1])
   side = max(1, round(box[2]))

@@ -88,6 +88,40 @@ def test_a_real_face_is_found_in_every_frame_of_an_encoded_clip(tmp_path):
   assert track.detected.all() and track.tracks == 1
 
 
+def test_the_eyes_give_the_roll_and_the_crop_levels_it():
+  import math
+  cv2 = pytest.importorskip("cv2")
+  data = pytest.importorskip("skimage.data", reason="scikit-image (the test extra)")
+  photo = data.astronaut()
+  detector, eyes = video.FaceDetector(), video.EyeFinder()
+  box = detector(photo)[0]
+  upright = eyes(photo, box)
+  assert abs(math.degrees(upright)) < 5  # she holds her head nearly level
+  centre = (float(box[0] + box[2] / 2), float(box[1] + box[3] / 2))
+  square = video.crop_boxes(box[None], 1.3)[0]
+  level = video.crop(photo, square, 96)
+  for degrees in (-10, 10):
+    # Turned clockwise on screen by `degrees`: the eye on the right drops, roll +degrees.
+    turned = cv2.warpAffine(photo, cv2.getRotationMatrix2D(centre, -degrees, 1.0), (512, 512))
+    found = detector(turned)
+    roll = eyes(turned, found[np.argmax(video.iou(found, box))])
+    assert abs(math.degrees(roll - upright) - degrees) < 3, (degrees, math.degrees(roll))
+    back = video.crop(turned, square, 96, math.radians(degrees))
+    plain = video.crop(turned, square, 96)
+    err = lambda a: np.abs(a.astype(int) - level).mean()  # noqa: E731
+    assert err(back) < 6 and err(back) < 0.5 * err(plain), (err(back), err(plain))
+
+
+def test_rolls_fill_each_run_of_face_frames_and_never_cross_a_gap():
+  nan = np.nan
+  rolls = np.array([nan, 0.1, nan, 0.3, nan, 0.5, nan, nan, nan])
+  found = np.array([1, 1, 1, 1, 1, 0, 1, 1, 0], bool)
+  np.testing.assert_allclose(video.smooth_roll(rolls, found, window=1),
+                             [0.1, 0.1, 0.2, 0.3, 0.3, nan, 0.0, 0.0, nan])
+  np.testing.assert_allclose(video.smooth_roll(rolls, found, window=3)[:5],
+                             [0.1, 0.4 / 3, 0.2, 0.8 / 3, 0.3])
+
+
 def _box(x, y, s):
   return np.array([[x, y, s, s]], np.float32)
 
@@ -105,6 +139,8 @@ def test_following_bridges_short_gaps_keeps_the_subject_through_absences_ignores
       d.append(_box(10, 10, 20))
     dets.append(np.concatenate(d) if d else none)
   track = video.follow_subject(dets, max_gap=5, smooth=1)
+  # The subject's detection is the first of each frame's list (listed first above).
+  np.testing.assert_array_equal(track.index, np.where(track.detected, 0, -1))
   found = np.zeros(60, bool)
   found[:25] = found[45:] = True
   np.testing.assert_array_equal(track.found, found)

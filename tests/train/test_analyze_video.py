@@ -67,6 +67,9 @@ def test_one_row_per_frame_with_the_face_flags_and_every_output(analysed):
   assert (found == present).mean() >= 0.95 and not found[52:68].any()
   assert np.isnan(rows["face_x"][~found]).all() and not np.isnan(rows["face_w"][found]).any()
   boxes = np.stack([rows[f"face_{c}"] for c in "xywh"], 1)
+  # The synthetic subject holds their head level: whatever the eyes say, the crops stay so.
+  assert np.isnan(rows["face_roll_deg"][~found]).all()
+  assert np.abs(np.nanmedian(rows["face_roll_deg"][found])) < 5
   ok = found & present
   assert np.median(video_io.iou(boxes[ok], np.array([truth[k] for k in np.flatnonzero(ok)]))) > 0.75
   # Every frame has every output, as submitted: VA clipped, probabilities.
@@ -87,7 +90,7 @@ def test_crops_are_the_detected_squares_and_faceless_frames_take_the_nearest_fea
   assert written == [k for k in range(CLIP.num_frames) if faces["found"][k]]
   for k, _, rgb in video_io.frames(path):
     if k in (0, 30, 100):
-      want = video_io.crop(rgb, np.array(faces["boxes"][k]), 112)
+      want = video_io.crop(rgb, np.array(faces["boxes"][k]), 112, faces["roll"][k])
       got = np.asarray(Image.open(frames_dir / affwild2.frame_name(k + 1)))
       assert np.abs(got.astype(int) - want).mean() < 2.5  # JPEG at quality 95
   # The models read the video's new feature stores; a frame without a face has the row of
@@ -129,6 +132,7 @@ def test_features_of_another_encoder_are_refused(analysed, models, tmp_path):
   with pytest.raises(ValueError, match="is not the one that made the features"):
     analyze._visual(features.FeatureStore(other), str(out / "synthetic_clip" / analyze.TREE_DIR),
                     "synthetic_clip", CLIP.num_frames, str(tmp_path / "work"), None, 64, print)
+  assert not list((tmp_path / "work" / analyze.FEATURES_DIR).rglob("*.npy"))  # nothing kept
 
 
 def test_a_silent_video_for_an_audio_model_and_a_faceless_video_are_clear_errors(analysed, models, tmp_path):

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import time
+import types
 from collections.abc import Callable, Mapping
 
 import jax
@@ -357,8 +358,14 @@ def plot_timeline(path: str, faces: dict, outputs: Mapping[str, np.ndarray], tit
 
 
 def _define_flags():
+  import functools
+  import sys
   from absl import flags
   d = FaceSettings()
+  # Declared for the script that runs (its --help lists them), not for this module.
+  flags = types.SimpleNamespace(**{
+      kind: functools.partial(getattr(flags, kind), module_name=sys.argv[0])
+      for kind in ("DEFINE_string", "DEFINE_integer", "DEFINE_float", "DEFINE_bool")})
   flags.DEFINE_string("video", None, "The video file (any container and codec FFmpeg reads).",
                       required=True)
   flags.DEFINE_string("out_dir", None, "<name>.csv and <name>.png go here, the crops and "

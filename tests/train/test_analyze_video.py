@@ -150,3 +150,15 @@ def test_a_silent_video_for_an_audio_model_and_a_faceless_video_are_clear_errors
   with pytest.raises(FileNotFoundError, match="nothere.mp4: no such video file"):
     analyze.analyze(str(tmp_path / "nothere.mp4"), str(tmp_path / "out"), {"AU": models["AU"]})
   shutil.rmtree(tmp_path / "out")
+
+
+def test_the_launcher_lists_its_flags():
+  import subprocess
+  import sys
+  from pathlib import Path
+  repo = Path(__file__).resolve().parents[2]
+  out = subprocess.run([sys.executable, str(repo / "launch" / "analyze_video.py"), "--help"],
+                       cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True,
+                       text=True, check=True).stdout
+  for flag in ("--video", "--out_dir", "--va", "--encoder", "--crop_scale", "--max_gap", "--[no]align"):
+    assert flag in out, flag

@@ -8,12 +8,14 @@
   detector = FaceDetector()                 # OpenCV's Haar frontal-face cascade
   track = follow_subject([detector(rgb) for ...], max_gap=...)
   boxes = crop_boxes(track.boxes, scale, shift)   # square crops in frame pixels
-  crop(rgb, box, size)                      # [size, size, 3] uint8
+  roll = smooth_roll([EyeFinder()(rgb, box) ...], track.found)   # the face's roll
+  crop(rgb, box, size, roll)                # [size, size, 3] uint8, levelled
 
 Decoding is PyAV's: it links its own FFmpeg (every common container and codec, audio and
 video, frame timestamps) into the wheel, so nothing is installed beside pip and nothing runs
 as a subprocess. Faces are found by the Haar cascade that `opencv-python-headless<5` ships
-inside the wheel (5.x no longer does): no weights to download, CPU only, frontal faces.
+inside the wheel (5.x no longer does), and its eye cascade gives the roll: no weights to
+download, CPU only, frontal faces.
 Both are the `video` extra (`pip install 'affect-jax[video]'`).
 
 Frames are never dropped: a frame without the subject's face keeps its row, flagged, and
@@ -117,6 +119,17 @@ def decode_audio(path: str | os.PathLike, info: VideoInfo, rate: int = AUDIO_RAT
 # ---- Faces ----
 
 
+def _cascade(name: str):
+  """(cv2, one of the Haar cascades opencv-python-headless 4.x ships)."""
+  cv2 = _import("cv2")
+  path = os.path.join(cv2.data.haarcascades, name)
+  cascade = cv2.CascadeClassifier(path)
+  if cascade.empty():
+    raise FileNotFoundError(f"{path}: OpenCV's Haar cascade is missing (opencv-python-headless "
+                            "5.x no longer ships them): pip install 'opencv-python-headless<5'")
+  return cv2, cascade
+
+
 class FaceDetector:
   """OpenCV's Haar frontal-face cascade (Viola-Jones), shipped inside opencv-python-headless:
   RGB frame -> boxes [N, 4] (x, y, w, h) in frame pixels, float32.
@@ -127,15 +140,9 @@ class FaceDetector:
 
   def __init__(self, detect_width: int = 640, min_face: float = 0.08, scale_factor: float = 1.1,
                min_neighbors: int = 5, cascade: str = "haarcascade_frontalface_default.xml"):
-    cv2 = _import("cv2")
-    path = os.path.join(cv2.data.haarcascades, cascade)
-    self._cascade = cv2.CascadeClassifier(path)
-    if self._cascade.empty():
-      raise FileNotFoundError(f"{path}: OpenCV's Haar cascade is missing (opencv-python-headless "
-                              "5.x no longer ships them): pip install 'opencv-python-headless<5'")
+    self._cv2, self._cascade = _cascade(cascade)
     self.detect_width, self.min_face = int(detect_width), float(min_face)
     self.scale_factor, self.min_neighbors = float(scale_factor), int(min_neighbors)
-    self._cv2 = cv2
 
   def __call__(self, rgb: np.ndarray) -> np.ndarray:
     cv2 = self._cv2
@@ -159,14 +166,8 @@ class EyeFinder:
 
   def __init__(self, min_neighbors: int = 5, max_roll: float = 0.6,
                cascade: str = "haarcascade_eye.xml"):
-    cv2 = _import("cv2")
-    path = os.path.join(cv2.data.haarcascades, cascade)
-    self._cascade = cv2.CascadeClassifier(path)
-    if self._cascade.empty():
-      raise FileNotFoundError(f"{path}: OpenCV's Haar cascade is missing: "
-                              "pip install 'opencv-python-headless<5'")
+    self._cv2, self._cascade = _cascade(cascade)
     self.min_neighbors, self.max_roll = int(min_neighbors), float(max_roll)
-    self._cv2 = cv2
 
   def __call__(self, rgb: np.ndarray, box: np.ndarray) -> float:
     cv2 = self._cv2

@@ -365,6 +365,8 @@ def import_weights(config: ml_collections.ConfigDict, variables: Mapping[str, An
   launch/predict.py and launch/analyze_video.py take it like a trained run. The weights
   must have exactly the names and shapes `create_model(config)` has."""
   import flax.linen as nn
+  if (fileio.path(workdir) / checkpoint.CHECKPOINTS_DIR).exists():
+    raise FileExistsError(f"{workdir}: already holds a run; convert into a new folder")
   model = create_model(config)
   tcn = variables["params"].get(f"tcn_{modalities(config)[0]}", {})
   if "level_0" not in tcn:

@@ -296,6 +296,8 @@ def test_the_authors_temporal_checkpoint_converts_to_a_run_that_predicts(synthet
   logits = _np_reference_model(s, x[None].astype(np.float64), 4, np.ones((1, len(x)), bool))[0]
   want = np.exp(logits - logits.max(-1, keepdims=True))
   np.testing.assert_allclose(got, want / want.sum(-1, keepdims=True), atol=2e-4)
+  with pytest.raises(FileExistsError, match="run: already holds a run"):
+    temporal.import_weights(config, {}, str(tmp_path / "run"), "again.pt")
 
 
 def test_temporal_weights_that_do_not_fit_the_preset_are_refused(tmp_path):

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from affect_jax import checkpoint, fileio, predict, sharding
+from affect_jax import checkpoint, fileio, predict, sharding, tasks
 from affect_jax.data import affwild2, audio, features, sources
 from affect_jax.data import video as video_io
 from affect_jax.train import extract, temporal
@@ -274,32 +274,34 @@ def analyze(video_path: str, out_dir: str, workdirs: Mapping[str, str], *,
           "seconds": seconds}
 
 
-def csv_columns(tasks) -> list[str]:
+def _output_columns(spec: tasks.Task) -> list[str]:
+  """A task's CSV columns: its own names; class probabilities prefixed with the task."""
+  if spec.kind == tasks.MULTICLASS:
+    return [f"{spec.name.lower()}_{c}" for c in spec.columns]
+  return list(spec.columns)
+
+
+def csv_columns(names) -> list[str]:
   cols = ["frame", "time_s", "face_found", "face_detected", "face_x", "face_y", "face_w", "face_h",
           "face_roll_deg"]
-  if "VA" in tasks:
-    cols += list(affwild2.VA_NAMES)
-  if "EXPR" in tasks:
-    cols += [f"expr_{e}" for e in affwild2.EXPR_NAMES]
-  if "AU" in tasks:
-    cols += list(affwild2.AU_NAMES)
-  return cols
+  return cols + [c for t in tasks.NAMES if t in names for c in _output_columns(tasks.get(t))]
 
 
 def write_csv(path: str, faces: dict, outputs: Mapping[str, np.ndarray]) -> None:
   """One row per frame, `csv_columns` (frame 1-based, as the crops are named; the face
   square and the roll it was levelled by empty where there is none; VA clipped to [-1, 1],
   as submitted)."""
-  tasks = [t for t in affwild2.TASKS if t in outputs]
-  lines = [",".join(csv_columns(tasks))]
+  names = [t for t in tasks.NAMES if t in outputs]
+  lines = [",".join(csv_columns(names))]
   for k in range(faces["num_frames"]):
     box = faces["boxes"][k]
     row = [str(k + 1), f"{faces['time_s'][k]:.4f}", str(faces["found"][k]), str(faces["detected"][k])]
     row += [f"{v:.1f}" for v in box] if box else [""] * 4
     roll = faces["roll"][k]
     row.append(f"{math.degrees(roll):.1f}" if roll is not None else "")
-    for task in tasks:
-      out = np.clip(outputs[task][k], -1, 1) if task == "VA" else outputs[task][k]
+    for task in names:
+      spec = tasks.get(task)  # values as submitted, classes and units as probabilities
+      out = spec.decide(outputs[task][k]) if spec.kind == tasks.REGRESSION else outputs[task][k]
       row += [f"{v:.4f}" for v in out]
     lines.append(",".join(row))
   fileio.write_text_atomic(path, "\n".join(lines) + "\n")
@@ -321,29 +323,30 @@ def plot_timeline(path: str, faces: dict, outputs: Mapping[str, np.ndarray], tit
   import matplotlib.pyplot as plt
   t = np.asarray(faces["time_s"])
   nofaces = ~np.asarray(faces["found"], bool)
-  tasks = [task for task in affwild2.TASKS if task in outputs]
-  heights = {"VA": 2.0, "EXPR": 2.0, "AU": 2.4}
-  fig, axes = plt.subplots(len(tasks), 1, figsize=(10, 0.8 + sum(heights[x] for x in tasks)),
-                           sharex=True, squeeze=False, height_ratios=[heights[x] for x in tasks])
-  for ax, task in zip(axes[:, 0], tasks):
-    out = outputs[task]
-    if task == "VA":
-      for d, colour in enumerate(("tab:red", "tab:blue")):
-        ax.plot(t, np.clip(out[:, d], -1, 1), color=colour, lw=1, label=affwild2.VA_NAMES[d])
-      ax.set_ylim(-1.05, 1.05)
+  specs = [tasks.get(name) for name in tasks.NAMES if name in outputs]
+  heights = [2.4 if spec.kind == tasks.MULTILABEL else 2.0 for spec in specs]
+  fig, axes = plt.subplots(len(specs), 1, figsize=(10, 0.8 + sum(heights)), sharex=True,
+                           squeeze=False, height_ratios=heights)
+  for ax, spec in zip(axes[:, 0], specs):
+    out = outputs[spec.name]
+    if spec.kind == tasks.REGRESSION:
+      for d, name in enumerate(spec.columns):
+        ax.plot(t, spec.decide(out)[:, d], color=("tab:red", "tab:blue", "tab:green")[d % 3],
+                lw=1, label=name)
+      ax.set_ylim(spec.value_range[0] - 0.05, spec.value_range[1] + 0.05)
       ax.axhline(0, color="grey", lw=0.5)
       ax.legend(loc="upper right", fontsize=7, ncol=2)
-    elif task == "EXPR":
-      ax.stackplot(t, out.T, labels=affwild2.EXPR_NAMES, colors=plt.cm.tab10.colors[:out.shape[1]])
+    elif spec.kind == tasks.MULTICLASS:
+      ax.stackplot(t, out.T, labels=spec.columns, colors=plt.cm.tab10.colors[:out.shape[1]])
       ax.set_ylim(0, 1)
-      ax.set_ylabel("P(expression)", fontsize=8)
+      ax.set_ylabel(f"P({spec.name.lower()})", fontsize=8)
       ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
     else:
-      extent = (t[0], t[-1] if len(t) > 1 else 1, len(affwild2.AU_NAMES) - 0.5, -0.5)
+      extent = (t[0], t[-1] if len(t) > 1 else 1, spec.out_dim - 0.5, -0.5)
       ax.imshow(out.T, aspect="auto", cmap="magma", vmin=0, vmax=1, extent=extent,
                 interpolation="nearest")
-      ax.set_yticks(range(len(affwild2.AU_NAMES)), affwild2.AU_NAMES, fontsize=7)
-      ax.set_ylabel("P(AU)", fontsize=8)
+      ax.set_yticks(range(spec.out_dim), spec.columns, fontsize=7)
+      ax.set_ylabel(f"P({spec.name})", fontsize=8)
     if nofaces.any():
       ax.fill_between(t, 0, 1, where=nofaces, color="grey", alpha=0.3, step="mid",
                       transform=ax.get_xaxis_transform(), label="no face")

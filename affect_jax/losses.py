@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from affect_jax.data.affwild2 import INVALID_AU, INVALID_EXPR, INVALID_VA
+from affect_jax import tasks
+
+INVALID_VA, INVALID_EXPR, INVALID_AU = tasks.VA.invalid, tasks.EXPR.invalid, tasks.AU.invalid
 
 
 def _upcast(x: jax.Array) -> jax.Array:

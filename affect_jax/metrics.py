@@ -15,13 +15,14 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from affect_jax.data.affwild2 import (
-    AU_NAMES, EXPR_NAMES, INVALID_AU, INVALID_EXPR, INVALID_VA, VA_NAMES)
+from affect_jax import tasks
 
+VA_NAMES, EXPR_NAMES, AU_NAMES = tasks.VA.columns, tasks.EXPR.columns, tasks.AU.columns
+INVALID_VA, INVALID_EXPR, INVALID_AU = tasks.VA.invalid, tasks.EXPR.invalid, tasks.AU.invalid
 NUM_EXPR = len(EXPR_NAMES)
 NUM_AU = len(AU_NAMES)
 # The key of each task's headline score: VA mean CCC, Expr macro-F1, AU mean F1.
-MAIN_METRIC = {"VA": "mean", "EXPR": "f1", "AU": "f1"}
+MAIN_METRIC = {t.name: t.main_metric for t in tasks.REGISTRY.values()}
 INTERVAL_LEVEL = 0.9  # coverage of the reported video-bootstrap intervals
 AU_THRESHOLD_GRID = np.linspace(0.05, 0.95, 19)
 
@@ -66,23 +67,25 @@ def ccc(pred: np.ndarray, label: np.ndarray) -> float:
   return float(2.0 * cov / denom)
 
 
-def va_scores(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
-  """CCC of valence, arousal and their mean (ABAW's VA score) for [N, 2] arrays.
+def va_scores(pred: np.ndarray, label: np.ndarray, names: Sequence[str] = VA_NAMES,
+              invalid: float = INVALID_VA) -> dict[str, float]:
+  """CCC of valence, arousal and their mean (ABAW's VA score) for [N, 2] arrays (of each
+  of `names` and their mean for [N, len(names)]).
 
   A frame whose label is INVALID_VA in either dimension is dropped from both.
   """
   pred, label = np.asarray(pred), np.asarray(label)
-  _check_same_shape(pred, label, trailing=len(VA_NAMES))
-  valid = np.all(label != INVALID_VA, axis=-1)
-  scores = {name: ccc(pred[valid, i], label[valid, i]) for i, name in enumerate(VA_NAMES)}
-  scores["mean"] = float(np.mean([scores[name] for name in VA_NAMES]))
+  _check_same_shape(pred, label, trailing=len(names))
+  valid = np.all(label != invalid, axis=-1)
+  scores = {name: ccc(pred[valid, i], label[valid, i]) for i, name in enumerate(names)}
+  scores["mean"] = float(np.mean([scores[name] for name in names]))
   return scores
 
 
 # ---- Expressions ----
 
 
-def expr_confusion(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
+def expr_confusion(pred: np.ndarray, label: np.ndarray, num_classes: int = NUM_EXPR) -> np.ndarray:
   """[8, 8] int64 confusion matrix, rows = label, columns = prediction.
 
   Frames labelled INVALID_EXPR are dropped. Other values outside [0, 8) raise ValueError,
@@ -93,26 +96,27 @@ def expr_confusion(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
   pred, label = pred.ravel(), label.ravel()
   valid = label != INVALID_EXPR
   pred, label = pred[valid].astype(np.int64), label[valid].astype(np.int64)
+  n = int(num_classes)
   for name, x in (("pred", pred), ("label", label)):
-    if x.size and (x.min() < 0 or x.max() >= NUM_EXPR):
-      raise ValueError(f"{name} has values outside [0, {NUM_EXPR}): {np.unique(x)}")
-  counts = np.bincount(label * NUM_EXPR + pred, minlength=NUM_EXPR * NUM_EXPR)
-  return counts.reshape(NUM_EXPR, NUM_EXPR)
+    if x.size and (x.min() < 0 or x.max() >= n):
+      raise ValueError(f"{name} has values outside [0, {n}): {np.unique(x)}")
+  return np.bincount(label * n + pred, minlength=n * n).reshape(n, n)
 
 
-def expr_scores(pred: np.ndarray, label: np.ndarray) -> dict:
-  """{"per_class": {name: F1}, "f1": macro F1 over all 8 classes} for [N] class indices."""
-  confusion = expr_confusion(pred, label)
+def expr_scores(pred: np.ndarray, label: np.ndarray, names: Sequence[str] = EXPR_NAMES) -> dict:
+  """{"per_class": {name: F1}, "f1": macro F1 over all 8 classes} for [N] class indices
+  (over every one of `names`)."""
+  confusion = expr_confusion(pred, label, len(names))
   per_class = _f1_from_counts(np.diag(confusion), confusion.sum(axis=0), confusion.sum(axis=1))
   return {
-      "per_class": {name: float(f) for name, f in zip(EXPR_NAMES, per_class)},
+      "per_class": {name: float(f) for name, f in zip(names, per_class)},
       "f1": float(per_class.mean()),
   }
 
 
-def expr_f1(pred: np.ndarray, label: np.ndarray) -> float:
+def expr_f1(pred: np.ndarray, label: np.ndarray, names: Sequence[str] = EXPR_NAMES) -> float:
   """ABAW's Expr score: macro F1 over the 8 classes (absent classes count as 0)."""
-  return expr_scores(pred, label)["f1"]
+  return expr_scores(pred, label, names)["f1"]
 
 
 # ---- Action units ----
@@ -122,14 +126,15 @@ def _valid_au_rows(label: np.ndarray) -> np.ndarray:
   return ~np.any(label == INVALID_AU, axis=-1)
 
 
-def au_f1(pred: np.ndarray, label: np.ndarray) -> dict:
-  """{"per_au": {AU name: F1}, "f1": mean over the 12 units} for [N, 12] 0/1 arrays.
+def au_f1(pred: np.ndarray, label: np.ndarray, names: Sequence[str] = AU_NAMES) -> dict:
+  """{"f1": mean over the 12 units, "per_au": {AU name: F1}} for [N, 12] 0/1 arrays (over
+  `names` for [N, len(names)]).
 
   Rows with INVALID_AU in any unit are dropped. A unit with no positive label and no
   positive prediction scores 0.
   """
   pred, label = np.asarray(pred), np.asarray(label)
-  _check_same_shape(pred, label, trailing=NUM_AU)
+  _check_same_shape(pred, label, trailing=len(names))
   if not np.all((pred == 0) | (pred == 1)):
     raise ValueError("pred must be 0/1; use au_f1_from_probs for probabilities")
   valid = _valid_au_rows(label)
@@ -137,8 +142,8 @@ def au_f1(pred: np.ndarray, label: np.ndarray) -> dict:
   l = label[valid] == 1
   per_au = _f1_from_counts(np.sum(p & l, axis=0), p.sum(axis=0), l.sum(axis=0))
   return {
-      "per_au": {name: float(f) for name, f in zip(AU_NAMES, per_au)},
       "f1": float(per_au.mean()),
+      "per_au": {name: float(f) for name, f in zip(names, per_au)},
   }
 
 
@@ -191,13 +196,12 @@ def tune_au_thresholds(
 def task_scores(task: str, pred: np.ndarray, label: np.ndarray) -> dict:
   """The task's scores of decided predictions (VA values, Expr class indices, AU 0/1):
   `va_scores`, {'f1': `expr_f1`} or `au_f1`."""
-  if task == "VA":
-    return va_scores(pred, label)
-  if task == "EXPR":
-    return {"f1": expr_f1(pred, label)}
-  if task == "AU":
-    return au_f1(pred, label)
-  raise ValueError(f"unknown task {task!r}")
+  spec = tasks.get(task)
+  if spec.kind == tasks.REGRESSION:
+    return va_scores(pred, label, spec.columns, spec.invalid)
+  if spec.kind == tasks.MULTICLASS:
+    return {"f1": expr_f1(pred, label, spec.columns)}
+  return au_f1(pred, label, spec.columns)
 
 
 def main_score(task: str, pred: np.ndarray, label: np.ndarray) -> float:

@@ -18,7 +18,7 @@ import optax
 from absl import logging
 from PIL import Image
 
-from affect_jax import fileio, losses, metrics
+from affect_jax import fileio, losses, metrics, tasks
 from affect_jax.data import affwild2 as aw
 from affect_jax.data import features, loaders
 
@@ -119,20 +119,26 @@ RIDGE_L2 = (1e1, 1e2, 1e3, 1e4)
 LOGISTIC_L2 = (1e-4, 1e-3, 1e-2)
 
 
+def _l2_grid(task: str) -> tuple[float, ...]:
+  """Ridge penalties for a regression task, logistic ones otherwise."""
+  return RIDGE_L2 if tasks.get(task).kind == tasks.REGRESSION else LOGISTIC_L2
+
+
 def _fit_predict(task: str, x_tr, y_tr, x_evs, l2: float) -> list[np.ndarray]:
   """Fits one linear model on (x_tr, y_tr); its decided predictions (VA values, Expr
   classes, AU 0/1) for each x of x_evs."""
-  valid = aw.valid_frames(task, y_tr)
-  if task == "VA":
+  spec = tasks.get(task)
+  valid = spec.valid(y_tr)
+  if spec.kind == tasks.REGRESSION:
     w, b = fit_ridge(x_tr[valid], y_tr[valid], l2)
-    return [np.clip(x @ w + b, -1, 1) for x in x_evs]
-  if task == "EXPR":
+    return [spec.decide(x @ w + b) for x in x_evs]
+  if spec.kind == tasks.MULTICLASS:
     w, b = fit_logistic(x_tr, np.maximum(y_tr, 0), valid, multiclass=True,
-                        num_outputs=len(aw.EXPR_NAMES), l2=l2)
-    return [np.argmax(x @ w + b, -1) for x in x_evs]
+                        num_outputs=spec.out_dim, l2=l2)
+    return [spec.decide(x @ w + b) for x in x_evs]
   w, b = fit_logistic(x_tr, np.maximum(y_tr, 0).astype(np.float32), valid,
-                      multiclass=False, num_outputs=len(aw.AU_NAMES), l2=l2)
-  return [(x @ w + b > 0).astype(np.int32) for x in x_evs]
+                      multiclass=False, num_outputs=spec.out_dim, l2=l2)
+  return [(x @ w + b > 0).astype(np.int32) for x in x_evs]  # sigmoid > 0.5
 
 
 def evaluate(root: str | os.PathLike, split: str = aw.VALIDATION_SET, size: int = 12,
@@ -160,7 +166,7 @@ def evaluate(root: str | os.PathLike, split: str = aw.VALIDATION_SET, size: int 
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-3
     x_tr = (x_tr - mu) / sd
     candidates = []
-    for l2 in RIDGE_L2 if task == "VA" else LOGISTIC_L2:
+    for l2 in _l2_grid(task):
       preds = _fit_predict(task, x_tr, y_tr, [(x - mu) / sd for x, _, _ in evs], l2)
       scores = [metrics.task_scores(task, p, y) for p, (_, y, _) in zip(preds, evs)]
       result = {**scores[0], "l2": l2}

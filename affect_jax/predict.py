@@ -18,7 +18,7 @@ import json
 import jax
 import numpy as np
 
-from affect_jax import checkpoint, fileio, metrics, sharding
+from affect_jax import checkpoint, fileio, metrics, sharding, tasks
 from affect_jax.data import affwild2
 from affect_jax.train import temporal
 
@@ -179,44 +179,46 @@ def evaluate(workdir: str, splits=(affwild2.TEST_SET,), *, data: Mapping[str, st
 
 def plot_video(path: str, task: str, outputs: np.ndarray, labels: np.ndarray | None,
                title: str = "", fps: float = 30.0) -> None:
-  """VA: predicted vs labelled valence and arousal over time; Expr: class over time; AU:
-  an activation raster (probabilities, labels outlined below). Process 0 writes it."""
+  """By the task's kind: predicted vs labelled values over time (VA), the class over time
+  (Expr), or an activation raster (AU: probabilities, labels below). Process 0 writes it."""
   if jax.process_index() != 0:
     return
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  spec = tasks.get(task)
   t = np.arange(len(outputs)) / fps
-  if task == "VA":
-    fig, axes = plt.subplots(2, 1, figsize=(10, 4.5), sharex=True)
+  if spec.kind == tasks.REGRESSION:
+    fig, axes = plt.subplots(spec.out_dim, 1, figsize=(10, 4.5), sharex=True)
+    lo, hi = spec.value_range
     for d, ax in enumerate(axes):
       if labels is not None:
-        lab = np.where(labels[:, d] == affwild2.INVALID_VA, np.nan, labels[:, d])
+        lab = np.where(labels[:, d] == spec.invalid, np.nan, labels[:, d])
         ax.plot(t, lab, color="black", lw=1.2, label="label")
-      ax.plot(t, np.clip(outputs[:, d], -1, 1), color="tab:red", lw=1.0, label="prediction")
-      ax.set_ylim(-1.05, 1.05)
-      ax.set_ylabel(affwild2.VA_NAMES[d])
+      ax.plot(t, np.clip(outputs[:, d], lo, hi), color="tab:red", lw=1.0, label="prediction")
+      ax.set_ylim(lo - 0.05, hi + 0.05)
+      ax.set_ylabel(spec.columns[d])
     axes[0].legend(loc="upper right", fontsize=8)
-  elif task == "EXPR":
+  elif spec.kind == tasks.MULTICLASS:
     fig, ax = plt.subplots(figsize=(10, 3.5))
     if labels is not None:
       ax.plot(t, np.where(labels < 0, np.nan, labels), color="black", lw=2, label="label")
     ax.plot(t, outputs.argmax(-1), color="tab:red", lw=1, label="prediction")
-    ax.set_yticks(range(len(affwild2.EXPR_NAMES)), affwild2.EXPR_NAMES)
+    ax.set_yticks(range(spec.out_dim), spec.columns)
     ax.legend(loc="upper right", fontsize=8)
   else:
     rows = 2 if labels is not None else 1
     fig, axes = plt.subplots(rows, 1, figsize=(10, 2.2 * rows + 0.8), sharex=True, squeeze=False)
-    extent = (0, t[-1] if len(t) else 1, len(affwild2.AU_NAMES) - 0.5, -0.5)
+    extent = (0, t[-1] if len(t) else 1, spec.out_dim - 0.5, -0.5)
     axes[0, 0].imshow(outputs.T, aspect="auto", cmap="magma", vmin=0, vmax=1, extent=extent,
                       interpolation="nearest")
-    axes[0, 0].set_title("predicted P(AU active)", fontsize=9)
+    axes[0, 0].set_title(f"predicted P({spec.name} active)", fontsize=9)
     if labels is not None:
       axes[1, 0].imshow(np.where(labels < 0, np.nan, labels).T, aspect="auto", cmap="Greys",
                         vmin=0, vmax=1, extent=extent, interpolation="nearest")
       axes[1, 0].set_title("labels", fontsize=9)
     for ax in axes[:, 0]:
-      ax.set_yticks(range(len(affwild2.AU_NAMES)), affwild2.AU_NAMES, fontsize=7)
+      ax.set_yticks(range(spec.out_dim), spec.columns, fontsize=7)
   plt.xlabel("time (s)")
   if title:
     plt.suptitle(title, fontsize=10)

@@ -6,11 +6,11 @@ import json
 import os
 import shutil
 
-from affect_jax import fileio, metrics
+from affect_jax import fileio, metrics, tasks
 from affect_jax.data import affwild2
 from affect_jax.train import loop
 
-METRIC_NAME = {"VA": "CCC", "EXPR": "F1", "AU": "F1"}
+METRIC_NAME = {t.name: t.score_name for t in tasks.REGISTRY.values()}
 MAIN = metrics.MAIN_METRIC
 
 
@@ -215,7 +215,7 @@ def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summa
   if os.path.exists(recon):
     shutil.copyfile(recon, os.path.join(report, "mae_reconstruction.png"))
   _loss_curves(out_dir, os.path.join(report, "loss_curves.png"))
-  for task in ("VA", "AU"):
+  for task, name in (("VA", "va_prediction.png"), ("AU", "au_raster.png")):  # one video each
     run = results.get(task, {}).get("tcn_tf_v")
     if not run:
       continue
@@ -224,7 +224,6 @@ def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summa
     v = affwild2.load_video(config.data.root, task, affwild2.VALIDATION_SET, video,
                             max_unmatched=affwild2.max_unmatched(config))
     out = fn({video: v.num_frames})[video]
-    name = "va_prediction.png" if task == "VA" else "au_raster.png"
     predict.plot_video(os.path.join(report, name), task, out, v.labels,
                        f"{task}, validation video {video} (TCN+Transformer, visual)", config.data.fps)
   return {"table": table}

@@ -15,7 +15,7 @@ import os
 
 from absl import app, flags
 
-from affect_jax import hostenv
+from affect_jax import hostenv, tasks
 from configs import common
 
 _ROOT = flags.DEFINE_string("data_root", common.DEFAULT_SYNTHETIC_ROOT, "Aff-Wild2 tree.")
@@ -36,7 +36,7 @@ def main(argv):
   oracle_path = os.path.join(_ROOT.value, "oracle.json")
   oracle = json.load(open(oracle_path)) if os.path.exists(oracle_path) else {}
   for task, s in scores.items():
-    key = "mean" if task == "VA" else "f1"
+    key = tasks.get(task).main_metric
     bound = oracle.get(task, {}).get(_SPLIT.value, {}).get(key)
     print(f"{task:4s} {_SPLIT.value}: linear pixels {s[key]:.3f} (l2 {s['l2']:g})"
           + (f"   oracle {bound:.3f}" if bound is not None else ""))

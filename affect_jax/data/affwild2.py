@@ -20,32 +20,23 @@ from pathlib import Path
 from absl import logging
 import numpy as np
 
+from affect_jax import tasks
 from affect_jax.fileio import stat_fingerprint, write_shared_text, write_text_atomic
 
 # ---- Constants of the format (shared by the reader, the synthetic writer, predict) ----
 
-TASKS = ("VA", "EXPR", "AU")
+TASKS = tasks.NAMES
+# Folder names per task; the first is the one we write, all are accepted when reading.
+TASK_DIRS = {t.name: t.dirs for t in tasks.REGISTRY.values()}
 
-# Folder names per task; the first is the one we write, all are accepted when reading
-# (ABAW5 and earlier called the expression task "EXPR_Classification_Challenge").
-TASK_DIRS = {
-    "VA": ("VA_Estimation_Challenge",),
-    "EXPR": ("EXPR_Recognition_Challenge", "EXPR_Classification_Challenge"),
-    "AU": ("AU_Detection_Challenge",),
-}
-
-VA_NAMES = ("valence", "arousal")
-EXPR_NAMES = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other")
-AU_NAMES = ("AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU15", "AU23", "AU24", "AU25", "AU26")
+VA_NAMES, EXPR_NAMES, AU_NAMES = tasks.VA.columns, tasks.EXPR.columns, tasks.AU.columns
 
 # The header line of each task's annotation files, and its columns.
-TASK_COLUMNS = {"VA": VA_NAMES, "EXPR": EXPR_NAMES, "AU": AU_NAMES}
+TASK_COLUMNS = {t.name: t.columns for t in tasks.REGISTRY.values()}
 # Number of values on each data line (Expr files hold one class index per line).
-TASK_WIDTH = {"VA": 2, "EXPR": 1, "AU": 12}
+TASK_WIDTH = {t.name: t.label_width for t in tasks.REGISTRY.values()}
 
-INVALID_VA = -5.0
-INVALID_EXPR = -1
-INVALID_AU = -1
+INVALID_VA, INVALID_EXPR, INVALID_AU = tasks.VA.invalid, tasks.EXPR.invalid, tasks.AU.invalid
 
 TRAIN_SET = "Train_Set"
 VALIDATION_SET = "Validation_Set"
@@ -72,7 +63,7 @@ def frame_name(index: int) -> str:
 
 def task_test_list(task: str) -> str:
   """File at the dataset root listing a task's test videos."""
-  return f"{TASK_DIRS[task][0]}_test_set.txt"
+  return tasks.get(task).test_list
 
 
 # ---- Errors ----
@@ -91,10 +82,6 @@ class AnnotationError(ValueError):
 # ---- Annotation files ----
 
 
-def _header_line(task: str) -> str:
-  return ",".join(TASK_COLUMNS[task])
-
-
 def _looks_numeric(fields: list[str]) -> bool:
   try:
     [float(f) for f in fields]
@@ -103,33 +90,13 @@ def _looks_numeric(fields: list[str]) -> bool:
   return True
 
 
-def _check_values(task: str, values: np.ndarray) -> np.ndarray:
-  """Row indices (0-based) whose values break the task's range rules."""
-  if task == "VA":
-    ok = ((values >= -1.0) & (values <= 1.0)) | (values == INVALID_VA)
-  elif task == "EXPR":
-    ok = (values == np.round(values)) & (values >= INVALID_EXPR) & (values <= len(EXPR_NAMES) - 1)
-  else:
-    ok = np.isin(values, (INVALID_AU, 0, 1))
-  return np.flatnonzero(~ok.all(axis=1))
-
-
-def _range_rule(task: str) -> str:
-  return {
-      "VA": f"values must be in [-1, 1] or {INVALID_VA:g} (invalid)",
-      "EXPR": f"value must be an integer in {INVALID_EXPR}..{len(EXPR_NAMES) - 1}",
-      "AU": f"values must be 0, 1 or {INVALID_AU} (invalid)",
-  }[task]
-
-
 def parse_annotation(path: str | os.PathLike, task: str) -> np.ndarray:
   """Reads one `<video>.txt` of a task.
 
   Returns VA float32 [T, 2], EXPR int32 [T], AU int32 [T, 12]; row k is frame k+1.
   Raises AnnotationError naming the file and 1-based line for anything malformed.
   """
-  if task not in TASKS:
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+  spec = tasks.get(task)
   path = Path(path)
   try:
     text = path.read_text(encoding="utf-8-sig")  # many editors start UTF-8 with a BOM
@@ -140,18 +107,18 @@ def parse_annotation(path: str | os.PathLike, task: str) -> np.ndarray:
     lines.pop()
   if not lines:
     raise AnnotationError(path, 1, "empty file: expected the header line "
-                          f"'{_header_line(task)}' and one line per frame")
+                          f"'{spec.header}' and one line per frame")
   header = [f.strip() for f in lines[0].split(",")]
-  if header != list(TASK_COLUMNS[task]):
+  if header != list(spec.columns):
     if _looks_numeric(header):
-      raise AnnotationError(path, 1, f"missing header line: expected '{_header_line(task)}', "
+      raise AnnotationError(path, 1, f"missing header line: expected '{spec.header}', "
                             f"found data '{lines[0].strip()}'")
     raise AnnotationError(path, 1, f"unexpected header '{lines[0].strip()}' for task {task}: "
-                          f"expected '{_header_line(task)}'")
+                          f"expected '{spec.header}'")
   if len(lines) == 1:
     raise AnnotationError(path, 2, "no frame lines after the header")
 
-  width = TASK_WIDTH[task]
+  width = spec.label_width
   rows = [line.split(",") for line in lines[1:]]
   for k, row in enumerate(rows):
     if len(row) != width:
@@ -167,38 +134,24 @@ def parse_annotation(path: str | os.PathLike, task: str) -> np.ndarray:
   if not np.isfinite(values).all():
     k = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
     raise AnnotationError(path, k + 2, f"non-finite value in '{lines[k + 1].strip()}'")
-  bad = _check_values(task, values)
+  bad = spec.bad_rows(values)
   if bad.size:
     k = int(bad[0])
-    raise AnnotationError(path, k + 2, f"{_range_rule(task)}; found '{lines[k + 1].strip()}'"
+    raise AnnotationError(path, k + 2, f"{spec.range_rule}; found '{lines[k + 1].strip()}'"
                           + (f" ({bad.size} such lines)" if bad.size > 1 else ""))
-  if task == "VA":
-    return values.astype(np.float32)
-  if task == "EXPR":
-    return values[:, 0].astype(np.int32)
-  return values.astype(np.int32)
+  return spec.labels_from(values)
 
 
 def valid_frames(task: str, labels: np.ndarray) -> np.ndarray:
   """bool [T]: frames whose label is not the task's invalid marker."""
-  if task == "VA":
-    return (labels != INVALID_VA).all(axis=-1)
-  if task == "EXPR":
-    return labels != INVALID_EXPR
-  return (labels != INVALID_AU).all(axis=-1)
+  return tasks.get(task).valid(labels)
 
 
 def write_annotation(path: str | os.PathLike, task: str, labels: np.ndarray) -> None:
   """Writes labels in the task's format, atomically (temp file + rename)."""
-  labels = np.asarray(labels)
-  if task == "VA":
-    body = [f"{v:.3f},{a:.3f}" if v != INVALID_VA and a != INVALID_VA else "-5,-5"
-            for v, a in labels.reshape(-1, 2)]
-  elif task == "EXPR":
-    body = [str(int(c)) for c in labels.reshape(-1)]
-  else:
-    body = [",".join(str(int(x)) for x in row) for row in labels.reshape(-1, len(AU_NAMES))]
-  write_text_atomic(path, "\n".join([_header_line(task), *body]) + "\n")
+  spec = tasks.get(task)
+  rows = np.asarray(labels).reshape(-1, spec.label_width)
+  write_text_atomic(path, "\n".join([spec.header, *map(spec.format_label, rows)]) + "\n")
 
 
 # ---- Videos, frames, splits ----
@@ -426,11 +379,7 @@ def check_frames(ann_path, frames_dir, num_frames: int, indices: np.ndarray,
 
 def invalid_labels(task: str, num_frames: int) -> np.ndarray:
   """A task's labels of `num_frames` frames, all invalid."""
-  if task == "VA":
-    return np.full((num_frames, 2), INVALID_VA, np.float32)
-  if task == "EXPR":
-    return np.full((num_frames,), INVALID_EXPR, np.int32)
-  return np.full((num_frames, len(AU_NAMES)), INVALID_AU, np.int32)
+  return tasks.get(task).invalid_labels(num_frames)
 
 
 def load_split(root: str | os.PathLike, task: str, split: str, with_test_labels: bool = False,
@@ -544,21 +493,18 @@ def summarize(root: str | os.PathLike, with_test_labels: bool = False) -> dict:
 
 
 def prediction_header(task: str) -> str:
-  return "image_location," + ",".join(TASK_COLUMNS[task])
+  return "image_location," + tasks.get(task).header
 
 
 def write_predictions(path: str | os.PathLike, task: str, predictions: dict[str, np.ndarray]) -> None:
   """The ABAW submission CSV: one row per frame, `<video>/00001.jpg,<values>`; VA two floats,
   Expr one class index, AU twelve 0/1. Written atomically."""
+  spec = tasks.get(task)
   lines = [prediction_header(task)]
   for video in sorted(predictions):
     values = np.asarray(predictions[video])
     for k, row in enumerate(values.reshape(len(values), -1)):
-      if task == "VA":
-        cells = ",".join(f"{x:.4f}" for x in row)
-      else:
-        cells = ",".join(str(int(x)) for x in row)
-      lines.append(f"{video}/{frame_name(k + 1)},{cells}")
+      lines.append(f"{video}/{frame_name(k + 1)},{spec.format_prediction(row)}")
   write_shared_text(path, "\n".join(lines) + "\n")
 
 
@@ -569,7 +515,8 @@ def parse_predictions(path: str | os.PathLike, task: str) -> dict[str, np.ndarra
   lines = [l for l in path.read_text().splitlines()]
   if not lines or lines[0].strip() != prediction_header(task):
     raise AnnotationError(path, 1, f"expected header '{prediction_header(task)}'")
-  width = TASK_WIDTH[task]
+  spec = tasks.get(task)
+  width = spec.label_width
   rows: dict[str, list] = {}
   for n, line in enumerate(lines[1:], start=2):
     if not line.strip():
@@ -592,9 +539,8 @@ def parse_predictions(path: str | os.PathLike, task: str) -> dict[str, np.ndarra
   out = {}
   for video, values in rows.items():
     arr = np.asarray(values)
-    bad = _check_values(task, arr)
+    bad = spec.bad_rows(arr)
     if bad.size:
-      raise AnnotationError(path, None, f"{video}: {_range_rule(task)} (frame {int(bad[0]) + 1})")
-    out[video] = arr.astype(np.float32) if task == "VA" else (
-        arr[:, 0].astype(np.int32) if task == "EXPR" else arr.astype(np.int32))
+      raise AnnotationError(path, None, f"{video}: {spec.range_rule} (frame {int(bad[0]) + 1})")
+    out[video] = spec.labels_from(arr)
   return out

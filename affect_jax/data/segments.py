@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 import grain
 import numpy as np
 
+from affect_jax import tasks
 from affect_jax.data import affwild2, loaders
 from affect_jax.data.features import FeatureStore
 
@@ -28,10 +29,6 @@ SEGMENT_LEN = 300
 STRIDE = 200
 WEIGHTINGS = ("uniform", "triangular")
 
-# The value that pads a task's labels, so padded frames read as invalid labels too.
-LABEL_PAD = {"VA": affwild2.INVALID_VA, "EXPR": affwild2.INVALID_EXPR, "AU": affwild2.INVALID_AU}
-LABEL_DTYPE = {"VA": np.float32, "EXPR": np.int32, "AU": np.int32}
-LABEL_SHAPE = {"VA": (2,), "EXPR": (), "AU": (len(affwild2.AU_NAMES),)}
 
 
 # ---- One video: window starts, cutting, merging ----
@@ -197,9 +194,10 @@ class SegmentSource:
                                   segment_len, stride)
 
   def _checked_labels(self, video: str, labels) -> np.ndarray:
-    labels = np.asarray(labels, dtype=LABEL_DTYPE[self.task])
-    expected = ("T", *LABEL_SHAPE[self.task])
-    if labels.ndim != len(expected) or labels.shape[1:] != LABEL_SHAPE[self.task]:
+    spec = tasks.get(self.task)
+    labels = np.asarray(labels, dtype=spec.dtype)
+    expected = ("T", *spec.label_shape)
+    if labels.ndim != len(expected) or labels.shape[1:] != spec.label_shape:
       raise ValueError(f"{video}: {self.task} labels of shape {labels.shape}, expected "
                        f"[{', '.join(map(str, expected))}]")
     return labels
@@ -220,7 +218,9 @@ class SegmentSource:
     out = {}
     for name in self.stores:
       out[name] = cut(self._features(name, video), [start], self.segment_len)[0][0].astype(np.float32)
-    label, frame_mask = cut(self.labels[video], [start], self.segment_len, LABEL_PAD[self.task])
+    # Padded with the invalid marker, so padded frames read as invalid labels too.
+    label, frame_mask = cut(self.labels[video], [start], self.segment_len,
+                            tasks.get(self.task).invalid)
     label, frame_mask = label[0], frame_mask[0]
     out["label"] = label
     out["frame_mask"] = frame_mask

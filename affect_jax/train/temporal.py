@@ -19,12 +19,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from affect_jax import checkpoint, fileio, losses, metrics, optim, sharding
+from affect_jax import checkpoint, fileio, losses, metrics, optim, sharding, tasks
 from affect_jax.data import affwild2, features, segments
 from affect_jax.models import temporal
 from affect_jax.train import loop
 
-OUT_DIMS = {"VA": 2, "EXPR": len(affwild2.EXPR_NAMES), "AU": len(affwild2.AU_NAMES)}
+OUT_DIMS = {t.name: t.out_dim for t in tasks.REGISTRY.values()}
 MAIN_METRIC = metrics.MAIN_METRIC
 
 
@@ -98,20 +98,19 @@ def create_model(config: ml_collections.ConfigDict):
 
 
 def task_loss(task: str, out, label, mask, class_weights=None, pos_weight=None):
-  if task == "VA":
+  """The loss of the task's kind: 1 - CCC, cross-entropy (class weights), BCE (positive
+  weights)."""
+  kind = tasks.get(task).kind
+  if kind == tasks.REGRESSION:
     return losses.ccc_loss(out, label, mask)
-  if task == "EXPR":
+  if kind == tasks.MULTICLASS:
     return losses.masked_cross_entropy(out, label, mask, class_weights=class_weights)
   return losses.masked_bce_with_logits(out, label, mask, pos_weight=pos_weight)
 
 
 def frame_outputs(task: str, out):
-  """Model outputs -> what overlap merge averages: values (VA) or probabilities."""
-  if task == "EXPR":
-    return jax.nn.softmax(out, axis=-1)
-  if task == "AU":
-    return jax.nn.sigmoid(out)
-  return out
+  """Model outputs -> what overlap merge averages: values or probabilities."""
+  return tasks.get(task).activate(out)
 
 
 def create_train_state(config, model, rng, mesh, schedule, input_dims: Mapping[str, int]):
@@ -208,11 +207,7 @@ def _row_batches(arrays: Mapping[str, np.ndarray], rows: int):
 
 def decide(task: str, probs: np.ndarray, thresholds=0.5) -> np.ndarray:
   """Merged outputs -> submitted values: VA clipped to [-1, 1], Expr class, AU 0/1."""
-  if task == "VA":
-    return np.clip(probs, -1.0, 1.0)
-  if task == "EXPR":
-    return probs.argmax(-1)
-  return (probs >= np.asarray(thresholds)).astype(np.int32)
+  return tasks.get(task).decide(probs, thresholds)
 
 
 def score(task: str, preds: Mapping[str, np.ndarray], labels: Mapping[str, affwild2.VideoLabels],
@@ -222,7 +217,7 @@ def score(task: str, preds: Mapping[str, np.ndarray], labels: Mapping[str, affwi
   prob = np.concatenate([preds[v] for v in names])
   lab = np.concatenate([labels[v].labels for v in names])
   out = metrics.task_scores(task, decide(task, prob), lab)
-  if task != "AU":
+  if tasks.get(task).kind != tasks.MULTILABEL:
     return out
   res = {"f1": out["f1"], **{f"f1_{k}": v for k, v in out["per_au"].items()}}
   if au_thresholds is not None:
@@ -311,7 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   results = {"task": task, "fold": config.fold, "run": loop.run_record(config, f"temporal {task}"),
              "model": config.model.to_dict(),
              "best_step": checkpoint.read_best(workdir)["step"], "num_steps": total}
-  thresholds = tune_thresholds(val_preds, labels) if task == "AU" else None
+  thresholds = (tune_thresholds(val_preds, labels)
+                if tasks.get(task).kind == tasks.MULTILABEL else None)
   results["val"] = score(task, val_preds, labels, thresholds)
   if thresholds is not None:
     results["au_thresholds"] = thresholds.tolist()

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from affect_jax import metrics
+from affect_jax import metrics, tasks
 from affect_jax.data.affwild2 import (
     AUDIO_DIR, FRAMES_DIR, TASK_DIRS, TASKS, TEST_LABELS_DIR, TEST_SET, TRAIN_SET,
     VALIDATION_SET, frame_name, task_test_list, write_annotation)
@@ -111,9 +111,9 @@ def plan(config: SyntheticConfig) -> list[Source]:
         k = max(1, round(config.label_fraction * len(group)))
         for i in rng.choice(group, k, replace=False):
           labelled[int(i)].append(task)
-  for i, tasks in labelled.items():  # every video serves at least one task
-    if not tasks:
-      tasks.append(TASKS[rng.integers(len(TASKS))])
+  for i, its_tasks in labelled.items():  # every video serves at least one task
+    if not its_tasks:
+      its_tasks.append(TASKS[rng.integers(len(TASKS))])
   return [Source(i, names[i], int(frames[i]),
                  tuple(names[i] + s for s in PAIR_SUFFIXES) if i in paired else (names[i],),
                  {t: split_of[i] for t in TASKS if t in labelled[i]}) for i in range(n)]
@@ -148,13 +148,15 @@ def _annotate(rng, task: str, affect: dynamics.Affect, config: SyntheticConfig):
   """(clean latent, written labels, number of invalid frames) of one video for one task."""
   n, fps = len(affect.va), config.fps
   invalid = dynamics.invalid_spans(rng, n, config.invalid_fraction, fps)
-  if task == "VA":
-    return affect.va, dynamics.annotate_va(rng, affect.va, fps, invalid), int(invalid.sum())
-  if task == "EXPR":
-    min_len = max(1, round(config.min_event_s * fps))
-    return affect.expr, dynamics.annotate_expr(rng, affect.expr, fps, invalid, min_len), int(invalid.sum())
-  clean = (affect.au > 0.5).astype(np.int64)
-  return clean, dynamics.annotate_au(rng, affect.au, fps, invalid), int(invalid.sum())
+  annotators = {  # the synthetic annotator of each task: its clean latent, then the labels
+      "VA": lambda: (affect.va, dynamics.annotate_va(rng, affect.va, fps, invalid)),
+      "EXPR": lambda: (affect.expr, dynamics.annotate_expr(
+          rng, affect.expr, fps, invalid, max(1, round(config.min_event_s * fps)))),
+      "AU": lambda: ((affect.au > 0.5).astype(np.int64),
+                     dynamics.annotate_au(rng, affect.au, fps, invalid)),
+  }
+  clean, labels = annotators[task]()
+  return clean, labels, int(invalid.sum())
 
 
 def _write_source(root: pathlib.Path, src: Source, config: SyntheticConfig, scored: dict) -> dict:
@@ -178,18 +180,18 @@ def _write_source(root: pathlib.Path, src: Source, config: SyntheticConfig, scor
     for k, jpeg in render.render_video(rng, identity, affect.au, affect.blink, nuisance, config.image_size):
       (frame_dir / frame_name(k)).write_bytes(jpeg)
     present = ~nuisance.missing
-    tasks = {}
+    labelled_by = {}
     for task, split in src.splits.items():
       annotator = _rng(seed, src.index, s, _ANNOTATE + TASKS.index(task))
       clean, label, invalid = _annotate(annotator, task, affect, config)
       write_annotation(_label_path(root, task, split, video), task, label)
       scored[task][split].append((clean, label))
-      tasks[task] = {"split": split, "valid": n - invalid, "invalid": invalid}
+      labelled_by[task] = {"split": split, "valid": n - invalid, "invalid": invalid}
     entries[video] = {
         "num_frames": n, "source_video": src.name,
         "missing_frames": (np.flatnonzero(nuisance.missing) + 1).tolist(),
         "occluded_frames": sum(o is not None for o, p in zip(nuisance.occluder, present) if p),
-        "tasks": tasks}
+        "tasks": labelled_by}
   return entries
 
 
@@ -198,17 +200,11 @@ def oracle_scores(scored: dict) -> dict:
   out = {}
   for task in TASKS:
     out[task] = {}
-    width = {"VA": (2,), "EXPR": (), "AU": (12,)}[task]
+    width = tasks.get(task).label_shape
     for split in ALL_SPLITS:
       clean = np.concatenate([c for c, _ in scored[task][split]] or [np.zeros((0, *width))])
       label = np.concatenate([lab for _, lab in scored[task][split]] or [np.zeros((0, *width))])
-      if task == "VA":
-        out[task][split] = metrics.va_scores(clean, label)
-      elif task == "EXPR":
-        out[task][split] = {"f1": metrics.expr_f1(clean, label)}
-      else:
-        scores = metrics.au_f1(clean, label)
-        out[task][split] = {"f1": scores["f1"], "per_au": scores["per_au"]}
+      out[task][split] = metrics.task_scores(task, clean, label)
   return out
 
 
@@ -265,7 +261,7 @@ def summarize(out_dir: str | os.PathLike) -> str:
     for split in ALL_SPLITS:
       t = manifest["totals"][task][split]
       score = oracle[task][split]
-      score = score["mean"] if task == "VA" else score["f1"]
+      score = score[tasks.get(task).main_metric]
       lines.append(f"  {task:4s} {split:14s} {t['videos']:3d} videos {t['frames']:6d} frames "
                    f"{t['invalid']:5d} invalid  oracle {score:.3f}")
   return "\n".join(lines)

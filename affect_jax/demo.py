@@ -43,8 +43,6 @@ from affect_jax.data.synthetic.writer import MANIFEST, ORACLE
 # Where affect-jax ships MAE weights (package data): <name>.safetensors + <name>.json.
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
-# ABAW6 official baselines on the real Aff-Wild2 validation set: a reference point only.
-ABAW6_BASELINE = {"VA": 0.22, "EXPR": 0.25, "AU": 0.39}
 
 PRESETS = {
     # A handful of tiny videos: the CI end-to-end test.

@@ -11,6 +11,7 @@ from affect_jax.data import affwild2
 from affect_jax.train import loop
 
 METRIC_NAME = {t.name: t.score_name for t in tasks.REGISTRY.values()}
+ABAW6_BASELINE = {t.name: t.abaw6_baseline for t in tasks.REGISTRY.values()}
 MAIN = metrics.MAIN_METRIC
 
 
@@ -191,7 +192,6 @@ def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summa
           pixels: dict | None = None, pairs: dict | None = None) -> dict:
   """results.md, results.json and report/*.png under out_dir; returns {'table': markdown}."""
   from affect_jax import predict
-  from affect_jax.demo import ABAW6_BASELINE
   table = results_table(results, oracle, ABAW6_BASELINE, ft_scores, pixels)
   intervals = interval_table(results, pixels)
   if intervals:

@@ -34,6 +34,8 @@ class Task:
   invalid: float | int
   main_metric: str
   score_name: str                                 # what tables call its headline score
+  abaw6_baseline: float                           # ABAW6's official baseline (real Aff-Wild2
+                                                  # validation set): a reference point only
   value_range: tuple[float, float] = (-1.0, 1.0)  # regression: where valid values lie
 
   @property
@@ -142,14 +144,14 @@ class Task:
 
 
 VA = Task("VA", REGRESSION, ("VA_Estimation_Challenge",), ("valence", "arousal"), -5.0, "mean",
-          "CCC")
+          "CCC", 0.22)
 # ABAW5 and earlier called the expression folder "EXPR_Classification_Challenge".
 EXPR = Task("EXPR", MULTICLASS, ("EXPR_Recognition_Challenge", "EXPR_Classification_Challenge"),
             ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other"),
-            -1, "f1", "F1")
+            -1, "f1", "F1", 0.25)
 AU = Task("AU", MULTILABEL, ("AU_Detection_Challenge",),
           ("AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU15", "AU23", "AU24", "AU25",
-           "AU26"), -1, "f1", "F1")
+           "AU26"), -1, "f1", "F1", 0.39)
 
 REGISTRY = {t.name: t for t in (VA, EXPR, AU)}
 NAMES = tuple(REGISTRY)

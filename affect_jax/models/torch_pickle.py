@@ -71,6 +71,8 @@ class _Unpickler(pickle.Unpickler):
   def __init__(self, file, archive: zipfile.ZipFile, prefix: str, where: str):
     super().__init__(file)
     self._archive, self._prefix, self._where = archive, prefix, where
+    self._storages: dict[str, np.ndarray] = {}  # views of one storage (and a state dict's
+    # twin names for one parameter) each carry its persistent id: read it once
 
   def find_class(self, module, name):
     try:
@@ -87,11 +89,13 @@ class _Unpickler(pickle.Unpickler):
             and isinstance(pid[1], _StorageType)):
       raise pickle.UnpicklingError(f"{self._where}: unknown persistent id {pid!r}")
     storage_type, key = pid[1], str(pid[2])
-    try:
-      data = self._archive.read(f"{self._prefix}data/{key}")
-    except KeyError:
-      raise pickle.UnpicklingError(f"{self._where}: storage {key} missing from the archive") from None
-    return np.frombuffer(data, storage_type.dtype.newbyteorder("<"))
+    if key not in self._storages:
+      try:
+        data = self._archive.read(f"{self._prefix}data/{key}")
+      except KeyError:
+        raise pickle.UnpicklingError(f"{self._where}: storage {key} missing from the archive") from None
+      self._storages[key] = np.frombuffer(data, storage_type.dtype.newbyteorder("<"))
+    return self._storages[key]
 
 
 def load(path: str):

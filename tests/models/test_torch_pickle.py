@@ -103,7 +103,11 @@ def test_tensors_of_every_layout_come_back(tmp_path):
   ])}
   path = str(tmp_path / "ckpt.pth")
   _save(path, obj, [shared, half, bf16, longs])
-  got = torch_pickle.load(path)["model"]
+  read = zipfile.ZipFile.read
+  with mock.patch.object(zipfile.ZipFile, "read", autospec=True, side_effect=read) as reads:
+    got = torch_pickle.load(path)["model"]
+  storages = [c.args[1] for c in reads.call_args_list if "/data/" in c.args[1]]
+  assert sorted(storages) == [f"archive/data/{k}" for k in "0123"]  # the shared one read once
   np.testing.assert_array_equal(got["w"], base.reshape(4, 6))
   np.testing.assert_array_equal(got["w_t"], base.reshape(4, 6).T)
   np.testing.assert_array_equal(got["tail"], base[20:24].reshape(2, 2))

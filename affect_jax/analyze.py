@@ -281,6 +281,12 @@ def _output_columns(spec: tasks.Task) -> list[str]:
   return list(spec.columns)
 
 
+def _shown(spec: tasks.Task, outputs: np.ndarray) -> np.ndarray:
+  """What the CSV and the timeline show: values as submitted (clipped), classes and units as
+  probabilities."""
+  return spec.decide(outputs) if spec.kind == tasks.REGRESSION else outputs
+
+
 def csv_columns(names) -> list[str]:
   cols = ["frame", "time_s", "face_found", "face_detected", "face_x", "face_y", "face_w", "face_h",
           "face_roll_deg"]
@@ -292,6 +298,7 @@ def write_csv(path: str, faces: dict, outputs: Mapping[str, np.ndarray]) -> None
   square and the roll it was levelled by empty where there is none; VA clipped to [-1, 1],
   as submitted)."""
   names = [t for t in tasks.NAMES if t in outputs]
+  values = {t: _shown(tasks.get(t), outputs[t]) for t in names}
   lines = [",".join(csv_columns(names))]
   for k in range(faces["num_frames"]):
     box = faces["boxes"][k]
@@ -300,9 +307,7 @@ def write_csv(path: str, faces: dict, outputs: Mapping[str, np.ndarray]) -> None
     roll = faces["roll"][k]
     row.append(f"{math.degrees(roll):.1f}" if roll is not None else "")
     for task in names:
-      spec = tasks.get(task)  # values as submitted, classes and units as probabilities
-      out = spec.decide(outputs[task][k]) if spec.kind == tasks.REGRESSION else outputs[task][k]
-      row += [f"{v:.4f}" for v in out]
+      row += [f"{v:.4f}" for v in values[task][k]]
     lines.append(",".join(row))
   fileio.write_text_atomic(path, "\n".join(lines) + "\n")
 
@@ -328,11 +333,11 @@ def plot_timeline(path: str, faces: dict, outputs: Mapping[str, np.ndarray], tit
   fig, axes = plt.subplots(len(specs), 1, figsize=(10, 0.8 + sum(heights)), sharex=True,
                            squeeze=False, height_ratios=heights)
   for ax, spec in zip(axes[:, 0], specs):
-    out = outputs[spec.name]
+    out = _shown(spec, outputs[spec.name])
     if spec.kind == tasks.REGRESSION:
       for d, name in enumerate(spec.columns):
-        ax.plot(t, spec.decide(out)[:, d], color=("tab:red", "tab:blue", "tab:green")[d % 3],
-                lw=1, label=name)
+        ax.plot(t, out[:, d], color=("tab:red", "tab:blue", "tab:green")[d % 3], lw=1,
+                label=name)
       ax.set_ylim(spec.value_range[0] - 0.05, spec.value_range[1] + 0.05)
       ax.axhline(0, color="grey", lw=0.5)
       ax.legend(loc="upper right", fontsize=7, ncol=2)

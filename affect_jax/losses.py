@@ -15,9 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from affect_jax import tasks
-
-INVALID_VA, INVALID_EXPR, INVALID_AU = tasks.VA.invalid, tasks.EXPR.invalid, tasks.AU.invalid
+from affect_jax.tasks import INVALID_AU, INVALID_EXPR, INVALID_VA
 
 
 def _upcast(x: jax.Array) -> jax.Array:

@@ -16,9 +16,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from affect_jax import tasks
-
-VA_NAMES, EXPR_NAMES, AU_NAMES = tasks.VA.columns, tasks.EXPR.columns, tasks.AU.columns
-INVALID_VA, INVALID_EXPR, INVALID_AU = tasks.VA.invalid, tasks.EXPR.invalid, tasks.AU.invalid
+from affect_jax.tasks import AU_NAMES, EXPR_NAMES, INVALID_AU, INVALID_EXPR, INVALID_VA, VA_NAMES
 NUM_EXPR = len(EXPR_NAMES)
 NUM_AU = len(AU_NAMES)
 # The key of each task's headline score: VA mean CCC, Expr macro-F1, AU mean F1.

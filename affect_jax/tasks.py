@@ -155,6 +155,9 @@ AU = Task("AU", MULTILABEL, ("AU_Detection_Challenge",),
 
 REGISTRY = {t.name: t for t in (VA, EXPR, AU)}
 NAMES = tuple(REGISTRY)
+# The ABAW tasks' names and markers under the names the format has always had.
+VA_NAMES, EXPR_NAMES, AU_NAMES = VA.columns, EXPR.columns, AU.columns
+INVALID_VA, INVALID_EXPR, INVALID_AU = VA.invalid, EXPR.invalid, AU.invalid
 
 
 def get(name: str) -> Task:

@@ -11,9 +11,10 @@ same code. Layout (DESIGN.md, "Aff-Wild2 on disk"):
   <root>/audio/<video>.wav
 """
 
+from affect_jax.tasks import (  # the task records' names and markers
+    VA_NAMES, EXPR_NAMES, AU_NAMES, INVALID_VA, INVALID_EXPR, INVALID_AU)
 from affect_jax.data.affwild2.formats import (
-    TASKS, TASK_DIRS, VA_NAMES, EXPR_NAMES, AU_NAMES, TASK_COLUMNS, TASK_WIDTH, INVALID_VA,
-    INVALID_EXPR, INVALID_AU, TRAIN_SET, VALIDATION_SET, SPLITS, TEST_SET, FRAMES_DIR,
+    TASKS, TASK_DIRS, TASK_COLUMNS, TRAIN_SET, VALIDATION_SET, SPLITS, TEST_SET, FRAMES_DIR,
     AUDIO_DIR, TEST_LABELS_DIR, FRAME_EXT, AUDIO_RATE, MAX_UNMATCHED_FRAMES, frame_name,
     task_test_list, AnnotationError, parse_annotation, valid_frames, write_annotation,
     invalid_labels)
@@ -27,7 +28,7 @@ from affect_jax.data.affwild2.submission import (
     prediction_header, write_predictions, parse_predictions)
 
 __all__ = [
-    "TASKS", "TASK_DIRS", "VA_NAMES", "EXPR_NAMES", "AU_NAMES", "TASK_COLUMNS", "TASK_WIDTH",
+    "TASKS", "TASK_DIRS", "VA_NAMES", "EXPR_NAMES", "AU_NAMES", "TASK_COLUMNS",
     "INVALID_VA", "INVALID_EXPR", "INVALID_AU", "TRAIN_SET", "VALIDATION_SET", "SPLITS",
     "TEST_SET", "FRAMES_DIR", "AUDIO_DIR", "TEST_LABELS_DIR", "FRAME_EXT", "AUDIO_RATE",
     "MAX_UNMATCHED_FRAMES", "frame_name", "task_test_list", "AnnotationError",

@@ -18,14 +18,8 @@ TASKS = tasks.NAMES
 # Folder names per task; the first is the one we write, all are accepted when reading.
 TASK_DIRS = {t.name: t.dirs for t in tasks.REGISTRY.values()}
 
-VA_NAMES, EXPR_NAMES, AU_NAMES = tasks.VA.columns, tasks.EXPR.columns, tasks.AU.columns
-
 # The header line of each task's annotation files, and its columns.
 TASK_COLUMNS = {t.name: t.columns for t in tasks.REGISTRY.values()}
-# Number of values on each data line (Expr files hold one class index per line).
-TASK_WIDTH = {t.name: t.label_width for t in tasks.REGISTRY.values()}
-
-INVALID_VA, INVALID_EXPR, INVALID_AU = tasks.VA.invalid, tasks.EXPR.invalid, tasks.AU.invalid
 
 TRAIN_SET = "Train_Set"
 VALIDATION_SET = "Validation_Set"

@@ -215,9 +215,8 @@ def analyze(video_path: str, out_dir: str, workdirs: Mapping[str, str], *,
   'outputs': {task: [T, K]}, 'seconds': {stage: s}}."""
   if not workdirs:
     raise ValueError("no trained models: give at least one of VA, EXPR, AU")
-  unknown = set(workdirs) - set(affwild2.TASKS)
-  if unknown:
-    raise ValueError(f"unknown tasks {sorted(unknown)}; expected some of {affwild2.TASKS}")
+  for task in workdirs:
+    tasks.get(task)  # an unknown name is an error naming the known ones
   if not os.path.isfile(video_path):
     raise FileNotFoundError(f"{video_path}: no such video file")
   name = video_name(video_path)

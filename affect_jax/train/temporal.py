@@ -380,9 +380,10 @@ def import_weights(config: ml_collections.ConfigDict, variables: Mapping[str, An
         f"{source}: the weights do not fit config.model (preset {config.model.preset!r}, "
         f"{len(diff)} names or shapes differ, e.g. "
         + ", ".join(f"{k}: weights {fg.get(k)}, model {fw.get(k)}" for k in diff[:3]) + ")")
-  state = types.SimpleNamespace(**{k: jax.tree.map(np.asarray, v) for k, v in variables.items()})
+  arrays = {k: jax.tree.map(np.asarray, v) for k, v in variables.items()}
   with checkpoint.make_manager(fileio.path(workdir) / checkpoint.CHECKPOINTS_DIR, save_every=1) as m:
-    checkpoint.save(m, 0, dict(vars(state)), config=config, force=True)
+    checkpoint.save(m, 0, arrays, config=config, force=True)
     m.wait_until_finished()
-  checkpoint.save_best(workdir, 0, state, {"step": 0, "metric": None, "value": None,
-                                          "scores": {}, "imported_from": source})
+  checkpoint.save_best(workdir, 0, types.SimpleNamespace(**arrays),  # save_best reads attributes
+                       {"step": 0, "metric": None, "value": None, "scores": {},
+                        "imported_from": source})

@@ -147,6 +147,8 @@ def test_a_silent_video_for_an_audio_model_and_a_faceless_video_are_clear_errors
   clip.encode_mp4(blank, np.full((10, 64, 64, 3), 128, np.uint8), 30.0)
   with pytest.raises(ValueError, match="blank.mp4: no face found in any of its 10 frames"):
     analyze.analyze(str(blank), str(tmp_path / "out"), {"AU": models["AU"]})
+  with pytest.raises(ValueError, match="unknown task 'VAD'; expected one of"):
+    analyze.analyze(str(blank), str(tmp_path / "out"), {"VAD": models["VA"]})
   with pytest.raises(FileNotFoundError, match="nothere.mp4: no such video file"):
     analyze.analyze(str(tmp_path / "nothere.mp4"), str(tmp_path / "out"), {"AU": models["AU"]})
   shutil.rmtree(tmp_path / "out")

@@ -24,7 +24,6 @@ from affect_jax.data import affwild2, features, segments
 from affect_jax.models import temporal
 from affect_jax.train import loop
 
-OUT_DIMS = {t.name: t.out_dim for t in tasks.REGISTRY.values()}
 MAIN_METRIC = metrics.MAIN_METRIC
 
 
@@ -83,7 +82,7 @@ def split_videos(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
 
 def create_model(config: ml_collections.ConfigDict):
   m = config.model
-  out = OUT_DIMS[config.task]
+  out = tasks.get(config.task).out_dim
   dtype, kernels = jnp.dtype(m.dtype), m.get("kernels", "auto")
   if m.kind == "frame_mlp":
     return temporal.FrameMLP(out, hidden=m.mlp_hidden, dropout=m.dropout,

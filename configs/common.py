@@ -80,7 +80,6 @@ def get_temporal_config(task: str, preset: str = "paper") -> ml_collections.Conf
   """
   c = ml_collections.ConfigDict()
   c.task = task
-  c.preset = preset
   c.seed = 0
   c.data = get_data_config()
   c.data.visual_features = ""  # launch/extract.py --workdir + /visual
@@ -91,9 +90,15 @@ def get_temporal_config(task: str, preset: str = "paper") -> ml_collections.Conf
   c.data.merge = "uniform"     # or 'triangular': weight frames near a window's centre more
 
   c.model = ml_collections.ConfigDict()
+  # Decoded by affect_jax.models.temporal.from_config; these are the released model's values.
   c.model.kind = "temporal"    # 'temporal' (TCN + Transformer) | 'frame_mlp' (no context)
-  c.model.preset = preset      # affect_jax.models.temporal.PRESETS
-  c.model.modalities = ("visual",)
+  c.model.modalities = ("visual",)  # features of the MAE encoder only
+  c.model.tcn_channels = (768, 256, 128)  # one dilated level each (dilation 1, 2, 4, ...)
+  c.model.kernel_size = 5
+  c.model.d_model = 512        # the Transformer's width, after the 1x1 projection
+  c.model.num_layers = 8
+  c.model.num_heads = 4
+  c.model.ff_dim = 512
   c.model.use_tcn = True
   c.model.use_transformer = True
   c.model.tcn_padding = "causal"
@@ -138,6 +143,11 @@ def get_temporal_config(task: str, preset: str = "paper") -> ml_collections.Conf
     c.num_epochs = 30
     c.warmup_epochs = 1
     c.optim.lr = 1e-3
+    c.model.tcn_channels = (32, 16)  # the paper's structure at toy widths
+    c.model.d_model = 32
+    c.model.num_layers = 2
+    c.model.num_heads = 2
+    c.model.ff_dim = 64
     c.model.mlp_hidden = 64
     c.log_every = 20
     c.checkpoint_every = 200

@@ -52,6 +52,7 @@ def _temporal():
     raise app.UsageError("--model=temporal needs --task=VA|EXPR|AU")
   config = common.get_temporal_config(_TASK.value, "paper")
   config.data.visual_features = _VISUAL.value
+  config.model.num_heads = _NUM_HEADS.value  # the saved config rebuilds the model it converts to
   variables = temporal.params_from_torch_state_dict(convert.load_state_dict(_INPUT.value),
                                                     num_heads=_NUM_HEADS.value)
   temporal_train.import_weights(config, variables, _OUTPUT.value, _INPUT.value)

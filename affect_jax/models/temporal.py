@@ -11,10 +11,12 @@ Padded frames never reach a valid frame's output: the TCN zeros them before ever
 convolution, attention gives them no weight as keys, and BatchNorm's training statistics
 leave them out.
 
-The `paper` preset is exactly the released model (visual only, causal TCN [768, 256, 128]
-k5, 8 post-LN layers of width 512, 4 heads, ff 512, ReLU, no positional encoding, dropout 0);
-`params_from_torch_state_dict` loads PyTorch weights onto it: the authors' own checkpoints
-(upczww/abaw6's `Model`) and the reference of `../shared/bench/torch_temporal.py`.
+`TemporalModel`'s defaults are exactly the released model (visual only, causal TCN
+[768, 256, 128] k5, 8 post-LN layers of width 512, 4 heads, ff 512, ReLU, no positional
+encoding, dropout 0); `params_from_torch_state_dict` loads PyTorch weights onto it: the
+authors' own checkpoints (upczww/abaw6's `Model`) and the reference of
+`../shared/bench/torch_temporal.py`. A run's `config.model` describes its model entirely
+(`from_config`): every width is a config field, so a saved config rebuilds the model.
 
 Initialisation follows torch's defaults (Linear kernels uniform +-1/sqrt(fan_in), the fused
 attention projection xavier-uniform) except that Linear biases start at zero.
@@ -33,18 +35,6 @@ from affect_jax.models import layers, vit
 from affect_jax.models.tcn import TemporalConvNet, keep_valid
 
 Dtype = Any
-
-# The released configs: MAE features only (768-d), everything else as in the paper.
-_PAPER = dict(tcn_channels=(768, 256, 128), kernel_size=5, d_model=512, num_layers=8,
-              num_heads=4, ff_dim=512, dropout=0.0, modalities=("visual",),
-              tcn_padding="causal", norm_first=False, positional="none", activation="relu",
-              va_tanh=False, use_tcn=True, use_transformer=True)
-PRESETS = {
-    "paper": _PAPER,
-    # Tests and the CPU demo: the paper's structure at toy widths.
-    "tiny": {**_PAPER, "tcn_channels": (32, 16), "d_model": 32, "num_layers": 2,
-             "num_heads": 2, "ff_dim": 64},
-}
 
 # torch's default Linear/Conv kernel init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
 torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -271,18 +261,56 @@ class FrameMLP(nn.Module):
     return dense(self.out_dim, ("mlp", "classes"), name="fc2")(h).astype(jnp.float32)
 
 
-def make_temporal_model(preset: str, out_dim: int, **overrides) -> TemporalModel:
-  """`TemporalModel` of a preset with `overrides`, e.g. ("tiny", 2, dropout=0.1). Feature
-  widths come from the inputs at init."""
-  if preset not in PRESETS:
-    raise ValueError(f"Unknown temporal preset {preset!r}; known: {sorted(PRESETS)}")
-  config = {**PRESETS[preset], **overrides}
-  unknown = set(config) - set(TemporalModel.__dataclass_fields__)
+KINDS = ("temporal", "frame_mlp")
+
+
+def from_config(model: Mapping[str, Any], out_dim: int) -> nn.Module:
+  """The model a config's `model` field describes: `kind` 'temporal' (`TemporalModel`, every
+  other field one of its attributes, `mlp_hidden` aside) or 'frame_mlp' (`FrameMLP`: its
+  `hidden` is `mlp_hidden`; the TCN and Transformer fields are not used). `dtype` is a name
+  ('float32', 'bfloat16'); `modalities` may be one comma-separated string, as
+  `--config.model.modalities=visual,audio` gives it. Feature widths come from the inputs at
+  init. Unknown fields are an error: a misspelt option never falls back to a default."""
+  options = dict(model)
+  kind = options.pop("kind", "temporal")
+  if kind not in KINDS:
+    raise ValueError(f"config.model.kind: unknown {kind!r} ({' | '.join(KINDS)})")
+  if "preset" in options:
+    raise ValueError("config.model.preset: a config of an older affect-jax (widths in a preset "
+                     "table); its fields are now config.model.tcn_channels, d_model, num_layers, "
+                     "num_heads, ff_dim, kernel_size: write them out (configs/common.py)")
+  unknown = set(options) - (set(TemporalModel.__dataclass_fields__) - {"out_dim"}) - {"mlp_hidden"}
+  if unknown:
+    raise ValueError(f"config.model: unknown fields {sorted(unknown)}")
+  options["modalities"] = modalities(options.get("modalities", ("visual",)))
+  if "dtype" in options:
+    options["dtype"] = jnp.dtype(options["dtype"])
+  hidden = options.pop("mlp_hidden", 512)
+  if kind == "frame_mlp":
+    return FrameMLP(out_dim, hidden=hidden, **{k: v for k, v in options.items()
+                                               if k in _FRAME_MLP_OPTIONS})
+  return make_temporal_model(out_dim, **options)
+
+
+_FRAME_MLP_OPTIONS = ("dropout", "modalities", "dtype", "param_dtype", "kernels")
+
+
+def modalities(value) -> tuple[str, ...]:
+  """Modality names as a tuple: from a sequence, or one comma-separated string."""
+  return tuple(x for item in ([value] if isinstance(value, str) else value)
+               for x in item.split(",") if x)
+
+
+def make_temporal_model(out_dim: int, **options) -> TemporalModel:
+  """`TemporalModel(out_dim, **options)` with unknown options refused and sequences made
+  tuples (a config's lists hash)."""
+  unknown = set(options) - set(TemporalModel.__dataclass_fields__)
   if unknown:
     raise ValueError(f"Unknown TemporalModel options {sorted(unknown)}")
-  config["modalities"] = tuple(config["modalities"])
-  config["tcn_channels"] = tuple(config["tcn_channels"])
-  return TemporalModel(out_dim=out_dim, **config)
+  for key in ("modalities", "tcn_channels"):
+    if key in options:
+      options[key] = tuple(options[key])
+  return TemporalModel(out_dim=out_dim, **options)
 
 
 def example_inputs(input_dims: Mapping[str, int], batch: int = 1, length: int = 8):

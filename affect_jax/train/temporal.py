@@ -33,8 +33,7 @@ MAIN_METRIC = metrics.MAIN_METRIC
 def modalities(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """config.model.modalities as a tuple of names; on the command line
   `--config.model.modalities=visual,audio` arrives as the one name 'visual,audio'."""
-  m = config.model.modalities
-  return tuple(x for item in ([m] if isinstance(m, str) else m) for x in item.split(",") if x)
+  return temporal.modalities(config.model.modalities)
 
 
 def open_stores(config: ml_collections.ConfigDict) -> dict[str, features.FeatureStore]:
@@ -81,19 +80,9 @@ def split_videos(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
 
 
 def create_model(config: ml_collections.ConfigDict):
-  m = config.model
-  out = tasks.get(config.task).out_dim
-  dtype, kernels = jnp.dtype(m.dtype), m.get("kernels", "auto")
-  if m.kind == "frame_mlp":
-    return temporal.FrameMLP(out, hidden=m.mlp_hidden, dropout=m.dropout,
-                             modalities=modalities(config), dtype=dtype, kernels=kernels)
-  if m.kind != "temporal":
-    raise ValueError(f"config.model.kind: unknown {m.kind!r} (temporal | frame_mlp)")
-  return temporal.make_temporal_model(
-      m.preset, out, modalities=modalities(config),
-      use_tcn=m.use_tcn, use_transformer=m.use_transformer, tcn_padding=m.tcn_padding,
-      norm_first=m.norm_first, positional=m.positional, activation=m.activation,
-      va_tanh=m.va_tanh, dropout=m.dropout, dtype=dtype, kernels=kernels)
+  """The model `config.model` describes (`models.temporal.from_config`), with the task's
+  output width."""
+  return temporal.from_config(config.model, tasks.get(config.task).out_dim)
 
 
 def task_loss(task: str, out, label, mask, class_weights=None, pos_weight=None):
@@ -376,8 +365,8 @@ def import_weights(config: ml_collections.ConfigDict, variables: Mapping[str, An
   if fw != fg:
     diff = sorted(k for k in set(fw) | set(fg) if fw.get(k) != fg.get(k))
     raise ValueError(
-        f"{source}: the weights do not fit config.model (preset {config.model.preset!r}, "
-        f"{len(diff)} names or shapes differ, e.g. "
+        f"{source}: the weights do not fit config.model (tcn_channels "
+        f"{tuple(config.model.tcn_channels)}, d_model {config.model.d_model}, {len(diff)} names or shapes differ, e.g. "
         + ", ".join(f"{k}: weights {fg.get(k)}, model {fw.get(k)}" for k in diff[:3]) + ")")
   arrays = {k: jax.tree.map(np.asarray, v) for k, v in variables.items()}
   with checkpoint.make_manager(fileio.path(workdir) / checkpoint.CHECKPOINTS_DIR, save_every=1) as m:

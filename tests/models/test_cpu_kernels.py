@@ -421,7 +421,7 @@ def _models():
       ("tcn", lambda k, dt: tcn.TemporalConvNet((8, 6), 5, dtype=dt, kernels=k),
        (feats["visual"], mask), {}),
       ("temporal", lambda k, dt: temporal.make_temporal_model(
-          "tiny", 2, modalities=("visual", "audio"), dtype=dt, kernels=k),
+          2, tcn_channels=(32, 16), d_model=32, num_layers=2, num_heads=2, ff_dim=64, modalities=("visual", "audio"), dtype=dt, kernels=k),
        (feats, mask), {}),
   ]
 

@@ -9,12 +9,19 @@ import pytest
 
 from affect_jax import sharding
 from affect_jax.models import temporal
+from configs import common
 
 D_IN, T = 6, 12
 
 # A small model in the torch reference's layout: TCN (8, 4) k5, width 8, 2 heads, 2 layers.
 SMALL = dict(tcn_channels=(8, 4), kernel_size=5, d_model=8, num_layers=2, num_heads=2,
              ff_dim=16)
+# The widths of configs/common.py's tiny preset.
+TINY = dict(tcn_channels=(32, 16), d_model=32, num_layers=2, num_heads=2, ff_dim=64)
+
+
+def tiny(out_dim, **overrides):
+  return temporal.make_temporal_model(out_dim, **{**TINY, **overrides})
 
 
 # ---- numpy port of the PyTorch reference, written against torch's parameter layout ----
@@ -199,7 +206,7 @@ def test_params_from_torch_state_dict_gives_the_reference_function():
   s = _torch_like_state_dict(rng, D_IN, SMALL["tcn_channels"], 5, SMALL["d_model"],
                              SMALL["num_layers"], SMALL["ff_dim"], 3)
   variables = temporal.params_from_torch_state_dict(s, num_heads=SMALL["num_heads"])
-  model = temporal.make_temporal_model("tiny", 3, **SMALL)
+  model = temporal.make_temporal_model(3, **SMALL)
   init = jax.eval_shape(model.init, jax.random.key(0), *temporal.example_inputs({"visual": D_IN}))
   assert _shapes(variables) == _shapes(init)
 
@@ -217,8 +224,9 @@ def test_params_from_torch_state_dict_gives_the_reference_function():
   np.testing.assert_allclose(y[1, :8], ref[1, :8], rtol=1e-4, atol=1e-4)
 
 
-def test_paper_preset_has_the_reference_parameter_count():
-  model = temporal.make_temporal_model("paper", 2)
+def test_the_paper_config_is_the_released_model_with_its_parameter_count():
+  model = temporal.from_config(common.get_temporal_config("VA", "paper").model, 2)
+  assert model == temporal.TemporalModel(2)  # the module's defaults are the released model
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), *temporal.example_inputs({"visual": 768})))
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(variables["params"])))
@@ -235,7 +243,7 @@ LEAK_CASES = [dict(), dict(tcn_padding="same", positional="sincos", norm_first=T
 @pytest.mark.parametrize("overrides", LEAK_CASES)
 def test_padded_frames_do_not_leak_in_eval_or_training(overrides):
   dims = {"visual": D_IN, "audio": 3}
-  model = temporal.make_temporal_model("tiny", 2, dropout=0.1, **overrides)
+  model = tiny(2, dropout=0.1, **overrides)
   rng = np.random.default_rng(2)
   inputs = {m: rng.normal(size=(3, T, d)).astype(np.float32) for m, d in dims.items()}
   mask = np.ones((3, T), np.float32)
@@ -290,7 +298,7 @@ def test_no_positional_encoding_means_order_free_without_the_tcn():
   x = rng.normal(size=(1, T, D_IN)).astype(np.float32)
   perm = rng.permutation(T)
   for positional, equivariant in (("none", True), ("sincos", False)):
-    model = temporal.make_temporal_model("tiny", 2, use_tcn=False, positional=positional)
+    model = tiny(2, use_tcn=False, positional=positional)
     variables = _init(model, {"visual": x})
     apply = jax.jit(lambda x: model.apply(variables, {"visual": x}))
     y, y_perm = np.asarray(apply(x)), np.asarray(apply(x[:, perm]))
@@ -304,7 +312,7 @@ def test_ablation_switches_fusion_and_va_tanh():
             for m, x in inputs.items()}
 
   def params(**overrides):
-    model = temporal.make_temporal_model("tiny", 2, **overrides)
+    model = tiny(2, **overrides)
     return model, nn.unbox(jax.eval_shape(model.init, jax.random.key(0), inputs, mask))[
         "params"]
 
@@ -315,7 +323,7 @@ def test_ablation_switches_fusion_and_va_tanh():
   assert not any(k.startswith("tcn_") for k in p) and p["proj"]["kernel"].shape == (D_IN, 32)
   _, p = params(use_transformer=False)
   assert "encoder" not in p and "tcn_visual" in p
-  plain, squashed = (temporal.make_temporal_model("tiny", 2, va_tanh=t)
+  plain, squashed = (tiny(2, va_tanh=t)
                      for t in (False, True))
   variables = _init(plain, inputs, mask)
   y_plain = jax.jit(plain.apply)(variables, inputs, mask)
@@ -324,29 +332,46 @@ def test_ablation_switches_fusion_and_va_tanh():
   np.testing.assert_allclose(y, np.tanh(y_plain), rtol=1e-5, atol=1e-6)
 
 
+def test_from_config_decodes_every_field_and_refuses_unknown_ones():
+  model = common.get_temporal_config("AU", "tiny").model.to_dict()
+  got = temporal.from_config(model, 12)
+  assert (got.tcn_channels, got.d_model, got.num_layers, got.num_heads, got.ff_dim) == (
+      (32, 16), 32, 2, 2, 64)
+  model.update(modalities="visual,audio", dtype="bfloat16", dropout=0.25)
+  got = temporal.from_config(model, 12)
+  assert got.modalities == ("visual", "audio") and got.dtype == jnp.bfloat16 and got.dropout == 0.25
+  model["kind"] = "frame_mlp"
+  assert temporal.from_config(model, 8) == temporal.FrameMLP(
+      8, hidden=64, dropout=0.25, modalities=("visual", "audio"), dtype=jnp.bfloat16)
+  for bad, match in ((dict(kind="lstm"), "kind: unknown 'lstm'"),
+                     (dict(d_modle=8), r"unknown fields \['d_modle'\]"),
+                     (dict(out_dim=3), r"unknown fields \['out_dim'\]"),
+                     (dict(preset="tiny"), "older affect-jax")):
+    with pytest.raises(ValueError, match=match):
+      temporal.from_config({**common.get_temporal_config("AU", "tiny").model, **bad}, 12)
+
+
 def test_make_temporal_model_validates_its_arguments():
-  with pytest.raises(ValueError, match="preset"):
-    temporal.make_temporal_model("huge", 2)
   with pytest.raises(ValueError, match="options"):
-    temporal.make_temporal_model("tiny", 2, layers=3)
-  two = temporal.make_temporal_model("tiny", 2, modalities=("visual", "audio"))
+    tiny(2, layers=3)
+  two = tiny(2, modalities=("visual", "audio"))
   frame = temporal.FrameMLP(2, modalities=("visual", "audio"))
   for model in (two, frame):
     with pytest.raises(ValueError, match=r"\['audio'\] are missing from its inputs"):
       jax.eval_shape(model.init, jax.random.key(0), *temporal.example_inputs({"visual": 4}))
   for option, value in (("activation", "swish"), ("positional", "learned"),
                         ("tcn_padding", "valid")):
-    model = temporal.make_temporal_model("tiny", 2, **{option: value})
+    model = tiny(2, **{option: value})
     with pytest.raises(ValueError, match=option.split("_")[-1]):
       jax.eval_shape(model.init, jax.random.key(0), *temporal.example_inputs({"visual": 4}))
-  paper = temporal.PRESETS["paper"]
-  assert (paper["tcn_channels"], paper["d_model"], paper["num_layers"], paper["num_heads"],
-          paper["ff_dim"], paper["tcn_padding"]) == ((768, 256, 128), 512, 8, 4, 512, "causal")
+  paper = temporal.TemporalModel(2)
+  assert (paper.tcn_channels, paper.d_model, paper.num_layers, paper.num_heads, paper.ff_dim,
+          paper.tcn_padding) == ((768, 256, 128), 512, 8, 4, 512, "causal")
 
 
 def test_logical_axis_names_map_onto_the_mesh():
   dims = {"visual": D_IN}
-  model = temporal.make_temporal_model("tiny", 12)
+  model = tiny(12)
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                *temporal.example_inputs(dims, batch=8)))
   specs = jax.tree.map(lambda s: tuple(s.spec), sharding.logical_shardings(
@@ -361,7 +386,7 @@ def test_logical_axis_names_map_onto_the_mesh():
 
 
 def test_training_gradients_are_finite_and_reach_the_tcn():
-  model = temporal.make_temporal_model("tiny", 12, num_layers=1)
+  model = tiny(12, num_layers=1)
   inputs = {"visual": jnp.asarray(np.random.default_rng(9).normal(size=(3, T, D_IN)),
                                   jnp.float32)}
   mask = jnp.ones((3, T)).at[2, 5:].set(0)
@@ -401,9 +426,9 @@ def test_bf16_compute_stays_close_and_returns_float32():
   inputs, mask = temporal.example_inputs(dims, batch=2, length=T)
   inputs = {"visual": jnp.asarray(np.random.default_rng(8).normal(size=(2, T, D_IN)),
                                   jnp.float32)}
-  f32 = temporal.make_temporal_model("tiny", 2)
+  f32 = tiny(2)
   variables = _init(f32, inputs, mask)
-  bf16 = temporal.make_temporal_model("tiny", 2, dtype=jnp.bfloat16)
+  bf16 = tiny(2, dtype=jnp.bfloat16)
   y32 = jax.jit(f32.apply)(variables, inputs, mask)
   y16 = jax.jit(bf16.apply)(variables, inputs, mask)
   assert y16.dtype == jnp.float32

@@ -288,7 +288,8 @@ def test_the_authors_temporal_checkpoint_converts_to_a_run_that_predicts(synthet
                  check=True, cwd=repo, env={**__import__("os").environ, "PYTHONPATH": str(repo)},
                  capture_output=True)
   config, fn, thresholds = predict.load(str(tmp_path / "run"))
-  assert config.task == "EXPR" and config.model.preset == "paper" and thresholds is None
+  assert config.task == "EXPR" and thresholds is None
+  assert (tuple(config.model.tcn_channels), config.model.d_model) == ((768, 256, 128), 512)
   video = store.videos()[0]
   x = np.asarray(store.read(video), np.float32)
   assert len(x) <= config.data.segment_len  # one window: the reference sees the same frames
@@ -306,8 +307,8 @@ def test_temporal_weights_that_do_not_fit_the_preset_are_refused(tmp_path):
   s = _torch_like_state_dict(np.random.default_rng(5), 16, SMALL["tcn_channels"], 5,
                              SMALL["d_model"], SMALL["num_layers"], SMALL["ff_dim"], 2)
   variables = temporal_model.params_from_torch_state_dict(s, num_heads=SMALL["num_heads"])
-  with pytest.raises(ValueError, match=r"small.pt: the weights do not fit config.model \(preset "
-                     r"'paper', \d+ names or shapes differ"):
+  with pytest.raises(ValueError, match=r"small.pt: the weights do not fit config.model \(tcn_channels "
+                     r"\(768, 256, 128\), d_model 512, \d+ names or shapes differ"):
     temporal.import_weights(common.get_temporal_config("VA", "paper"), variables,
                             str(tmp_path / "run"), "small.pt")
   assert not (tmp_path / "run").exists()

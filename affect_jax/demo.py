@@ -6,8 +6,11 @@
   TCN+Transformer visual, TCN+Transformer visual+audio, and on the random-init features) ->
   scores beside the oracle -> results.md / results.json / report/*.png
 
+The experiment is a config (configs/demo.py: the data, the MAE recipe, every stage's config,
+the temporal variants, the paired comparisons); `run` adds the paths under `out_dir`.
+
 MAE self-pretraining is the expensive, reusable step, as in the paper (hundreds of thousands
-of faces, 500 epochs): a preset starts from the MAE weights its recipe (`MAE_RECIPES`) made,
+of faces, 500 epochs): a preset starts from the MAE weights its recipe (`config.mae`) made,
 shipped in `affect_jax/weights/` as a timm-layout safetensors file with its manifest, and
 loaded through the same converter as public MAE checkpoints. `mae="scratch"` re-makes them:
 the face corpus, the pretraining run and the export, as stages of their own.
@@ -44,72 +47,26 @@ from affect_jax.data.synthetic.writer import MANIFEST, ORACLE
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
 
-PRESETS = {
-    # A handful of tiny videos: the CI end-to-end test.
-    "micro": dict(
-        data=synthetic.SyntheticConfig(num_videos=8, min_frames=60, max_frames=90, image_size=32, seed=5),
-        image_size=32, ft_steps=6, segment_len=32, stride=24, temporal_steps=12,
-        batch=16, fresh_videos=4),
-    # The 2-core CPU demo. Many short videos rather than a few long ones: the fine-tuned
-    # encoder has to read expressions across people, and with few identities it learns the
-    # training faces instead (36 training videos: 0.81 train vs 0.17 validation accuracy).
-    # Fine-tuning gains with updates more than with images: validation macro-F1 (MAE init)
-    # 0.18 after 150 steps of 64, 0.30 after 1000 of 32, 0.37 after 1500 of 32 (and the full
-    # model's Expr F1 +0.08 over 1000 steps, paired on validation videos).
-    "default": dict(
-        data=synthetic.SyntheticConfig(num_videos=240, min_frames=60, max_frames=120, image_size=64),
-        image_size=48, ft_steps=1500, segment_len=64, stride=48, temporal_steps=300,
-        batch=32, fresh_videos=48),
-    # The paper's sizes (ViT-B/16 at 224, 300/200 segments) for a machine that can take it.
-    "full": dict(
-        data=synthetic.SyntheticConfig(num_videos=60, min_frames=600, max_frames=3000, image_size=224),
-        image_size=224, ft_steps=3000, segment_len=300, stride=200,
-        temporal_steps=0, batch=256, fresh_videos=20),
-}
-FRESH_SEED_OFFSET = 1000  # the fresh draw's generator seed, past the dataset's
+def fresh_draw(config: ml_collections.ConfigDict) -> synthetic.SyntheticConfig:
+  """Another draw from the dataset's generator, every video a test video: a new seed (other
+  people, other affect), scored by the final table only, after every decision was taken on
+  the dataset's validation split."""
+  data = synthetic.SyntheticConfig(**config.data)
+  return dataclasses.replace(data, seed=data.seed + config.fresh_seed_offset,
+                             num_videos=config.fresh_videos, train_fraction=0.0,
+                             validation_fraction=0.0)
 
 
-def fresh_draw(data: synthetic.SyntheticConfig, num_videos: int) -> synthetic.SyntheticConfig:
-  """Another draw from the same generator, every video a test video: a new seed (other people,
-  other affect), scored by the final table only, after every decision was taken on the
-  dataset's validation split."""
-  return dataclasses.replace(data, seed=data.seed + FRESH_SEED_OFFSET, num_videos=num_videos,
-                             train_fraction=0.0, validation_fraction=0.0)
-
-# MAE self-pretraining per preset: the face corpus (never the videos' people), steps and
-# batch at the preset's image size, the held-out corpus the weights are scored on, and the
-# name of the shipped weights this recipe made (None: always pretrained here).
-MAE_RECIPES = {
-    "micro": dict(corpus=corpus_lib.FaceCorpusConfig(num_identities=48, image_size=32, seed=1),
-                  steps=6, batch=16, shipped=None),
-    "default": dict(corpus=corpus_lib.FaceCorpusConfig(num_identities=20000, image_size=64, seed=1),
-                    steps=6000, batch=128, shipped="mae_tiny_synthetic_faces"),
-    "full": dict(corpus=corpus_lib.FaceCorpusConfig(num_identities=300000, image_size=224, seed=1),
-                 steps=200000, batch=1024, shipped=None),
-}
-HELDOUT_IDENTITIES = 256  # one image each, another seed: the reconstruction score's faces
+def face_corpus(config: ml_collections.ConfigDict) -> corpus_lib.FaceCorpusConfig:
+  """The MAE recipe's face corpus (config.mae.corpus)."""
+  return corpus_lib.FaceCorpusConfig(**config.mae.corpus)
 
 
-def heldout_corpus(recipe: dict) -> corpus_lib.FaceCorpusConfig:
-  c = recipe["corpus"]
-  return dataclasses.replace(c, num_identities=HELDOUT_IDENTITIES, min_images=1, max_images=1,
-                             seed=c.seed + 1000)
-
-
-VARIANTS = (  # (name, row label, encoder, model overrides)
-    ("frame_mlp", "frame-wise baseline (MLP, visual)", "mae", {"kind": "frame_mlp"}),
-    ("tcn_v", "TCN only, visual", "mae", {"use_transformer": False}),
-    ("tcn_tf_v", "TCN+Transformer, visual", "mae", {}),
-    ("tcn_tf_va", "TCN+Transformer, visual+audio", "mae", {"modalities": ("visual", "audio")}),
-    ("tcn_tf_v_random", "TCN+Transformer, visual, random-init backbone", "random", {}),
-)
-
-
-# Paired comparisons, first minus second on the same videos: the full model against the
-# pixel probe ("pixels"), then the paper's claims (its ablations): the MAE-pretrained backbone
-# over random init, TCN+Transformer over the TCN alone over the frame-wise model, and audio.
-PAIRS = (("tcn_tf_va", "pixels"), ("tcn_tf_v", "tcn_tf_v_random"), ("tcn_tf_v", "tcn_v"),
-         ("tcn_v", "frame_mlp"), ("tcn_tf_va", "tcn_tf_v"))
+def heldout_corpus(config: ml_collections.ConfigDict) -> corpus_lib.FaceCorpusConfig:
+  """The faces MAE weights are scored on: other people (another seed), one image each."""
+  c = face_corpus(config)
+  return dataclasses.replace(c, num_identities=config.mae.heldout_identities, min_images=1,
+                             max_images=1, seed=c.seed + 1000)
 
 
 class Stages:
@@ -203,36 +160,17 @@ def check_data(root: str) -> dict:
   return summary
 
 
-def _configs(p: dict, root: str, out_dir: str,
-             recipe: dict | None = None) -> dict[str, ml_collections.ConfigDict]:
-  from configs import common, expr_finetune, extract, mae_pretrain
-  tiny = p["image_size"] < 224
-  recipe = recipe or MAE_RECIPES["full" if not tiny else "default"]
-  mae = mae_pretrain.get_config("tiny" if tiny else "base")
-  mae.data.roots = os.path.join(out_dir, "faces")
-  mae.data.image_size, mae.batch_size = p["image_size"], recipe["batch"]
-  mae.data.index_cache = os.path.join(out_dir, "cache", "face_index")
-  mae.num_steps = recipe["steps"]
-  mae.recon_every, mae.log_every = max(mae.num_steps // 2, 1), max(mae.num_steps // 20, 1)
-  mae.checkpoint_every = max(mae.num_steps // 10, 1)
-  ft = expr_finetune.get_config("tiny" if tiny else "base")
-  ft.data.root, ft.data.image_size, ft.batch_size = root, p["image_size"], p["batch"]
-  ft.num_steps, ft.log_every = p["ft_steps"], max(p["ft_steps"] // 10, 1)
-  ft.eval_every_epochs = 100.0  # evaluate once, at the end (the run is shorter than an epoch)
-  # The MAE weights enter as users' public ones do: converted from the timm layout.
-  ft.init.kind, ft.init.params_path = "converted", os.path.join(out_dir, "mae_params")
-  ext = extract.get_config()
-  ext.data.root = root
-  configs = {"mae": mae, "ft": ft, "extract": ext}
-  for task in affwild2.TASKS:
-    t = common.get_temporal_config(task, "tiny" if tiny else "paper")
-    t.data.root = root
-    t.data.segment_len, t.data.stride, t.data.predict_stride = p["segment_len"], p["stride"], p["stride"]
-    if p["temporal_steps"]:
-      t.num_steps = p["temporal_steps"]
-    t.log_every = max(t.num_steps // 10, 1) if t.num_steps > 0 else 50
-    configs[task] = t
-  return configs
+def stage_configs(config: ml_collections.ConfigDict, root: str,
+                  out_dir: str) -> dict[str, ml_collections.ConfigDict]:
+  """config.stages with their paths: the dataset at `root`, the rest under `out_dir`."""
+  cfg = {name: ml_collections.ConfigDict(c.to_dict()) for name, c in config.stages.items()}
+  cfg["mae"].data.roots = os.path.join(out_dir, "faces")
+  cfg["mae"].data.index_cache = os.path.join(out_dir, "cache", "face_index")
+  cfg["finetune"].data.root = root
+  cfg["finetune"].init.params_path = os.path.join(out_dir, "mae_params")
+  for name in ("extract", *affwild2.TASKS):
+    cfg[name].data.root = root
+  return cfg
 
 
 def _machine() -> str:
@@ -317,39 +255,40 @@ def score_mae_weights(weights: str, config: ml_collections.ConfigDict, heldout_r
   return loss
 
 
-def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = print,
+def run(out_dir: str, config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
         mae: str = "auto") -> dict:
-  """The whole pipeline under `out_dir`. `mae`: 'shipped' (the preset's MAE weights from
-  affect_jax/weights), 'scratch' (self-pretrain them here: face corpus, pretraining, export),
-  'auto' (shipped where the preset has them)."""
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+  """The whole pipeline of `config` (configs/demo.py) under `out_dir`. `mae`: 'shipped' (the
+  recipe's MAE weights from affect_jax/weights), 'scratch' (self-pretrain them here: face
+  corpus, pretraining, export), 'auto' (shipped where the recipe has them)."""
   if mae not in ("auto", "shipped", "scratch"):
     raise ValueError(f"mae must be 'auto', 'shipped' or 'scratch', got {mae!r}")
   from affect_jax import pixel_baseline, predict, report
   from affect_jax.models import convert
   from affect_jax.train import extract, finetune, pretrain, temporal
-  p, recipe = PRESETS[preset], MAE_RECIPES[preset]
+  preset, shipped = config.preset, config.mae.shipped
   if mae == "auto":
-    mae = "shipped" if recipe["shipped"] else "scratch"
-  if mae == "shipped" and not recipe["shipped"]:
+    mae = "shipped" if shipped else "scratch"
+  if mae == "shipped" and not shipped:
     raise ValueError(f"preset {preset!r} has no shipped MAE weights: use mae='scratch'")
   out_dir = os.path.abspath(out_dir)
   root = os.path.join(out_dir, "data")
-  cfg = _configs(p, root, out_dir, recipe)
+  cfg = stage_configs(config, root, out_dir)
+  data_config = synthetic.SyntheticConfig(**config.data)
+  variants, pairs_wanted = tuple(config.variants), tuple(config.pairs)
+  segment_len, stride = cfg["VA"].data.segment_len, cfg["VA"].data.stride
   num_mae_stages = 5 if mae == "scratch" else 3
-  step = Stages(out_dir, 2 + 1 + num_mae_stages + 2 + 4 + len(VARIANTS) * len(affwild2.TASKS) + 4,
+  step = Stages(out_dir, 2 + 1 + num_mae_stages + 2 + 4 + len(variants) * len(affwild2.TASKS) + 4,
                 log)
 
   def data_stage():
-    make_data(root, p["data"])
+    make_data(root, data_config)
     return {"summary": check_data(root)}
 
-  data = step("data", dataclasses.asdict(p["data"]), data_stage, after=())
+  data = step("data", dataclasses.asdict(data_config), data_stage, after=())
   step.made_from["data"] = data_fingerprint(root)  # the files as they are now, edits included
   # The fresh draw: new people and affect from the same generator, for the final table only.
   fresh_root = os.path.join(out_dir, "fresh", "data")
-  fresh_config = fresh_draw(p["data"], p["fresh_videos"])
+  fresh_config = fresh_draw(config)
 
   def fresh_stage():
     make_data(fresh_root, fresh_config)
@@ -368,22 +307,22 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
   # chosen on validation, then scored on test and the fresh draw) tells what the learned
   # features must beat; its per-video predictions go to the paired comparisons.
   pixel_dir = os.path.join(out_dir, "pixel_baseline")
-  pixels = step("pixel_baseline", {"size": 12, "v": 3}, lambda: pixel_baseline.evaluate(
-      root, affwild2.VALIDATION_SET, size=12, report_split=affwild2.TEST_SET,
+  pixels = step("pixel_baseline", {"size": config.pixel_size, "v": 3}, lambda: pixel_baseline.evaluate(
+      root, affwild2.VALIDATION_SET, size=config.pixel_size, report_split=affwild2.TEST_SET,
       bootstrap_samples=cfg["VA"].bootstrap_samples,
       others={FRESH: (fresh_root, affwild2.TEST_SET)}, predictions_dir=pixel_dir),
       after=("data", "fresh_data"))
 
   # MAE weights: made here (corpus -> pretraining -> export) or the shipped file; either way
   # scored on held-out faces and converted like a public checkpoint.
-  name = recipe["shipped"] or f"mae_{preset}"
+  name = shipped or f"mae_{preset}"
   heldout = os.path.join(out_dir, "faces_heldout")
-  step("mae_heldout_faces", dataclasses.asdict(heldout_corpus(recipe)), lambda: {
-      "images": corpus_lib.generate_corpus(heldout, heldout_corpus(recipe))["images"]}, after=())
+  step("mae_heldout_faces", dataclasses.asdict(heldout_corpus(config)), lambda: {
+      "images": corpus_lib.generate_corpus(heldout, heldout_corpus(config))["images"]}, after=())
   if mae == "scratch":
     faces_dir = os.path.join(out_dir, "faces")
-    step("mae_face_corpus", dataclasses.asdict(recipe["corpus"]), lambda: {
-        k: v for k, v in corpus_lib.generate_corpus(faces_dir, recipe["corpus"]).items()
+    step("mae_face_corpus", dataclasses.asdict(face_corpus(config)), lambda: {
+        k: v for k, v in corpus_lib.generate_corpus(faces_dir, face_corpus(config)).items()
         if k != "config"}, after=())
 
     def pretrain_stage():
@@ -397,17 +336,17 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
 
     def export_stage():
       # The run's settings as the command would make them (its folders under <out_dir>).
-      config = json.loads(json.dumps(cfg["mae"].to_dict()).replace(out_dir, "<out_dir>"))
+      mae_config = json.loads(json.dumps(cfg["mae"].to_dict()).replace(out_dir, "<out_dir>"))
       return export_mae_weights(
           cfg["mae"], os.path.join(out_dir, "mae"),
           os.path.join(out_dir, "mae_weights", f"{name}.safetensors"), heldout, {
               "name": name, "command": f"python launch/demo.py --preset={preset} --mae=scratch",
               "model": f"MaskedAutoencoder {cfg['mae'].model.variant}",
               "image_size": cfg["mae"].data.image_size, "seed": cfg["mae"].seed,
-              "config": config, "corpus": dataclasses.asdict(recipe["corpus"]),
+              "config": mae_config, "corpus": dataclasses.asdict(face_corpus(config)),
               "corpus_images": pretrained["images"],
               "generator_version": corpus_lib.GENERATOR_VERSION,
-              "heldout_corpus": dataclasses.asdict(heldout_corpus(recipe)),
+              "heldout_corpus": dataclasses.asdict(heldout_corpus(config)),
               "wall_s": round(pretrained["wall_s"], 1),
               "machine": _machine(),
               "cpus": os.cpu_count(), "final_losses": pretrained["losses"][-5:]})
@@ -433,17 +372,17 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
     if abs(score - weights["heldout_loss"]) > 1e-3 * max(1.0, abs(weights["heldout_loss"])):
       raise RuntimeError(f"{weights_path}: held-out reconstruction loss {score:.5f}, its "
                          f"manifest says {weights['heldout_loss']:.5f}: not the weights it describes")
-    shutil.rmtree(cfg["ft"].init.params_path, ignore_errors=True)  # an interrupted earlier try
+    shutil.rmtree(cfg["finetune"].init.params_path, ignore_errors=True)  # an interrupted earlier try
     convert.save_params(convert.convert_checkpoint(weights_path, "mae", cfg["mae"].model.variant),
-                        cfg["ft"].init.params_path)
+                        cfg["finetune"].init.params_path)
     return {"heldout_loss": score}
 
-  step("mae_params", {"weights": weights["sha256"]}, params_stage, cfg["ft"].init.params_path,
+  step("mae_params", {"weights": weights["sha256"]}, params_stage, cfg["finetune"].init.params_path,
        after=("data", "mae_weights", "mae_heldout_faces"))
 
   ft_scores = {}
   for init in ("mae", "random"):
-    c = ml_collections.ConfigDict(cfg["ft"].to_dict())
+    c = ml_collections.ConfigDict(cfg["finetune"].to_dict())
     if init == "random":
       c.init.kind = "random"
     res = step(f"finetune_{init}_init", c.to_dict(), lambda c=c, init=init: {
@@ -470,11 +409,11 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
   # The trained models read the fresh draw through its own feature stores.
   fresh_data = {init: {"root": fresh_root, "visual_features": fresh_feats[init]["visual"],
                        "audio_features": fresh_feats["mae"]["audio"]} for init in fresh_feats}
-  encoder_of = {name: encoder for name, _, encoder, _ in VARIANTS}
+  encoder_of = {name: encoder for name, _, encoder, _ in variants}
 
   results: dict = {}
   for task in affwild2.TASKS:
-    for name, label, encoder, overrides in VARIANTS:
+    for name, label, encoder, overrides in variants:
       c = ml_collections.ConfigDict(cfg[task].to_dict())
       c.data.visual_features, c.data.audio_features = feats[encoder]["visual"], feats[encoder]["audio"]
       for k, v in overrides.items():
@@ -487,7 +426,7 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
 
   # The authors predict with disjoint windows (stride = segment length); ours overlaps them
   # at the training stride and averages. Same trained models, both ways.
-  compare = [p["stride"], p["segment_len"]]
+  compare = [stride, segment_len]
   strides = step("prediction_strides", {
       "strides": compare, "runs": {t: results[t]["tcn_tf_va"].get("best_step") for t in results}},
       lambda: {t: predict.compare_strides(results[t]["tcn_tf_va"]["workdir"], compare)
@@ -510,7 +449,7 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
     out = {}
     for t in results:
       got = {}  # model -> {split key: ({video: decided}, {video: labels})}
-      for n in sorted({n for pair in PAIRS for n in pair} - {"pixels"}):
+      for n in sorted({n for pair in pairs_wanted for n in pair} - {"pixels"}):
         got[n] = predict.decided(results[t][n]["workdir"])
         got[n][FRESH] = predict.decided(results[t][n]["workdir"], (affwild2.TEST_SET,),
                                         data=fresh_data[encoder_of[n]])[affwild2.TEST_SET]
@@ -519,25 +458,52 @@ def run(out_dir: str, preset: str = "default", log: Callable[[str], None] = prin
         with np.load(os.path.join(pixel_dir, f"{t}_{key}.npz")) as z:
           got["pixels"][key] = ({v: z[v] for v in z.files}, None)
       out[t] = {}
-      for a, b in PAIRS:
+      for a, b in pairs_wanted:
         out[t][f"{a}-{b}"] = {key: predict.paired_difference(
             t, got[a][key][0], got[b][key][0], got[a][key][1], num_samples=samples)
                               for key in scored}
     return out
 
-  pairs = step("paired_differences", {"pairs": PAIRS, "samples": samples}, pairs_stage,
+  pairs = step("paired_differences", {"pairs": pairs_wanted, "samples": samples}, pairs_stage,
                after=("data", "fresh_data", "pixel_baseline", "fresh_features_mae_init",
                       "fresh_features_random_init", *temporal_stages))
 
+  def report_stage():
+    out = report.write(out_dir, results, oracle, ft_scores, data["summary"], strides,
+                       segment_len, pixels, pairs)
+    for task, png in (("VA", "va_prediction.png"), ("AU", "au_raster.png")):  # a video each
+      video = affwild2.list_videos(root, task, affwild2.VALIDATION_SET)[0]
+      predict.plot_run_video(os.path.join(out_dir, "report", png), results[task]["tcn_tf_v"]["workdir"],
+                             affwild2.VALIDATION_SET, video,
+                             f"{task}, validation video {video} (TCN+Transformer, visual)")
+    return out
+
   summary = step("report", {"v": 4, "results": {t: {n: r.get("best_step") for n, r in v.items()}
                                                  for t, v in results.items()}, "strides": strides,
-                           "pixels": pixels, "pairs": pairs},
-                 lambda: report.write(out_dir, results, oracle, ft_scores, data["summary"],
-                                      strides, p["segment_len"], pixels, pairs),
+                           "pixels": pixels, "pairs": pairs}, report_stage,
                  after=tuple(step.made_from))  # the report draws on every stage
   table = summary["table"]
   log("\n" + table)
   log(f"\nresults: {os.path.join(out_dir, 'results.md')}, report: {os.path.join(out_dir, 'report')}"
       f" (total {time.perf_counter() - step.start:.0f} s)")
   return {"data_root": root, "summary": data["summary"], "oracle": oracle, "results": results,
-          "finetune_f1": ft_scores, "table": table}
+          "finetune_f1": ft_scores, "table": table,
+          "results_md": os.path.join(out_dir, "results.md")}
+
+
+README_BEGIN, README_END = "<!-- demo-results:begin -->", "<!-- demo-results:end -->"
+
+
+def update_readme(readme: str, results_md: str) -> None:
+  """Replaces what lies between the README's demo-results markers with the tables of
+  `results_md` (its heading left out), atomically."""
+  with open(readme) as f:
+    text = f.read()
+  if text.count(README_BEGIN) != 1 or text.count(README_END) != 1 or (
+      text.index(README_BEGIN) > text.index(README_END)):
+    raise ValueError(f"{readme}: needs one {README_BEGIN} line followed by one {README_END} line")
+  with open(results_md) as f:
+    tables = f.read().split("\n", 1)[1].strip("\n")  # below the '# ...' heading
+  head, rest = text.split(README_BEGIN)
+  tail = rest.split(README_END)[1]
+  fileio.write_text_atomic(readme, f"{head}{README_BEGIN}\n{tables}\n{README_END}{tail}")

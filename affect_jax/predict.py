@@ -59,6 +59,17 @@ def load(workdir: str, stride: int | None = None, data: Mapping[str, str] | None
   return config, predict, thresholds
 
 
+def plot_run_video(path, workdir: str, split: str, video: str, title: str = "",
+                   stride: int | None = None) -> None:
+  """Plots what the trained run in `workdir` predicts for one video of `split` against its
+  labels (`plot_video`; test labels where the dataset has them)."""
+  config, fn, _ = load(workdir, stride)
+  v = affwild2.load_video(config.data.root, config.task, split, video, True,
+                          affwild2.max_unmatched(config))
+  out = fn({video: v.num_frames})[video]
+  plot_video(path, config.task, out, v.labels, title or f"{config.task} {video}", config.data.fps)
+
+
 def split_frames(root: str, task: str, split: str,
                  max_unmatched: float = affwild2.MAX_UNMATCHED_FRAMES) -> dict[str, int]:
   """{video: num_frames} of a split (test videos: from their images)."""

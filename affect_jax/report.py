@@ -190,8 +190,9 @@ def _loss_curves(out_dir: str, path: str) -> None:
 def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summary: dict,
           strides: dict | None = None, segment_len: int | None = None,
           pixels: dict | None = None, pairs: dict | None = None) -> dict:
-  """results.md, results.json and report/*.png under out_dir; returns {'table': markdown}."""
-  from affect_jax import predict
+  """results.md, results.json, report/loss_curves.png (from the runs' metric logs) and
+  report/mae_reconstruction.png under out_dir, from the result records alone (no model is
+  loaded); returns {'table': markdown}."""
   table = results_table(results, oracle, ABAW6_BASELINE, ft_scores, pixels)
   intervals = interval_table(results, pixels)
   if intervals:
@@ -215,15 +216,4 @@ def write(out_dir: str, results: dict, oracle: dict, ft_scores: dict, data_summa
   if os.path.exists(recon):
     shutil.copyfile(recon, os.path.join(report, "mae_reconstruction.png"))
   _loss_curves(out_dir, os.path.join(report, "loss_curves.png"))
-  for task, name in (("VA", "va_prediction.png"), ("AU", "au_raster.png")):  # one video each
-    run = results.get(task, {}).get("tcn_tf_v")
-    if not run:
-      continue
-    config, fn, thresholds = predict.load(run["workdir"])
-    video = affwild2.list_videos(config.data.root, task, affwild2.VALIDATION_SET)[0]
-    v = affwild2.load_video(config.data.root, task, affwild2.VALIDATION_SET, video,
-                            max_unmatched=affwild2.max_unmatched(config))
-    out = fn({video: v.num_frames})[video]
-    predict.plot_video(os.path.join(report, name), task, out, v.labels,
-                       f"{task}, validation video {video} (TCN+Transformer, visual)", config.data.fps)
   return {"table": table}

@@ -17,7 +17,6 @@ from configs import common
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   preset = arg or "tiny"
   c = ml_collections.ConfigDict()
-  c.preset = preset
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()

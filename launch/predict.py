@@ -22,7 +22,6 @@ def main(argv):
   del argv
   sharding.join()
   from affect_jax import fileio, predict
-  from affect_jax.data import affwild2
   from affect_jax.train import loop
   loop.quiet_library_logs()
   loop.enable_compilation_cache()
@@ -34,14 +33,9 @@ def main(argv):
     print(f"{task}: {path}")
   if _PLOT.value:
     for task, workdir in workdirs.items():
-      config, fn, _ = predict.load(workdir, _STRIDE.value or None)
-      video = affwild2.load_video(config.data.root, task, _SPLIT.value, _PLOT.value,
-                                  True, affwild2.max_unmatched(config))
-      out = fn({video.video: video.num_frames})[video.video]
-      png = fileio.path(_OUT.value) / f"{task}_{video.video}.png"
-      predict.plot_video(png, task, out, video.labels, f"{task} {video.video}", config.data.fps)
+      png = fileio.path(_OUT.value) / f"{task}_{_PLOT.value}.png"
+      predict.plot_run_video(png, workdir, _SPLIT.value, _PLOT.value, stride=_STRIDE.value or None)
       print(f"plot: {png}")
-
 
 if __name__ == "__main__":
   hostenv.configure()

@@ -6,15 +6,17 @@ import pytest
 
 from affect_jax import demo, report
 from affect_jax.data import affwild2
+from configs import demo as demo_config
 
 
 def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path, monkeypatch):
   lines = []
-  first = demo.run(str(tmp_path), "micro", log=lines.append)
+  config = demo_config.get_config("micro")
+  first = demo.run(str(tmp_path), config, log=lines.append)
   stage_lines = [l for l in lines if l.startswith("[")]
   assert len(stage_lines) == 33 and all(" ran " in l for l in stage_lines)
   for task in ("VA", "EXPR", "AU"):
-    assert set(first["results"][task]) == {v[0] for v in demo.VARIANTS}
+    assert set(first["results"][task]) == {v[0] for v in config.variants}
   table = (tmp_path / "results.md").read_text()
   assert "oracle (clean latent vs labels)" in table and "TCN+Transformer, visual+audio" in table
   saved = json.loads((tmp_path / "results.json").read_text())
@@ -23,14 +25,14 @@ def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path, monkeypatch):
   # Every row, the pixel one included, has its video-bootstrap interval on the two splits and
   # the fresh draw.
   intervals = table.split("| 90% interval, videos resampled")[1].split("\n\n")[0].splitlines()[2:]
-  assert len(intervals) == len(demo.VARIANTS) + 1
+  assert len(intervals) == len(config.variants) + 1
   assert all(l.count(" to ") == 9 for l in intervals), intervals
   # Paired differences on every scored set: each side's score is what that model scored alone
   # (the temporal runs, their fresh-draw scores, the pixel probe).
   pixels = saved["pixel_baseline"]
   for task in ("VA", "EXPR", "AU"):
     main = "mean" if task == "VA" else "f1"
-    assert set(saved["paired_differences"][task]) == {f"{a}-{b}" for a, b in demo.PAIRS}
+    assert set(saved["paired_differences"][task]) == {f"{a}-{b}" for a, b in config.pairs}
     for pair, by_key in saved["paired_differences"][task].items():
       a, b = pair.split("-")
       for key, res_key in ((affwild2.VALIDATION_SET, "val"), (affwild2.TEST_SET, "test"),
@@ -42,24 +44,24 @@ def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path, monkeypatch):
   assert f"| TCN+Transformer, visual+audio minus {report.PIXEL_ROW} |" in table
   # The fresh draw: its own videos (another seed, every one a test video), its own oracle.
   fresh = json.loads((tmp_path / "fresh" / "data" / "synthetic_manifest.json").read_text())
-  assert fresh["config"]["seed"] == demo.PRESETS["micro"]["data"].seed + demo.FRESH_SEED_OFFSET
+  assert fresh["config"]["seed"] == config.data.seed + config.fresh_seed_offset == 1005
   assert fresh["totals"]["VA"][affwild2.TRAIN_SET]["videos"] == 0
   assert saved["oracle"]["VA"][demo.FRESH]["mean"] > 0.5
   assert "VA CCC fresh draw" in table
   # Prediction strides: the training stride re-scored through predict.load must give what the
   # training run's own evaluation reported for its best state; the authors' disjoint windows
   # are the second row.
-  p = demo.PRESETS["micro"]
-  assert "disjoint (the authors')" in table and f"stride {p['stride']} of {p['segment_len']}" in table
+  stride, segment_len = config.stages.VA.data.stride, config.stages.VA.data.segment_len
+  assert "disjoint (the authors')" in table and f"stride {stride} of {segment_len}" in table
   for task, main in (("VA", "mean"), ("EXPR", "f1"), ("AU", "f1")):
     by_stride = saved["prediction_strides"][task]
-    assert set(by_stride) == {str(p["stride"]), str(p["segment_len"])}
+    assert set(by_stride) == {str(stride), str(segment_len)}
     own = first["results"][task]["tcn_tf_va"]["val"][main]
-    assert by_stride[str(p["stride"])][affwild2.VALIDATION_SET][main] == pytest.approx(own, abs=1e-6)
+    assert by_stride[str(stride)][affwild2.VALIDATION_SET][main] == pytest.approx(own, abs=1e-6)
   for png in ("mae_reconstruction.png", "loss_curves.png", "va_prediction.png", "au_raster.png"):
     assert (tmp_path / "report" / png).stat().st_size > 2000, png
   lines.clear()
-  second = demo.run(str(tmp_path), "micro", log=lines.append)
+  second = demo.run(str(tmp_path), config, log=lines.append)
   rerun = [l for l in lines if l.startswith("[")]
   # Nothing ran, so there is nothing to estimate the rest from (rather than a false 0 s).
   assert all(" reused " in l and l.endswith("ETA     ? s") for l in rerun), rerun
@@ -74,11 +76,11 @@ def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path, monkeypatch):
   def stop(*args, **kwargs):
     raise Stop
 
-  monkeypatch.setitem(demo.PRESETS["micro"], "ft_steps", demo.PRESETS["micro"]["ft_steps"] + 1)
+  config.stages.finetune.num_steps += 1
   monkeypatch.setattr(temporal, "train_and_evaluate", stop)
   lines.clear()
   with pytest.raises(Stop):
-    demo.run(str(tmp_path), "micro", log=lines.append)
+    demo.run(str(tmp_path), config, log=lines.append)
   ran = {l.split("]")[1].split()[0] for l in lines if " ran " in l}
   assert ran == {"finetune_mae_init", "finetune_random_init", "features_mae_init",
                  "features_random_init", "fresh_features_mae_init",
@@ -87,11 +89,11 @@ def test_demo_micro_end_to_end_then_reuses_every_stage(tmp_path, monkeypatch):
 
 def test_full_preset_configures_the_paper_sizes(tmp_path):
   """--preset=full is for an accelerator host (never run in CI): check what it would run."""
-  p = demo.PRESETS["full"]
-  cfg = demo._configs(p, str(tmp_path / "data"), str(tmp_path))
+  cfg = demo.stage_configs(demo_config.get_config("full"), str(tmp_path / "data"), str(tmp_path))
   assert cfg["mae"].model.variant == "base" and cfg["mae"].data.image_size == 224
-  assert cfg["ft"].model.variant == "base" and cfg["ft"].init.kind == "converted"
-  assert cfg["ft"].init.params_path == str(tmp_path / "mae_params")
+  assert cfg["finetune"].model.variant == "base" and cfg["finetune"].init.kind == "converted"
+  assert cfg["finetune"].init.params_path == str(tmp_path / "mae_params")
+  assert cfg["finetune"].data.root == cfg["extract"].data.root == str(tmp_path / "data")
   assert cfg["mae"].data.roots == str(tmp_path / "faces")
   for task in ("VA", "EXPR", "AU"):
     t = cfg[task]

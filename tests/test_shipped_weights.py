@@ -9,21 +9,23 @@ import pytest
 from affect_jax import demo
 from affect_jax.data.synthetic import corpus
 from affect_jax.models import convert
+from configs import demo as demo_config
 
-SHIPPED = [r["shipped"] for r in demo.MAE_RECIPES.values() if r["shipped"]]
+CONFIGS = {p: demo_config.get_config(p) for p in demo_config.PRESETS}
+SHIPPED = [c.mae.shipped for c in CONFIGS.values() if c.mae.shipped]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_mae_weights_match_their_manifest(name, tmp_path):
   path, manifest = demo.shipped_weights(name)
-  preset = next(k for k, r in demo.MAE_RECIPES.items() if r["shipped"] == name)
-  recipe = demo.MAE_RECIPES[preset]
+  preset = next(p for p, c in CONFIGS.items() if c.mae.shipped == name)
+  demo_cfg = CONFIGS[preset]
   assert os.path.getsize(path) == manifest["bytes"] <= 10 * 2**20
   assert demo._file_sha256(path) == manifest["sha256"]
   # The manifest records how they were made, and it is this version's recipe.
-  config = demo._configs(demo.PRESETS[preset], "", str(tmp_path), recipe)["mae"]
+  config = demo.stage_configs(demo_cfg, "", str(tmp_path))["mae"]
   assert manifest["command"] == f"python launch/demo.py --preset={preset} --mae=scratch"
-  assert manifest["corpus"] == json.loads(json.dumps(demo.dataclasses.asdict(recipe["corpus"])))
+  assert manifest["corpus"] == json.loads(json.dumps(demo_cfg.mae.corpus.to_dict()))
   assert manifest["generator_version"] == corpus.GENERATOR_VERSION
   saved = manifest["config"]
   for key in ("num_steps", "batch_size", "seed", "data.image_size", "data.crop_scale",
@@ -42,7 +44,7 @@ def test_shipped_mae_weights_match_their_manifest(name, tmp_path):
   assert "pos_embed" in state and "decoder_pred.weight" in state
   # Re-scored on the held-out faces (regenerated: same config, same bytes) as when made.
   heldout = tmp_path / "heldout"
-  corpus.generate_corpus(heldout, demo.heldout_corpus(recipe))
+  corpus.generate_corpus(heldout, demo.heldout_corpus(demo_cfg))
   loss = demo.score_mae_weights(path, config, str(heldout))
   assert loss == pytest.approx(manifest["heldout_loss"], rel=1e-3)
   # And the weights learned something: far below the loss of an untrained MAE.

@@ -11,6 +11,11 @@ code compute the same on these devices, and how fast.
    `jax.nn.dot_product_attention` ('xla', and 'cudnn' on GPUs);
 6. a short tiny pretraining run on synthetic faces: the loss must fall.
 Each check reports its figures or its error; the result is one JSON-able dict.
+
+The configs come from the caller (launch/check_accelerator.py builds them from configs/):
+the MAE pretraining config of the step benchmark (4.), and the tiny MAE config
+(`configs/mae_pretrain.py:get_config("tiny")`) of the small checks (2., 6.), which set its
+image size, batch and steps themselves. Neither is changed: the checks work on copies.
 """
 
 from __future__ import annotations
@@ -23,15 +28,17 @@ import traceback
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 
-def _tiny_mae_steps(mesh_shape, devices, steps: int = 2):
-  """(losses, params) of `steps` tiny MAE train steps on `devices` with `mesh_shape`."""
+def _tiny_mae_steps(tiny_config: ml_collections.ConfigDict, mesh_shape, devices,
+                    steps: int = 2):
+  """(losses, params) of `steps` tiny MAE train steps on `devices` with `mesh_shape`, of
+  `tiny_config` (the tiny MAE pretraining config) at 32 px, batch 16."""
   from affect_jax import optim, sharding
   from affect_jax.train import pretrain
-  from configs import mae_pretrain
-  config = mae_pretrain.get_config("tiny")
+  config = tiny_config.copy_and_resolve_references()
   config.data.image_size, config.batch_size = 32, 16
   mesh = sharding.make_mesh(mesh_shape, devices)
   model = pretrain.create_model(config)
@@ -47,18 +54,19 @@ def _tiny_mae_steps(mesh_shape, devices, steps: int = 2):
   return losses, jax.device_get(state.params)
 
 
-def check_sharded_steps() -> dict:
+def check_sharded_steps(tiny_config: ml_collections.ConfigDict) -> dict:
+  """Two tiny MAE steps (of `tiny_config`) sharded over every device against one device."""
   devices = jax.devices()
   n = len(devices)
   out = {"devices": n}
   if 16 % n:
     return {**out, "skipped": f"the tiny batch of 16 does not split over {n} devices"}
-  ref_losses, ref_params = _tiny_mae_steps((1, 1, 1), devices[:1])
+  ref_losses, ref_params = _tiny_mae_steps(tiny_config, (1, 1, 1), devices[:1])
   shapes = {"data_parallel": (n, 1, 1)}
   if n > 1:
     shapes["fsdp"] = (1, n, 1)
   for name, shape in shapes.items():
-    losses, params = _tiny_mae_steps(shape, devices)
+    losses, params = _tiny_mae_steps(tiny_config, shape, devices)
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
     rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
@@ -110,16 +118,16 @@ def bench_attention(batch: int = 256, tokens: int = 197, heads: int = 12, head_d
   return out
 
 
-def tiny_pretraining(steps: int = 50) -> dict:
-  """`steps` tiny MAE steps on synthetic faces (written to a temporary folder)."""
+def tiny_pretraining(tiny_config: ml_collections.ConfigDict, steps: int = 50) -> dict:
+  """`steps` MAE steps of `tiny_config` (the tiny MAE pretraining config) on synthetic faces
+  (written to a temporary folder) at 32 px, a batch of about 16."""
   from affect_jax.data import synthetic
   from affect_jax.train import pretrain
-  from configs import mae_pretrain
   with tempfile.TemporaryDirectory() as tmp:
     root = os.path.join(tmp, "data")
     synthetic.generate(root, synthetic.SyntheticConfig(num_videos=8, min_frames=60, max_frames=90,
                                                        image_size=32, seed=3))
-    config = mae_pretrain.get_config("tiny")
+    config = tiny_config.copy_and_resolve_references()
     config.data.root, config.data.image_size = root, 32
     config.data.index_cache = os.path.join(tmp, "index")
     n = jax.device_count()
@@ -144,9 +152,16 @@ def failures(result: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def run(*, preset: str = "base", batch: int = 0, bench_steps: int = 10,
-        pretrain_steps: int = 50, attention_batch: int = 256, skip=()) -> dict:
-  """All checks (those named in `skip` left out); a failing check records its error."""
+def run(mae_config: ml_collections.ConfigDict, *, tiny_config: ml_collections.ConfigDict,
+        batch: int = 0, bench_steps: int = 10, pretrain_steps: int = 50,
+        attention_batch: int = 256, skip=()) -> dict:
+  """All checks (those named in `skip` left out); a failing check records its error.
+
+  `mae_config`: the MAE pretraining config whose bf16 train step is timed ('mae_step', at
+  `batch`, 0 = 32 per device), e.g. `configs/mae_pretrain.py:get_config("base")`.
+  `tiny_config`: the tiny MAE pretraining config, `configs/mae_pretrain.py:
+  get_config("tiny")`, of 'sharded_steps' and 'tiny_pretraining' (which run it at 32 px).
+  """
   from affect_jax import bench
   from affect_jax.models import layers
   device = jax.devices()[0]
@@ -155,13 +170,13 @@ def run(*, preset: str = "base", batch: int = 0, bench_steps: int = 10,
             "jax": jax.__version__, "kernels_auto": layers.resolve("auto")}
   batch = batch or 32 * jax.device_count()
   checks = {
-      "sharded_steps": check_sharded_steps,
+      "sharded_steps": lambda: check_sharded_steps(tiny_config),
       "kernel_sets": check_kernel_sets,
       "mae_step": lambda: {k: v for k, v in bench.bench_mae(
-          preset, batch, dtype="bfloat16", steps=bench_steps, warmup=2).items()
+          mae_config, batch, dtype="bfloat16", steps=bench_steps, warmup=2).items()
           if not k.endswith("_all")},
       "attention": lambda: bench_attention(attention_batch, steps=bench_steps),
-      "tiny_pretraining": lambda: tiny_pretraining(pretrain_steps),
+      "tiny_pretraining": lambda: tiny_pretraining(tiny_config, pretrain_steps),
   }
   for name, check in checks.items():
     if name in skip:

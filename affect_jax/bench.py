@@ -4,6 +4,11 @@ Each benchmark warms up (compilation), then times steps one by one, blocking on 
 result, and reports the median: img/s, step time, peak device memory where the backend
 reports it, and model FLOPs utilisation from XLA's cost analysis over a peak FLOP/s figure
 (given, or known for the device kind).
+
+The benchmarks of a training stage take that stage's config (an `ml_collections.ConfigDict`
+as `configs/mae_pretrain.py`, `configs/expr_finetune.py`, `configs/common.py:
+get_temporal_config` make it; launch/bench.py builds them from its --preset) and never
+change it: what a benchmark overrides (batch, dtype, image size, ...) it sets on a copy.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ import functools
 import os
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity). CPUs have no entry: pass
@@ -76,16 +82,24 @@ def time_steps(run_step: Callable[[], object], steps: int, warmup: int) -> list[
   return times
 
 
-def bench_mae(preset: str, batch: int, *, dtype: str = "float32", image_size: int | None = None,
-              steps: int = 10, warmup: int = 2, peak_tflops: float | None = None,
-              mesh_shape=(-1, 1, 1), scan_layers: bool | None = None) -> dict:
-  """The jitted, sharded MAE train step of affect_jax.train.pretrain on random images
-  (`scan_layers`: None = the preset's)."""
+def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A deep copy of `config` for a benchmark to override fields of (the caller's is kept)."""
+  return config.copy_and_resolve_references()
+
+
+def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "float32",
+              image_size: int | None = None, steps: int = 10, warmup: int = 2,
+              peak_tflops: float | None = None, mesh_shape=(-1, 1, 1),
+              scan_layers: bool | None = None) -> dict:
+  """The jitted, sharded MAE train step of affect_jax.train.pretrain on random images.
+
+  `config`: the MAE pretraining config (configs/mae_pretrain.py), run with `batch`, `dtype`
+  and, where given, `image_size` and `scan_layers` (None = the config's).
+  """
   from affect_jax import optim, sharding
   from affect_jax.train import pretrain
-  from configs import mae_pretrain
 
-  config = mae_pretrain.get_config(preset)
+  config = _copy(config)
   config.model.dtype = dtype
   config.batch_size = batch
   if image_size:
@@ -114,8 +128,9 @@ def bench_mae(preset: str, batch: int, *, dtype: str = "float32", image_size: in
   peak = peak_flops(device, peak_tflops)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   return {
-      "what": "mae_train_step", "preset": preset, "batch": batch, "image_size": size,
-      "dtype": dtype, "devices": jax.device_count(), "device_kind": device.device_kind,
+      "what": "mae_train_step", "variant": config.model.variant, "batch": batch,
+      "image_size": size, "dtype": dtype, "devices": jax.device_count(),
+      "device_kind": device.device_kind,
       "params": int(n_params), "step_s": med, "step_s_all": times, "img_per_s": batch / med,
       "flops_per_step": flops,
       "tflops_per_s": flops / med / 1e12 if flops else None,
@@ -125,21 +140,25 @@ def bench_mae(preset: str, batch: int, *, dtype: str = "float32", image_size: in
   }
 
 
-def bench_memory(stage: str, preset: str, batch: int, *, dtype: str | None = None,
-                 mesh_shape=None, remat: str = "none", grad_accum_steps: int = 1,
-                 image_size: int | None = None, scan_layers: bool | None = None) -> dict:
+def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
+                 dtype: str | None = None, mesh_shape=None, remat: str = "none",
+                 grad_accum_steps: int = 1, image_size: int | None = None,
+                 scan_layers: bool | None = None) -> dict:
   """Per-device memory of the compiled train step of `stage` ('mae' pretraining or
   'finetune'), from XLA's `memory_analysis()`: arguments (parameters, optimizer state and
   the batch shard), temporaries (activations kept for the backward pass, gradients,
-  workspace) and outputs. Nothing is allocated or run: the state is abstract. `dtype`,
-  `mesh_shape`, `scan_layers` default to the preset's config (configs.common.set_vit_scale)."""
+  workspace) and outputs. Nothing is allocated or run: the state is abstract.
+
+  `config`: that stage's config (configs/mae_pretrain.py or configs/expr_finetune.py).
+  `dtype`, `mesh_shape`, `scan_layers`, `image_size`: None = the config's (for a preset's
+  config, configs.common.set_vit_scale's defaults).
+  """
   from affect_jax import optim, sharding
   from affect_jax.train import finetune, pretrain
-  from configs import expr_finetune, mae_pretrain
 
   if stage not in ("mae", "finetune"):
     raise ValueError(f"stage must be 'mae' or 'finetune', got {stage!r}")
-  config = (mae_pretrain if stage == "mae" else expr_finetune).get_config(preset)
+  config = _copy(config)
   config.batch_size, config.model.remat, config.grad_accum_steps = batch, remat, grad_accum_steps
   if dtype:
     config.model.dtype = dtype
@@ -176,9 +195,9 @@ def bench_memory(stage: str, preset: str, batch: int, *, dtype: str | None = Non
   out, alias = getattr(m, "output_size_in_bytes", None), getattr(m, "alias_size_in_bytes", None)
   total = None if None in (args, temp, out, alias) else args + temp + out - alias
   return {
-      "what": "memory", "stage": stage, "preset": preset, "batch": batch, "image_size": size,
-      "dtype": config.model.dtype, "mesh_shape": list(mesh.devices.shape), "remat": remat,
-      "scan_layers": bool(config.model.scan_layers),
+      "what": "memory", "stage": stage, "variant": config.model.variant, "batch": batch,
+      "image_size": size, "dtype": config.model.dtype, "mesh_shape": list(mesh.devices.shape),
+      "remat": remat, "scan_layers": bool(config.model.scan_layers),
       "grad_accum_steps": grad_accum_steps, "devices": mesh.size,
       "device_kind": jax.devices()[0].device_kind,
       "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
@@ -207,9 +226,12 @@ def bench_matmul(n: int = 2048, repeats: int = 10) -> dict:
   return out
 
 
-def mae_matmul_shapes(preset: str, batch: int, image_size: int,
-                      mask_ratio: float = 0.75) -> list[dict]:
+def mae_matmul_shapes(config: ml_collections.ConfigDict, batch: int,
+                      image_size: int | None = None) -> list[dict]:
   """The MAE train step's matmuls, one row per distinct product, with how often it occurs.
+
+  Of the MAE pretraining config `config` (configs/mae_pretrain.py: its ViT variant and mask
+  ratio) at `batch` and `image_size` (None = the config's).
 
   Dense rows: (m, k, n) = (tokens in the batch, in, out) of the encoder's and decoder's
   qkv / proj / fc1 / fc2 (the patch embedding, decoder embedding and prediction head are left
@@ -218,7 +240,9 @@ def mae_matmul_shapes(preset: str, batch: int, image_size: int,
   """
   from affect_jax.models import mae, vit
 
-  v = vit.VARIANTS[preset]
+  v = vit.VARIANTS[config.model.variant]
+  mask_ratio = config.model.mask_ratio
+  image_size = image_size or config.data.image_size
   patches = (image_size // v["patch_size"]) ** 2
   rows = []
   for part, width, depth, heads, mlp, length in (
@@ -251,9 +275,12 @@ _LAYOUTS = {
 }
 
 
-def bench_matmul_layouts(preset: str = "base", batch: int = 8, *, image_size: int | None = None,
-                         repeats: int = 10) -> dict:
+def bench_matmul_layouts(config: ml_collections.ConfigDict, batch: int = 8, *,
+                         image_size: int | None = None, repeats: int = 10) -> dict:
   """GFLOP/s of each of the MAE step's matmuls in each operand layout its step runs.
+
+  `config`: the MAE pretraining config (configs/mae_pretrain.py) whose step's matmuls
+  (`mae_matmul_shapes`) are timed, at `batch` and `image_size` (None = the config's).
 
   Three rates per product: float32; bf16 operands accumulating in float32 as the step
   computes them (`cpu_kernels.einsum_f32acc`); and the same bf16 product as plain `jnp.einsum`.
@@ -263,9 +290,7 @@ def bench_matmul_layouts(preset: str = "base", batch: int = 8, *, image_size: in
   """
   import jax.numpy as jnp
   from affect_jax.models import cpu_kernels
-  from configs import mae_pretrain
 
-  config = mae_pretrain.get_config(preset)
   size = image_size or config.data.image_size
   f32 = jnp.float32
   paths = (("float32", f32, lambda s, x, y: jnp.einsum(s, x, y, preferred_element_type=f32)),
@@ -274,7 +299,7 @@ def bench_matmul_layouts(preset: str = "base", batch: int = 8, *, image_size: in
            ("bfloat16_plain", jnp.bfloat16,
             lambda s, x, y: jnp.einsum(s, x, y, preferred_element_type=f32)))
   rows = []
-  for row in mae_matmul_shapes(preset, batch, size, config.model.mask_ratio):
+  for row in mae_matmul_shapes(config, batch, size):
     if row["kind"] == "dense":
       m, k, n = row["shape"]
       dims = {"b": batch, "t": m // batch, "k": k, "n": n}
@@ -301,8 +326,8 @@ def bench_matmul_layouts(preset: str = "base", batch: int = 8, *, image_size: in
       rows.append({"part": row["part"], "name": row["name"], "product": label, "einsum": spec,
                    "sizes": {c: dims[c] for c in letters}, "count": row["count"],
                    "gflop": flops / 1e9, **rates})
-  return {"what": "matmul_layouts", "preset": preset, "batch": batch, "image_size": size,
-          "device_kind": jax.devices()[0].device_kind, "rows": rows}
+  return {"what": "matmul_layouts", "variant": config.model.variant, "batch": batch,
+          "image_size": size, "device_kind": jax.devices()[0].device_kind, "rows": rows}
 
 
 def write_fake_faces(root: str, count: int, size: int, seed: int = 0) -> list[str]:
@@ -384,26 +409,41 @@ def bench_loader(batch: int, image_size: int, *, worker_count: int = 0, num_batc
           "img_per_cpu_s": statistics.median(per_cpu), "img_per_s_all": rates}
 
 
-def bench_temporal(preset: str = "paper", *, frames: int = 10_000, batch: int = 32,
-                   dtype: str = "float32", steps: int = 10, warmup: int = 2,
-                   repeats: int = 5) -> dict:
+TEMPORAL_TASKS = ("VA", "EXPR", "AU")
+
+
+def bench_temporal(task_configs: Mapping[str, ml_collections.ConfigDict], *,
+                   frames: int = 10_000, batch: int = 32, dtype: str = "float32",
+                   steps: int = 10, warmup: int = 2, repeats: int = 5) -> dict:
   """The authors' temporal model: training frames/s (one jitted step on `batch` segments)
   and the time to predict one `frames`-frame video with the VA, Expr and AU models (windows
-  of segment_len, stride = segment_len as the PyTorch reference, merged back)."""
+  of segment_len, stride = segment_len as the PyTorch reference, merged back).
+
+  `task_configs`: the temporal config of each task in TEMPORAL_TASKS, task -> config (as
+  `configs/common.py:get_temporal_config(task, preset)` makes it), each run in `dtype`; the
+  VA model's is the one trained, and its segment_len the window. The record names the
+  model by the VA config's widths (`tcn_channels`, `d_model`, `num_layers`).
+  """
   import jax.numpy as jnp
   import optax
   from affect_jax import sharding
   from affect_jax.data import segments
   from affect_jax.train import temporal
-  from configs import common
 
+  missing = [t for t in TEMPORAL_TASKS if t not in task_configs]
+  if missing:
+    raise ValueError(f"bench_temporal needs a temporal config for each of {TEMPORAL_TASKS}; "
+                     f"missing {missing}")
+  va = task_configs["VA"].model
   mesh = sharding.make_mesh((-1, 1, 1))
   rng = np.random.default_rng(0)
-  out: dict = {"what": "temporal", "preset": preset, "dtype": dtype, "frames": frames,
-               "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind}
+  out: dict = {"what": "temporal", "tcn_channels": [int(w) for w in va.tcn_channels],
+               "d_model": int(va.d_model), "num_layers": int(va.num_layers), "dtype": dtype,
+               "frames": frames, "devices": jax.device_count(),
+               "device_kind": jax.devices()[0].device_kind}
   models = {}
-  for task in ("VA", "EXPR", "AU"):
-    c = common.get_temporal_config(task, preset)
+  for task in TEMPORAL_TASKS:
+    c = _copy(task_configs[task])
     c.model.dtype = dtype
     model = temporal.create_model(c)
     state, shardings = temporal.create_train_state(c, model, jax.random.key(0), mesh,

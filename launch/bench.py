@@ -52,26 +52,31 @@ def main(argv):
     import jax
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   from affect_jax import bench
-  from configs import mae_pretrain
+  from configs import common, expr_finetune, mae_pretrain
 
   results = []
   if "mae" in _WHAT.value.split("+"):
-    results.append(bench.bench_mae(_PRESET.value, _BATCH.value, dtype=_DTYPE.value,
-                                   image_size=_IMAGE_SIZE.value or None, steps=_STEPS.value,
-                                   warmup=_WARMUP.value, peak_tflops=_PEAK_TFLOPS.value or None))
+    results.append(bench.bench_mae(mae_pretrain.get_config(_PRESET.value), _BATCH.value,
+                                   dtype=_DTYPE.value, image_size=_IMAGE_SIZE.value or None,
+                                   steps=_STEPS.value, warmup=_WARMUP.value,
+                                   peak_tflops=_PEAK_TFLOPS.value or None))
   if _WHAT.value == "temporal":
     preset = _PRESET.value if _PRESET.value in ("paper", "tiny") else "paper"
-    results.append(bench.bench_temporal(preset, dtype=_DTYPE.value, steps=_STEPS.value,
+    task_configs = {task: common.get_temporal_config(task, preset)
+                    for task in bench.TEMPORAL_TASKS}
+    results.append(bench.bench_temporal(task_configs, dtype=_DTYPE.value, steps=_STEPS.value,
                                         warmup=_WARMUP.value))
   if _WHAT.value == "matmul":
     results.append(bench.bench_matmul())
   if _WHAT.value == "matmul_layouts":
-    results.append(bench.bench_matmul_layouts(_PRESET.value, _BATCH.value,
-                                              image_size=_IMAGE_SIZE.value or None,
+    results.append(bench.bench_matmul_layouts(mae_pretrain.get_config(_PRESET.value),
+                                              _BATCH.value, image_size=_IMAGE_SIZE.value or None,
                                               repeats=_STEPS.value))
   if _WHAT.value == "memory":
     dtype = _DTYPE.value if any(a.startswith("--dtype") for a in sys.argv) else None
-    results.append(bench.bench_memory(_STAGE.value, _PRESET.value, _BATCH.value, dtype=dtype,
+    stage_config = (mae_pretrain if _STAGE.value == "mae" else expr_finetune).get_config(
+        _PRESET.value)
+    results.append(bench.bench_memory(stage_config, _STAGE.value, _BATCH.value, dtype=dtype,
                                       mesh_shape=[int(s) for s in _MESH.value] or None,
                                       remat=_REMAT.value, grad_accum_steps=_ACCUM.value,
                                       image_size=_IMAGE_SIZE.value or None,
@@ -97,18 +102,20 @@ def main(argv):
       mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
       tf = f"{r['tflops_per_s']:.2f}" if r["tflops_per_s"] else "n/a"
       mem = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] else "n/a"
-      print(f"MAE {r['preset']} {r['image_size']}px batch {r['batch']} {r['dtype']} on "
+      print(f"MAE {r['variant']} {r['image_size']}px batch {r['batch']} {r['dtype']} on "
             f"{r['devices']}x {r['device_kind']}: {r['img_per_s']:.2f} img/s, step "
             f"{1e3 * r['step_s']:.1f} ms (median of {len(r['step_s_all'])}), {tf} TFLOP/s, "
             f"MFU {mfu}, peak memory {mem}")
     elif r["what"] == "temporal":
       tf = f"{r['predict_tflops_per_s']:.2f}" if r["predict_tflops_per_s"] else "n/a"
-      print(f"temporal {r['preset']} {r['dtype']} on {r['devices']}x {r['device_kind']}: training "
+      widths = "-".join(str(w) for w in r["tcn_channels"])
+      print(f"temporal (TCN {widths}, Transformer {r['num_layers']} x {r['d_model']}) "
+            f"{r['dtype']} on {r['devices']}x {r['device_kind']}: training "
             f"{r['train_frames_per_s']:.0f} frames/s (step {1e3 * r['train_step_s']:.0f} ms); "
             f"predict one {r['frames']}-frame video with VA+Expr+AU: {r['predict_s_all_heads']:.2f} s "
             f"({tf} TFLOP/s)")
     elif r["what"] == "matmul_layouts":
-      print(f"MAE {r['preset']} batch {r['batch']} matmuls on {r['device_kind']} (GFLOP/s; "
+      print(f"MAE {r['variant']} batch {r['batch']} matmuls on {r['device_kind']} (GFLOP/s; "
             f"'x N' = layers):")
       print(f"  {'':8s} {'':9s} {'product':18s} {'sizes':30s} {'float32':>8s} "
             f"{'bf16 (ours)':>11s} {'bf16 (plain einsum)':>19s}")
@@ -118,7 +125,7 @@ def main(argv):
               f"{row['float32_gflops']:8.0f} {row['bfloat16_f32acc_gflops']:11.0f} "
               f"{row['bfloat16_plain_gflops']:19.0f}  x{row['count']}")
     elif r["what"] == "memory":
-      print(f"{r['stage']} {r['preset']} {r['image_size']}px batch {r['batch']} {r['dtype']} "
+      print(f"{r['stage']} {r['variant']} {r['image_size']}px batch {r['batch']} {r['dtype']} "
             f"mesh {tuple(r['mesh_shape'])} remat {r['remat']} accum {r['grad_accum_steps']} "
             f"scan {r['scan_layers']}: "
             f"per device {r['total_gib']:.2f} GiB (arguments {r['arguments_gib']:.2f}, "

@@ -24,7 +24,9 @@ _OUT = flags.DEFINE_string("out", "", "Also write the JSON line to this file.")
 def main(argv):
   del argv
   from affect_jax import accelerator, fileio
-  result = accelerator.run(preset=_PRESET.value, batch=_BATCH.value,
+  from configs import mae_pretrain
+  result = accelerator.run(mae_pretrain.get_config(_PRESET.value),
+                           tiny_config=mae_pretrain.get_config("tiny"), batch=_BATCH.value,
                            bench_steps=_BENCH_STEPS.value, pretrain_steps=_PRETRAIN_STEPS.value,
                            skip=tuple(_SKIP.value))
   line = json.dumps(result, default=str)

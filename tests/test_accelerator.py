@@ -2,12 +2,14 @@
 (on a GPU/TPU host the same code runs at ViT-B's)."""
 
 from affect_jax import accelerator
+from configs import mae_pretrain
 
 
 def test_the_checks_run_and_pass_on_cpu():
   # The step benchmark is bench.bench_mae (test_bench.py); the sharded steps' equality with
   # one device is what test_pretrain.py checks at length: both left out here for time.
-  result = accelerator.run(preset="tiny", batch=16, bench_steps=1, pretrain_steps=4,
+  tiny = mae_pretrain.get_config("tiny")
+  result = accelerator.run(tiny, tiny_config=tiny, batch=16, bench_steps=1, pretrain_steps=4,
                            attention_batch=2, skip=("mae_step", "sharded_steps"))
   assert accelerator.failures(result) == [], result
   assert result["backend"] == "cpu" and result["kernels_auto"] == "cpu"

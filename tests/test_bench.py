@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 from affect_jax import bench
+from configs import common, expr_finetune, mae_pretrain
 
 
 def test_mae_bench_flops_match_a_hand_count_of_the_matmuls():
-  r = bench.bench_mae("tiny", 8, image_size=64, steps=1, warmup=0)
+  r = bench.bench_mae(mae_pretrain.get_config("tiny"), 8, image_size=64, steps=1, warmup=0)
   # tiny: width 128, depth 4, mlp 512; decoder 64 x 2, mlp 256; patch 8 -> 64 patches, 16 kept.
   b, n, k = 8, 64, 16
 
@@ -32,14 +33,15 @@ def test_matmul_bench_reports_both_paths():
 
 
 def test_temporal_bench_runs_and_counts_prediction_flops():
-  r = bench.bench_temporal("tiny", frames=500, batch=8, steps=1, warmup=0, repeats=1)
+  task_configs = {t: common.get_temporal_config(t, "tiny") for t in bench.TEMPORAL_TASKS}
+  r = bench.bench_temporal(task_configs, frames=500, batch=8, steps=1, warmup=0, repeats=1)
   assert r["predict_flops"] > 0 and r["predict_s_all_heads"] > 0
   assert np.isfinite(r["train_frames_per_s"]) and r["train_frames_per_s"] > 0
 
 
 def test_mae_matmul_shapes_are_the_hand_counted_matmuls():
   # tiny at 64 px, batch 8: 64 patches, 16 kept (+ CLS); widths as in the hand count above.
-  rows = bench.mae_matmul_shapes("tiny", 8, 64)
+  rows = bench.mae_matmul_shapes(mae_pretrain.get_config("tiny"), 8, 64)
   by = {(r["part"], r["name"]): r for r in rows}
   assert by[("encoder", "qkv")]["shape"] == (8 * 17, 128, 384)
   assert by[("encoder", "fc2")]["shape"] == (8 * 17, 512, 128)
@@ -60,10 +62,11 @@ def test_mae_matmul_shapes_are_the_hand_counted_matmuls():
 
 
 def test_matmul_layouts_bench_times_three_products_per_matmul():
-  r = bench.bench_matmul_layouts("tiny", 2, image_size=32, repeats=1)
+  config = mae_pretrain.get_config("tiny")
+  r = bench.bench_matmul_layouts(config, 2, image_size=32, repeats=1)
   assert len(r["rows"]) == 2 * 5 * 3  # encoder/decoder x (4 dense + attention) x 3 layouts
   # The timed products are the step's own (the shapes checked against the hand count above).
-  shapes = {(s["part"], s["name"]): s["shape"] for s in bench.mae_matmul_shapes("tiny", 2, 32)}
+  shapes = {(s["part"], s["name"]): s["shape"] for s in bench.mae_matmul_shapes(config, 2, 32)}
   for row in r["rows"]:
     assert min(row[f"{p}_gflops"] for p in ("float32", "bfloat16_f32acc", "bfloat16_plain")) > 0
     sizes, shape = row["sizes"], shapes[(row["part"], row["name"])]
@@ -82,8 +85,9 @@ def test_memory_bench_counts_the_state_per_device(stage):
   """The compiled step's arguments are the state (float32 params and two AdamW moments) and
   the batch shard: whole on every device when replicated, an eighth of it under FSDP."""
   kw = dict(batch=64, image_size=32, dtype="float32")
-  replicated = bench.bench_memory(stage, "tiny", mesh_shape=(8, 1, 1), **kw)
-  fsdp = bench.bench_memory(stage, "tiny", mesh_shape=(1, 8, 1), **kw)
+  config = (mae_pretrain if stage == "mae" else expr_finetune).get_config("tiny")
+  replicated = bench.bench_memory(config, stage, mesh_shape=(8, 1, 1), **kw)
+  fsdp = bench.bench_memory(config, stage, mesh_shape=(1, 8, 1), **kw)
   state = 3 * 4 * replicated["params"] / 2**30
   images = 64 * 32 * 32 * 3 / 8 / 2**30
   assert replicated["arguments_gib"] == pytest.approx(state + images, rel=0.02)

@@ -54,3 +54,31 @@ def test_no_import_cycles():
   graph = _graph()
   assert "affect_jax.tasks" in graph["affect_jax.data.affwild2.formats"]
   assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+# Layers, top to bottom: an import may point within a layer (no cycles, above) or down.
+# configs/ are data: they may import the package's constants, never the reverse.
+LAYERS = (
+    ("configs",),
+    ("affect_jax.demo", "affect_jax.analyze", "affect_jax.accelerator"),  # applications
+    ("affect_jax.report", "affect_jax.predict", "affect_jax.pixel_baseline", "affect_jax.bench"),
+    ("affect_jax.train",),
+    ("affect_jax",),  # models, data, metrics, losses, tasks, sharding, checkpoint, ...
+)
+
+
+def _layer(module: str) -> int:
+  """Index in LAYERS of the first (most specific) prefix that names `module`."""
+  matches = [(len(p), i) for i, prefixes in enumerate(LAYERS) for p in prefixes
+             if module == p or module.startswith(p + ".")]
+  return max(matches)[1]
+
+
+def test_the_layer_of_a_module_is_its_most_specific_prefix():
+  assert _layer("configs.demo") == 0 and _layer("affect_jax.demo") == 1
+  assert _layer("affect_jax.train.loop") == 3 and _layer("affect_jax.models.vit") == 4
+
+
+def test_every_import_points_down_or_within_its_layer():
+  up = [f"{a} -> {b}" for a, targets in _graph().items() for b in targets if _layer(b) < _layer(a)]
+  assert not up, up

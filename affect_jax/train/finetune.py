@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -85,8 +85,9 @@ def initial_encoder(config: ml_collections.ConfigDict) -> dict | None:
   raise ValueError(f"config.init.kind: unknown {kind!r} (mae | converted | random)")
 
 
-def create_train_state(config, model, rng, mesh, schedule, pretrained: dict | None,
-                       abstract: bool = False):
+def init_fn(config, model, schedule, pretrained: dict | None) -> Callable:
+  """rng -> the initial TrainState: AdamW with layer-wise LR decay over the ViT's params,
+  the encoder's filled from `pretrained` (host arrays) when given."""
   size = config.data.image_size
   tx = optax.chain(optim.make_optimizer(config.optim, schedule=schedule),
                    optim.layerwise_lr_decay(config.layer_decay, model.depth))
@@ -101,8 +102,13 @@ def create_train_state(config, model, rng, mesh, schedule, pretrained: dict | No
           is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     return loop.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
-  return loop.create_sharded_state(init, rng, mesh, sharding.rules_from_config(config.axis_rules),
-                                   abstract)
+  return init
+
+
+def create_train_state(config, model, rng, mesh, schedule, pretrained: dict | None,
+                       abstract: bool = False):
+  return loop.create_sharded_state(init_fn(config, model, schedule, pretrained), rng, mesh,
+                                   sharding.rules_from_config(config.axis_rules), abstract)
 
 
 def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing,
@@ -141,10 +147,9 @@ def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing,
       "loss": loss, "accuracy": acc, "grad_norm": optim.global_norm(grads), "lr": schedule(state.step)}
 
 
-def jit_train_step(model, config, schedule, state_shardings, mesh, weights=None):
-  """The sharded, jitted step: explicit in/out shardings, state donated, the models'
-  activation constraints in force."""
-  step = functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
+def step_fn(model, config, schedule, mesh, weights=None) -> Callable:
+  """`train_step` with the config's settings bound: (state, batch) -> (state, metrics)."""
+  return functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
                            weights=None if weights is None else jnp.asarray(weights),
                            label_smoothing=config.label_smoothing,
                            mixup_alpha=config.get("mixup", 0.0),
@@ -152,10 +157,15 @@ def jit_train_step(model, config, schedule, state_shardings, mesh, weights=None)
                            mix_switch_prob=config.get("mix_switch_prob", 0.5),
                            mix_shards=sharding.batch_divisor(mesh),
                            grad_accum_steps=config.get("grad_accum_steps", 1))
-  step = sharding.with_rules(step, mesh, sharding.rules_from_config(config.axis_rules))
-  batch_sh = {"image": sharding.batch_sharding(mesh, 4), "label": sharding.batch_sharding(mesh, 1)}
-  return jax.jit(step, in_shardings=(state_shardings, batch_sh),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+BATCH_RANKS = {"image": 4, "label": 1}
+
+
+def jit_train_step(model, config, schedule, state_shardings, mesh, weights=None):
+  """The sharded, jitted step (`loop.jit_step`)."""
+  return loop.jit_step(step_fn(model, config, schedule, mesh, weights), config, mesh,
+                       state_shardings, sharding.batch_shardings(mesh, BATCH_RANKS))
 
 
 def make_apply_fn(model, mesh):
@@ -187,19 +197,18 @@ def predict_logits(model, params, records, *, image_size: int, batch_size: int, 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: tuple = ()) -> dict[str, Any]:
   """Fine-tunes (or resumes) in `workdir`; the state with the best validation macro-F1 is
   exported to `workdir/best`. Returns the final state, history and the best record."""
-  workdir = loop.open_workdir(config, workdir, "finetune")
-  mesh = sharding.make_mesh(config.mesh_shape)
-  sharding.check_batch_size(config.batch_size, mesh, config.get("grad_accum_steps", 1))
+  stage = loop.Stage.open(config, workdir, "finetune")
+  workdir, mesh = stage.workdir, stage.mesh
   train, val = (expr_records(config, split) for split in (affwild2.TRAIN_SET, affwild2.VALIDATION_SET))
   train_labels = train.column("label") if hasattr(train, "column") else np.array([r["label"] for r in train])
   weights = class_weights(train_labels, config.class_weighting)
   steps_per_epoch = max(len(train) // config.batch_size, 1)
-  total = optim.total_steps(config, steps_per_epoch)
-  schedule = optim.schedule_for(config, total)
+  total = stage.plan(steps_per_epoch)
   model = create_model(config)
-  state, shardings = create_train_state(config, model, jax.random.key(config.seed), mesh, schedule,
-                                        initial_encoder(config))
-  step_fn = jit_train_step(model, config, schedule, shardings, mesh, weights)
+  state, shardings = stage.create_state(init_fn(config, model, stage.schedule,
+                                                initial_encoder(config)))
+  train_fn = stage.jit_step(step_fn(model, config, stage.schedule, mesh, weights), shardings,
+                            sharding.batch_shardings(mesh, BATCH_RANKS))
   apply_fn = make_apply_fn(model, mesh)
 
   def evaluate(st):
@@ -213,19 +222,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
       train, image_size=config.data.image_size, batch_size=config.batch_size // jax.process_count(),
       seed=config.seed, **loaders.options(config.data), crop_scale=tuple(config.data.crop_scale),
       flip=config.data.flip)
-  data_iter = iter(loaders.prefetch_to_device(data, functools.partial(sharding.shard_batch, mesh=mesh),
-                                              config.data.prefetch))
   logging.info("fine-tune %s (init %s): %d train / %d val frames, %d steps of %d",
                config.model.variant, config.init.kind, len(train), len(val), total, config.batch_size)
-  state, history = loop.run(
-      config=config, workdir=workdir, state=state, step_fn=step_fn, data_iter=data_iter,
-      num_steps=total, mesh=mesh, items_per_step=config.batch_size, unit="img",
-      log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-      max_to_keep=config.max_to_keep, hooks=tuple(hooks), eval_fn=evaluate,
+  state, history = stage.run(
+      state, train_fn, data, items_per_step=config.batch_size, unit="img",
+      prefetch=config.data.prefetch, hooks=tuple(hooks), eval_fn=evaluate,
       eval_every=max(int(round(config.eval_every_epochs * steps_per_epoch)), 1),
       best_metric="f1", best_mode="max")
-  if hasattr(data_iter, "close"):
-    data_iter.close()
   return {"state": state, "history": history, "best": checkpoint.read_best(workdir), "num_steps": total}
 
 

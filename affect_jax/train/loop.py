@@ -1,12 +1,22 @@
 """The training-loop skeleton every stage uses: sharded state creation, the plain Python
 loop around a jitted step, checkpoint/resume, progress with ETA, metric files.
 
-A stage supplies pure functions (init, step) and a data iterator; this module owns the rest,
-so pretraining, fine-tuning and the temporal model share one copy of it.
+A stage is data + model + step + `Stage.run`: it supplies pure functions (init, step) and a
+dataset; `Stage` owns the rest (workdir, mesh and batch check, schedule, sharded state, the
+jitted step with its shardings and donation, the loop), so pretraining, fine-tuning and the
+temporal model share one copy of it:
+
+  stage = loop.Stage.open(config, workdir, "finetune")
+  stage.plan(steps_per_epoch)                       # total steps and the LR schedule
+  state, shardings = stage.create_state(init_fn)   # init_fn(rng) -> TrainState
+  step_fn = stage.jit_step(step, shardings, batch_shardings)
+  state, history = stage.run(state, step_fn, dataset, items_per_step=..., eval_fn=...)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging as logging_std
 import os
@@ -21,7 +31,8 @@ from absl import logging
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from affect_jax import checkpoint, fileio, sharding
+from affect_jax import checkpoint, fileio, optim, sharding
+from affect_jax.data import loaders
 
 
 class TrainState(train_state.TrainState):
@@ -349,3 +360,69 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
     if own_writer:
       writer.close()
   return state, history
+
+
+def jit_step(step_fn: Callable, config: ml_collections.ConfigDict, mesh, state_shardings,
+             batch_shardings) -> Callable:
+  """The jitted train step `(state, batch) -> (state, metrics)` of every stage: explicit
+  in/out shardings, the state donated (updated in place), metrics replicated, and the
+  models' logical activation constraints in force (config.axis_rules)."""
+  step = sharding.with_rules(step_fn, mesh, sharding.rules_from_config(config.axis_rules))
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+@dataclasses.dataclass
+class Stage:
+  """One training run's shared setup: its checked workdir (`open_workdir`), the device mesh
+  (config.mesh_shape) with the global batch checked against it, and after `plan` the total
+  steps and the learning-rate schedule. `run` trains with the config's logging and
+  checkpointing settings."""
+  config: ml_collections.ConfigDict
+  workdir: Any  # epath.Path
+  mesh: Any
+  total_steps: int = 0
+  schedule: Callable | None = None
+
+  @classmethod
+  def open(cls, config: ml_collections.ConfigDict, workdir, job: str) -> "Stage":
+    workdir = open_workdir(config, workdir, job)
+    mesh = sharding.make_mesh(config.mesh_shape)
+    sharding.check_batch_size(config.batch_size, mesh, config.get("grad_accum_steps", 1))
+    return cls(config, workdir, mesh)
+
+  def plan(self, steps_per_epoch: float) -> int:
+    """Total steps (config.num_steps, else num_epochs of `steps_per_epoch`) and the
+    schedule over them; returns the total."""
+    self.total_steps = optim.total_steps(self.config, steps_per_epoch)
+    self.schedule = optim.schedule_for(self.config, self.total_steps)
+    return self.total_steps
+
+  def create_state(self, init_fn: Callable[[jax.Array], Any], abstract: bool = False):
+    """(state, shardings): `init_fn(key(config.seed))` created in its sharded layout."""
+    return create_sharded_state(init_fn, jax.random.key(self.config.seed), self.mesh,
+                                sharding.rules_from_config(self.config.axis_rules), abstract)
+
+  def jit_step(self, step_fn: Callable, state_shardings, batch_shardings) -> Callable:
+    return jit_step(step_fn, self.config, self.mesh, state_shardings, batch_shardings)
+
+  def run(self, state, step_fn: Callable, dataset, *, items_per_step: int, unit: str = "img",
+          prefetch: int | None = None, **kwargs) -> tuple[Any, list[dict]]:
+    """`loop.run` over `dataset` (a grain dataset of host-local batches) for `total_steps`,
+    logging and checkpointing as the config says; `kwargs` are run's evaluation, best-state
+    and hook arguments. With `prefetch` (batches), they are put on the devices from a
+    background thread ahead of the step. The dataset's worker processes are stopped at the
+    end, also on an error."""
+    if prefetch is not None:
+      dataset = loaders.prefetch_to_device(
+          dataset, functools.partial(sharding.shard_batch, mesh=self.mesh), prefetch)
+    data_iter = iter(dataset)
+    c = self.config
+    try:
+      return run(config=c, workdir=self.workdir, state=state, step_fn=step_fn,
+                 data_iter=data_iter, num_steps=self.total_steps, mesh=self.mesh,
+                 items_per_step=items_per_step, unit=unit, log_every=c.log_every,
+                 checkpoint_every=c.checkpoint_every, max_to_keep=c.max_to_keep, **kwargs)
+    finally:
+      if hasattr(data_iter, "close"):
+        data_iter.close()  # stops grain worker processes and frees their shared memory

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,8 @@ def create_model(config: ml_collections.ConfigDict) -> mae.MaskedAutoencoder:
       scan_layers=m.get("scan_layers", False))
 
 
-def create_train_state(config, model, rng, mesh, schedule, abstract: bool = False):
-  """Sharded TrainState; parameters and AdamW moments laid out by the logical rules."""
+def init_fn(config, model, schedule) -> Callable[[jax.Array], loop.TrainState]:
+  """rng -> the initial TrainState (AdamW over the MAE's params, logically boxed)."""
   size = config.data.image_size
   tx = optim.make_optimizer(config.optim, schedule=schedule)
 
@@ -43,8 +43,13 @@ def create_train_state(config, model, rng, mesh, schedule, abstract: bool = Fals
                            jnp.zeros((1, size, size, 3), jnp.float32), train=False)
     return loop.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
 
-  return loop.create_sharded_state(init, rng, mesh, sharding.rules_from_config(config.axis_rules),
-                                   abstract)
+  return init
+
+
+def create_train_state(config, model, rng, mesh, schedule, abstract: bool = False):
+  """Sharded TrainState; parameters and AdamW moments laid out by the logical rules."""
+  return loop.create_sharded_state(init_fn(config, model, schedule), rng, mesh,
+                                   sharding.rules_from_config(config.axis_rules), abstract)
 
 
 def train_step(state: loop.TrainState, batch: dict, *, model: mae.MaskedAutoencoder, seed: int,
@@ -72,14 +77,19 @@ def train_step(state: loop.TrainState, batch: dict, *, model: mae.MaskedAutoenco
   return state.apply_gradients(grads=grads), metrics
 
 
-def jit_train_step(model, config, schedule, state_shardings, mesh):
-  """The sharded, jitted step: explicit in/out shardings, state donated."""
-  step = functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
+def step_fn(model, config, schedule) -> Callable:
+  """`train_step` with the config's settings bound: (state, batch) -> (state, metrics)."""
+  return functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
                            grad_accum_steps=config.get("grad_accum_steps", 1))
-  batch_shardings = {"image": sharding.batch_sharding(mesh, 4)}
-  step = sharding.with_rules(step, mesh, sharding.rules_from_config(config.axis_rules))
-  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+BATCH_RANKS = {"image": 4}
+
+
+def jit_train_step(model, config, schedule, state_shardings, mesh):
+  """The sharded, jitted step (`loop.jit_step`)."""
+  return loop.jit_step(step_fn(model, config, schedule), config, mesh, state_shardings,
+                       sharding.batch_shardings(mesh, BATCH_RANKS))
 
 
 def heldout_loss(model: mae.MaskedAutoencoder, params, paths, *, image_size: int, seed: int = 0,
@@ -147,22 +157,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `hooks` run after each logged step with (step, state, metrics), after that step's
   checkpoint (if due) was started.
   """
-  workdir = loop.open_workdir(config, workdir, "pretrain")
-  mesh = sharding.make_mesh(config.mesh_shape)
-  sharding.check_batch_size(config.batch_size, mesh, config.get("grad_accum_steps", 1))
+  stage = loop.Stage.open(config, workdir, "pretrain")
+  workdir, mesh = stage.workdir, stage.mesh
   paths = sources.face_items(config)
   loaders.check_readable(paths, ",".join(sources.face_roots(config)), "the face corpus")
-  total = optim.total_steps(config, len(paths) / config.batch_size)
-  schedule = optim.schedule_for(config, total)
+  total = stage.plan(len(paths) / config.batch_size)
   model = create_model(config)
-  state, shardings = create_train_state(config, model, jax.random.key(config.seed), mesh, schedule)
-  step_fn = jit_train_step(model, config, schedule, shardings, mesh)
+  state, shardings = stage.create_state(init_fn(config, model, stage.schedule))
+  train_fn = stage.jit_step(step_fn(model, config, stage.schedule), shardings,
+                            sharding.batch_shardings(mesh, BATCH_RANKS))
   ds = loaders.pretrain_dataset(
       paths, image_size=config.data.image_size, batch_size=config.batch_size // jax.process_count(),
       seed=config.seed, **loaders.options(config.data), crop_scale=tuple(config.data.crop_scale),
       flip=config.data.flip)
-  data_iter = iter(loaders.prefetch_to_device(ds, functools.partial(sharding.shard_batch, mesh=mesh),
-                                              config.data.prefetch))
   logging.info("MAE %s: %d images, %d steps of %d, %.1fM params, mesh %s", config.model.variant,
                len(paths), total, config.batch_size,
                sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, dict(mesh.shape))
@@ -187,14 +194,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       writer.image("reconstruction", step, grid)
 
     hooks.append(recon_hook)
-  state, history = loop.run(
-      config=config, workdir=workdir, state=state, step_fn=step_fn, data_iter=data_iter,
-      num_steps=total, mesh=mesh, items_per_step=config.batch_size, unit="img",
-      log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-      max_to_keep=config.max_to_keep, writer=writer, hooks=tuple(hooks))
+  state, history = stage.run(state, train_fn, ds, items_per_step=config.batch_size, unit="img",
+                             prefetch=config.data.prefetch, writer=writer, hooks=tuple(hooks))
   writer.close()
-  if hasattr(data_iter, "close"):
-    data_iter.close()  # stops grain worker processes and frees their shared memory
   return {"state": state, "history": history, "num_steps": total, "num_images": len(paths)}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import types
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +101,9 @@ def frame_outputs(task: str, out):
   return tasks.get(task).activate(out)
 
 
-def create_train_state(config, model, rng, mesh, schedule, input_dims: Mapping[str, int]):
+def init_fn(config, model, schedule, input_dims: Mapping[str, int]) -> Callable:
+  """rng -> the initial TrainState (params and BatchNorm statistics) for features of
+  `input_dims` widths."""
   tx = optim.make_optimizer(config.optim, schedule=schedule)
   inputs, mask = temporal.example_inputs(input_dims, batch=1, length=config.data.segment_len)
 
@@ -110,7 +112,12 @@ def create_train_state(config, model, rng, mesh, schedule, input_dims: Mapping[s
     return loop.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                                   batch_stats=variables.get("batch_stats", {}))
 
-  return loop.create_sharded_state(init, rng, mesh, sharding.rules_from_config(config.axis_rules))
+  return init
+
+
+def create_train_state(config, model, rng, mesh, schedule, input_dims: Mapping[str, int]):
+  return loop.create_sharded_state(init_fn(config, model, schedule, input_dims), rng, mesh,
+                                   sharding.rules_from_config(config.axis_rules))
 
 
 def train_step(state, batch, *, model, task, modalities, seed, schedule, class_weights, pos_weight):
@@ -239,7 +246,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   after overlap merge), then scores validation and, where labels exist, test with it.
   Writes `workdir/results.json`; returns it."""
   task, root = config.task, config.data.root
-  workdir = loop.open_workdir(config, workdir, f"temporal {task}")
+  stage = loop.Stage.open(config, workdir, f"temporal {task}")
+  workdir, mesh = stage.workdir, stage.mesh
   stores = open_stores(config)
   splits = split_videos(config)
   unmatched = affwild2.max_unmatched(config)
@@ -247,23 +255,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_labels = {v: labels[v].labels for v in splits["train"]}
   source = segments.SegmentSource(stores, train_labels, task, segment_len=config.data.segment_len,
                                   stride=config.data.stride)
-  mesh = sharding.make_mesh(config.mesh_shape)
-  sharding.check_batch_size(config.batch_size, mesh)
   steps_per_epoch = max(len(source) // config.batch_size, 1)
-  total = optim.total_steps(config, steps_per_epoch)
-  schedule = optim.schedule_for(config, total)
+  total = stage.plan(steps_per_epoch)
   model = create_model(config)
-  input_dims = {m: s.dim for m, s in stores.items()}
-  state, shardings = create_train_state(config, model, jax.random.key(config.seed), mesh,
-                                        schedule, input_dims)
+  state, shardings = stage.create_state(
+      init_fn(config, model, stage.schedule, {m: s.dim for m, s in stores.items()}))
   cw = jnp.asarray(config.class_weights, jnp.float32) if len(config.class_weights) else None
   pw = jnp.asarray(config.pos_weight, jnp.float32) if len(config.pos_weight) else None
   step = functools.partial(train_step, model=model, task=task, modalities=tuple(stores),
-                           seed=config.seed, schedule=schedule, class_weights=cw, pos_weight=pw)
-  sample = source[0]
-  batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v) + 1) for k, v in sample.items()}
-  step_fn = jax.jit(step, in_shardings=(shardings, batch_sh),
-                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+                           seed=config.seed, schedule=stage.schedule, class_weights=cw,
+                           pos_weight=pw)
+  step_fn = stage.jit_step(step, shardings, sharding.batch_shardings(
+      mesh, {k: np.ndim(v) + 1 for k, v in source[0].items()}))
   predict_fn = make_predict_fn(model, task, mesh)
   predict = functools.partial(predict_videos, predict_fn, stores=stores,
                               segment_len=config.data.segment_len, stride=config.data.predict_stride,
@@ -273,18 +276,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def evaluate(st):
     return score(task, predict(_variables(st), videos=val_frames), labels)
 
-  data_iter = iter(segments.segment_dataset(
+  data = segments.segment_dataset(
       source, batch_size=config.batch_size // jax.process_count(), seed=config.seed, shuffle=True,
-      num_epochs=None, drop_remainder=True))
+      num_epochs=None, drop_remainder=True)
   logging.info("%s %s fold %d: %d train videos (%d segments), %d val, %d steps of %d",
                task, config.model.kind, config.fold, len(splits["train"]), len(source),
                len(splits["val"]), total, config.batch_size)
-  eval_every = max(int(round(config.eval_every_epochs * steps_per_epoch)), 1)
-  state, history = loop.run(
-      config=config, workdir=workdir, state=state, step_fn=step_fn, data_iter=data_iter,
-      num_steps=total, mesh=mesh, items_per_step=config.batch_size * config.data.segment_len,
-      unit="frames", log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-      max_to_keep=config.max_to_keep, eval_fn=evaluate, eval_every=eval_every,
+  state, history = stage.run(
+      state, step_fn, data, items_per_step=config.batch_size * config.data.segment_len,
+      unit="frames", eval_fn=evaluate,
+      eval_every=max(int(round(config.eval_every_epochs * steps_per_epoch)), 1),
       best_metric=MAIN_METRIC[task], best_mode="max",
       early_stop_steps=int(config.early_stopping_epochs * steps_per_epoch))
 
@@ -314,8 +315,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       scored["test"] = per_video(task, test_preds, test_labels)
     results["intervals"] = metrics.interval_record(task, scored, config.bootstrap_samples)
   fileio.write_shared_text(workdir / "results.json", json.dumps(results, indent=1))
-  if hasattr(data_iter, "close"):
-    data_iter.close()
   return {**results, "history": history}
 
 

@@ -4,13 +4,12 @@ and only to a CPU-only run (`cpu_only`: `JAX_PLATFORMS` names only the CPU, or n
 plugin is installed, decided before jax starts); the restart never under a multi-process
 launcher (`multi_process`), which expects the process it started to stay as it is.
 
-XLA:CPU allocates an executable's temporary buffers afresh at every call (1.4 GiB for the
-ViT-B/16 MAE train step at batch 8) and frees them at its end. glibc serves blocks that large
-with `mmap`, so every step faults in and zeroes the whole arena again in 4 KiB pages: 375,000
-page faults and 0.5-0.9 s of kernel time per 1.6 s step on a 2-core machine (measured with
-`getrusage`). With the glibc tunable `glibc.malloc.hugetlb=1` malloc asks the kernel for
-transparent huge pages (`madvise`) for those blocks: about 1,000 faults per step and a 17%
-faster step there, and no change to any result.
+XLA:CPU allocates an executable's temporary buffers afresh at every call and frees them at
+its end. glibc serves blocks that large with `mmap`, so every step faults in and zeroes the
+whole arena again in 4 KiB pages, a large share of a step's time in the kernel. With the
+glibc tunable `glibc.malloc.hugetlb=1` malloc asks the kernel for transparent huge pages
+(`madvise`) for those blocks, which cuts the faults by orders of magnitude and changes no
+result.
 
 Tunables are read once, when glibc starts, so a launcher that wants them re-executes itself
 with the variable set, before it does anything else (`use_huge_pages()` at its `__main__`
@@ -22,13 +21,11 @@ pages off or already on for every mapping, or the tunable already chosen by the 
 XLA:CPU leaves multi-output fusion off unless `--xla_backend_extra_options` names
 `xla_cpu_use_multi_output_fusion`. Without it every loop fusion writes one array; with it
 sibling loops (ones that read the same operands, or independent ones of the same shape) run
-as one loop with several outputs. In the ViT-B/16 MAE train step the loop fusions went
-2,577 -> 2,185: Adam's first moment is computed in the pass that squares the gradient, and
-the parameter updates of up to five same-shaped weights (the encoder's fc1 kernels, say) share
-one loop. The step at batch 8 ran 7% faster in bf16 (4 alternated process pairs: 6.63 -> 7.12
-img/s, medians) and 3-4% in float32; the temporal model and the tiny preset did not change.
-Other backends ignore it (XLA hands LLVM only the extra options not named `xla_*`, and no GPU
-or TPU pass reads this one). XLA reads XLA_FLAGS once, when jax creates its first backend, so
+as one loop with several outputs: in the MAE train step Adam's first moment is computed in
+the pass that squares the gradient, and the parameter updates of same-shaped weights (the
+encoder's fc1 kernels, say) share one loop, so fewer passes over memory. Other backends
+ignore it (XLA hands LLVM only the extra options not named `xla_*`, and no GPU or TPU pass
+reads this one). XLA reads XLA_FLAGS once, when jax creates its first backend, so
 `use_xla_cpu_options()` sets it before any computation. A user's own
 `--xla_backend_extra_options` is left alone; `AFFECT_JAX_XLA_CPU_OPTIONS=0` turns it off.
 """

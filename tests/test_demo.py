@@ -128,3 +128,16 @@ def test_a_changed_input_reruns_exactly_the_stages_downstream_of_it(tmp_path):
   (data / "a.txt").write_text("22")  # a data file edited: what reads the data
   pipeline(settings_b=2)
   assert runs == ["a", "c", "d"]
+
+
+def test_update_readme_replaces_only_the_demo_results_block(tmp_path):
+  readme, results = tmp_path / "README.md", tmp_path / "results.md"
+  results.write_text("# heading\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+  readme.write_text(f"intro\n{demo.README_BEGIN}\nold table\n{demo.README_END}\nrest\n")
+  demo.update_readme(str(readme), str(results))
+  assert readme.read_text() == (f"intro\n{demo.README_BEGIN}\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+                                f"{demo.README_END}\nrest\n")
+  readme.write_text("no markers\n")
+  with pytest.raises(ValueError, match="README.md: needs one <!-- demo-results:begin -->"):
+    demo.update_readme(str(readme), str(results))
+  assert readme.read_text() == "no markers\n"

@@ -6,14 +6,15 @@ Each is the same function as its stock counterpart in `layers` (tests/models/tes
 checks values and gradients against float64 numpy and against the stock path), written for
 XLA:CPU on AVX-512 with avx512_bf16 (DESIGN.md, Performance):
 
-- A bf16 x bf16 matmul that returns bf16 runs at about 0.7x the float32 speed, while the same
-  operands with `preferred_element_type=float32` run at about 2x. Autodiff of such a dot gives
-  float32 cotangents, so both backward dots would run in float32; `einsum_f32acc`'s
-  `custom_vjp` casts the cotangent back to the compute dtype and asks for a float32 result
-  again, so all three matmuls of a layer take the fast path. The operands are cast inside the
-  rule, so a float32 kernel's gradient leaves the accumulator in float32 (unrounded, with no
-  convert pass over it before the optimizer). Batched and TN products get a unit contracted
-  axis (`_unit_contraction`) so that XLA:CPU keeps them on the bf16 kernel too.
+- A bf16 x bf16 matmul that returns bf16 runs slower than float32 on XLA:CPU, while the
+  same operands with `preferred_element_type=float32` take its fast bf16 kernel. Autodiff of
+  such a dot gives float32 cotangents, so both backward dots would run in float32;
+  `einsum_f32acc`'s `custom_vjp` casts the cotangent back to the compute dtype and asks for
+  a float32 result again, so all three matmuls of a layer take the fast path. The operands
+  are cast inside the rule, so a float32 kernel's gradient leaves the accumulator in float32
+  (unrounded, with no convert pass over it before the optimizer). Batched and TN products
+  get a unit contracted axis (`_unit_contraction`) so that XLA:CPU keeps them on the bf16
+  kernel too.
 - `dot_product_attention` / `qkv_attention`: attention on these products with a hand VJP.
 - `gelu` and `layer_norm` have hand VJPs for the passes autodiff of them costs on XLA:CPU;
   `add_bias` a flat bias-gradient sum (autodiff's reduce over leading axes is a tree of
@@ -58,16 +59,12 @@ def _unit_contraction(spec):
 
   Those are the products with a single contracted index that are batched (attention's
   q k^T, p v and their gradients) or contract a major axis of both operands (the 'TN'
-  form: p^T dO, or a weight gradient x^T g of 2-D activations). As written, XLA runs them
-  with both operands converted to float32 (an Eigen kernel at ~300 GFLOP/s on the 2-core
-  machines, or a float32 YNNPACK one when an operand arrives transposed, as q, k and v do
-  from the heads rearrange); a product contracting two axes is instead canonicalised with
-  one transposed bf16 copy onto YNNPACK's bf16 kernel (~1,500 GFLOP/s). The unit axis
-  changes no value, only that path: the decoder's p^T dO 7.5 -> 2.9 ms, p v 6.8 -> 1.9 ms,
-  a [1576, 512]^T [1576, 2048] weight gradient 12.8 -> 2.9 ms, the ViT-B MAE bf16 train
-  step 1.25 -> 1.16 s. Dense layers' 3-D products already contract two axes or are
-  canonical, and adding one there only moves transposes onto the weights (measured
-  slower), so they are left as written.
+  form: p^T dO, or a weight gradient x^T g of 2-D activations). As written, XLA:CPU runs
+  them with both operands converted to float32, on its slower float32 kernels; a product
+  contracting two axes is instead canonicalised with one transposed bf16 copy onto the fast
+  bf16 kernel. The unit axis changes no value, only that path. Dense layers' 3-D products
+  already contract two axes or are canonical, and a unit axis there would only move
+  transposes onto the weights, so they are left as written.
   """
   sa, sb, so = _split_spec(spec)
   contracted = [c for c in sa if c in sb and c not in so]
@@ -238,8 +235,8 @@ def dot_product_attention(q, k, v, *, mask=None, dropout_keep=None, dropout_rate
   are rounded to it for the p v product, and all six products (two forward, four backward)
   accumulate in float32 (on the bf16 kernel for low-precision inputs, `_einsum_f32`). The
   backward rule takes the softmax's row sums from the output (sum_d dO * O, as flash
-  attention does) rather than from the [N, N] probabilities: the ViT-B MAE train step is ~4%
-  faster (bf16 and float32) than with autodiff of the same forward.
+  attention does), where autodiff of the same forward reduces over the [N, N]
+  probabilities.
 
   Args:
     mask: bool, broadcastable to [B, H, N, N]; False removes a key.
@@ -254,9 +251,8 @@ def qkv_attention(qkv, *, mask=None, dropout_keep=None, dropout_rate: float = 0.
   projection's output), returning token-major [B, N, H, d].
 
   The heads are rearranged inside the rule, and the backward writes the packed qkv cotangent
-  in one stacking pass (the bf16 ViT-B MAE step ~6% faster than slicing q, k, v out of qkv
-  and differentiating the slices). `mask` and `dropout_keep` are as in
-  `dot_product_attention` (heads-major shapes).
+  in one stacking pass, where differentiating slices of qkv would sum three padded copies.
+  `mask` and `dropout_keep` are as in `dot_product_attention` (heads-major shapes).
   """
   return _qkv_attention(float(dropout_rate), qkv, mask, dropout_keep)
 
@@ -290,12 +286,11 @@ def _normal_cdf(x32):
 def gelu(x):
   """Exact GELU as torch's `nn.GELU()` computes it: x/2 (1 + erf(x/sqrt 2)), in float32.
 
-  `jax.nn.gelu(approximate=False)` goes through erfc, which XLA:CPU evaluates at about twice
-  the cost of erf; the ViT-B MAE step was 4% faster with this form. The result has x's
-  dtype; for bf16 inputs only the final value is rounded. The gradient, Phi(x) + x phi(x),
-  is recomputed from x in the backward pass: autodiff would keep the forward's float32
-  erf(x) for it, an [M, 4D] float32 buffer written and read again (bf16 MAE step ~1.3%
-  faster without). Reverse mode only, like any `jax.custom_vjp`.
+  `jax.nn.gelu(approximate=False)` goes through erfc, which XLA:CPU evaluates at a higher
+  cost than erf. The result has x's dtype; for bf16 inputs only the final value is rounded.
+  The gradient, Phi(x) + x phi(x), is recomputed from x in the backward pass: autodiff would
+  keep the forward's float32 erf(x) for it, an [M, 4D] float32 buffer written and read
+  again. Reverse mode only, like any `jax.custom_vjp`.
   """
   x32 = x.astype(jnp.float32)
   return (x32 * _normal_cdf(x32)).astype(x.dtype)
@@ -328,8 +323,8 @@ def layer_norm(x, scale, bias, epsilon):
   The variance is the two-pass mean of squared deviations (torch's; flax's default is
   E[x^2] - E[x]^2). A hand VJP keeps only x and the per-row mean and 1/std: autodiff of
   the same forward had XLA:CPU materialise the broadcast statistics and the scale as full
-  [M, D] arrays and reduce the parameter gradients over the leading axes (the bf16 ViT-B MAE
-  step ~1.5% faster with this one). The result is float32; x's gradient has x's dtype.
+  [M, D] arrays and reduce the parameter gradients over the leading axes. The result is
+  float32; x's gradient has x's dtype.
   """
   return _layer_norm_fwd(x, scale, bias, epsilon)[0]
 
@@ -355,8 +350,8 @@ layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 def add_bias(y, bias):
   """`y + bias` over trailing dims, whose bias gradient is one flat [M, F] column sum.
 
-  Autodiff's reduce over the leading (batch, token) axes becomes a tree of reduce-windows on
-  XLA:CPU that took ~0.6 s of core time in a ~2.7 s ViT-B step; the flat sum is one fast pass.
+  Autodiff's reduce over the leading (batch, token) axes becomes a slow tree of
+  reduce-windows on XLA:CPU; the flat sum is one pass.
   """
   return y + bias
 
@@ -431,10 +426,10 @@ def winograd_conv(x, kernel, dilation: int, padding: tuple[int, int]):
 def conv1d(x, kernel, dilation: int, padding: tuple[int, int]):
   """[B, T, C_in] * [k, C_in, C_out] -> [B, T, C_out], zero padded along T.
 
-  Float32 kernels of 3-7 taps take Winograd's algorithm (`winograd_conv`), which ran the
-  paper's TCN 1.5-1.8x faster than XLA:CPU's convolution (2-core AVX-512). Low-precision
-  inputs keep the direct convolution, accumulated in float32: the transforms would round
-  bfloat16 tiles that they scale by up to 2^6.
+  Float32 kernels of 3-7 taps take Winograd's algorithm (`winograd_conv`), which needs fewer
+  multiplications than XLA:CPU's direct convolution. Low-precision inputs keep the direct
+  convolution, accumulated in float32: the transforms would round bfloat16 tiles that they
+  scale by up to 2^6.
   """
   low = is_low_precision(x.dtype)
   if not low and 3 <= kernel.shape[0] <= 7:

@@ -31,13 +31,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from affect_jax import bench, optim, sharding
+from affect_jax.data import synthetic
+from affect_jax.models import layers, vit
+from affect_jax.train import pretrain
+
 
 def _tiny_mae_steps(tiny_config: ml_collections.ConfigDict, mesh_shape, devices,
                     steps: int = 2):
   """(losses, params) of `steps` tiny MAE train steps on `devices` with `mesh_shape`, of
   `tiny_config` (the tiny MAE pretraining config) at 32 px, batch 16."""
-  from affect_jax import optim, sharding
-  from affect_jax.train import pretrain
   config = tiny_config.copy_and_resolve_references()
   config.data.image_size, config.batch_size = 32, 16
   mesh = sharding.make_mesh(mesh_shape, devices)
@@ -76,7 +79,6 @@ def check_sharded_steps(tiny_config: ml_collections.ConfigDict) -> dict:
 
 def check_kernel_sets() -> dict:
   import flax.linen as nn
-  from affect_jax.models import vit
   tiny = dict(patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=64, num_classes=3)
   x = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 16, 16, 3)), jnp.float32)
   params = nn.unbox(vit.VisionTransformer(**tiny).init(jax.random.key(0), x))["params"]
@@ -121,8 +123,6 @@ def bench_attention(batch: int = 256, tokens: int = 197, heads: int = 12, head_d
 def tiny_pretraining(tiny_config: ml_collections.ConfigDict, steps: int = 50) -> dict:
   """`steps` MAE steps of `tiny_config` (the tiny MAE pretraining config) on synthetic faces
   (written to a temporary folder) at 32 px, a batch of about 16."""
-  from affect_jax.data import synthetic
-  from affect_jax.train import pretrain
   with tempfile.TemporaryDirectory() as tmp:
     root = os.path.join(tmp, "data")
     synthetic.generate(root, synthetic.SyntheticConfig(num_videos=8, min_frames=60, max_frames=90,
@@ -162,8 +162,6 @@ def run(mae_config: ml_collections.ConfigDict, *, tiny_config: ml_collections.Co
   `tiny_config`: the tiny MAE pretraining config, `configs/mae_pretrain.py:
   get_config("tiny")`, of 'sharded_steps' and 'tiny_pretraining' (which run it at 32 px).
   """
-  from affect_jax import bench
-  from affect_jax.models import layers
   device = jax.devices()[0]
   result = {"backend": jax.default_backend(), "device_kind": device.device_kind,
             "devices": jax.device_count(), "processes": jax.process_count(),

@@ -23,6 +23,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from affect_jax import optim, sharding
+from affect_jax.data import loaders, segments
+from affect_jax.models import cpu_kernels, mae, vit
+from affect_jax.train import finetune, pretrain, temporal
+
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity). CPUs have no entry: pass
 # --peak_tflops to get an MFU there.
 PEAK_FLOPS = {
@@ -96,8 +101,6 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
   `config`: the MAE pretraining config (configs/mae_pretrain.py), run with `batch`, `dtype`
   and, where given, `image_size` and `scan_layers` (None = the config's).
   """
-  from affect_jax import optim, sharding
-  from affect_jax.train import pretrain
 
   config = _copy(config)
   config.model.dtype = dtype
@@ -153,8 +156,6 @@ def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
   `dtype`, `mesh_shape`, `scan_layers`, `image_size`: None = the config's (for a preset's
   config, configs.common.set_vit_scale's defaults).
   """
-  from affect_jax import optim, sharding
-  from affect_jax.train import finetune, pretrain
 
   if stage not in ("mae", "finetune"):
     raise ValueError(f"stage must be 'mae' or 'finetune', got {stage!r}")
@@ -238,7 +239,6 @@ def mae_matmul_shapes(config: ml_collections.ConfigDict, batch: int,
   out: < 3% of the FLOPs). Attention rows: (batch, heads, length, head_dim). `count` is the
   number of layers using it.
   """
-  from affect_jax.models import mae, vit
 
   v = vit.VARIANTS[config.model.variant]
   mask_ratio = config.model.mask_ratio
@@ -289,7 +289,6 @@ def bench_matmul_layouts(config: ml_collections.ConfigDict, batch: int = 8, *,
   products, p^T dO) off its bf16 kernel unless it is rewritten (the last two columns).
   """
   import jax.numpy as jnp
-  from affect_jax.models import cpu_kernels
 
   size = image_size or config.data.image_size
   f32 = jnp.float32
@@ -386,7 +385,6 @@ def bench_loader(batch: int, image_size: int, *, worker_count: int = 0, num_batc
   over `repeats` rounds of `num_batches`: img/s (wall clock) and img per CPU-second of the
   process and its workers (its cost per core: the in-process pipeline decodes on several
   threads, so wall-clock img/s alone does not say how many cores it took)."""
-  from affect_jax.data import loaders
   items = loader_inputs(source, image_size) if items is None else items
   read_threads = loaders.READ_THREADS if read_threads is None else read_threads
   it = iter(loaders.pretrain_dataset(items, image_size=image_size, batch_size=batch, seed=0,
@@ -426,9 +424,6 @@ def bench_temporal(task_configs: Mapping[str, ml_collections.ConfigDict], *,
   """
   import jax.numpy as jnp
   import optax
-  from affect_jax import sharding
-  from affect_jax.data import segments
-  from affect_jax.train import temporal
 
   missing = [t for t in TEMPORAL_TASKS if t not in task_configs]
   if missing:

@@ -37,11 +37,13 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
-from affect_jax import fileio
-from affect_jax.report import FRESH  # the fresh draw's key beside the split names
-from affect_jax.data import affwild2, synthetic
+from affect_jax import fileio, pixel_baseline, predict, report
+from affect_jax.data import affwild2, faces, loaders, synthetic
 from affect_jax.data.synthetic import corpus as corpus_lib
 from affect_jax.data.synthetic.writer import MANIFEST, ORACLE
+from affect_jax.models import convert
+from affect_jax.report import FRESH  # the fresh draw's key beside the split names
+from affect_jax.train import extract, finetune, pretrain, temporal
 
 # Where affect-jax ships MAE weights (package data): <name>.safetensors + <name>.json.
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -213,9 +215,6 @@ def export_mae_weights(config: ml_collections.ConfigDict, workdir: str, out_path
   import flax.linen as nn
   import jax
   import safetensors.numpy
-  from affect_jax.data import faces
-  from affect_jax.models import convert
-  from affect_jax.train import pretrain
   _, params = pretrain.load_pretrained(workdir)
   model, size = pretrain.create_model(config), config.data.image_size
   state = convert.add_position_tables(convert.export_timm_state_dict(params), size,
@@ -239,9 +238,6 @@ def score_mae_weights(weights: str, config: ml_collections.ConfigDict, heldout_r
                       recon_png: str | None = None, frames: list[str] | None = None) -> float:
   """Held-out reconstruction loss of a timm-layout MAE file (`pretrain.heldout_loss` on the
   held-out corpus), and optionally the reconstruction picture of `frames`."""
-  from affect_jax.data import faces, loaders
-  from affect_jax.models import convert
-  from affect_jax.train import pretrain
   model = pretrain.create_model(config)
   params = convert.convert_timm_state_dict(convert.load_state_dict(weights),
                                            convert.params_shapes(model))
@@ -262,9 +258,6 @@ def run(out_dir: str, config: ml_collections.ConfigDict, log: Callable[[str], No
   corpus, pretraining, export), 'auto' (shipped where the recipe has them)."""
   if mae not in ("auto", "shipped", "scratch"):
     raise ValueError(f"mae must be 'auto', 'shipped' or 'scratch', got {mae!r}")
-  from affect_jax import pixel_baseline, predict, report
-  from affect_jax.models import convert
-  from affect_jax.train import extract, finetune, pretrain, temporal
   preset, shipped = config.preset, config.mae.shipped
   if mae == "auto":
     mae = "shipped" if shipped else "scratch"

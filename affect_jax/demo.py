@@ -466,9 +466,9 @@ def run(out_dir: str, config: ml_collections.ConfigDict, log: Callable[[str], No
                        segment_len, pixels, pairs)
     for task, png in (("VA", "va_prediction.png"), ("AU", "au_raster.png")):  # a video each
       video = affwild2.list_videos(root, task, affwild2.VALIDATION_SET)[0]
-      predict.plot_run_video(os.path.join(out_dir, "report", png), results[task]["tcn_tf_v"]["workdir"],
-                             affwild2.VALIDATION_SET, video,
-                             f"{task}, validation video {video} (TCN+Transformer, visual)")
+      predict.plot_run_video(
+          os.path.join(out_dir, "report", png), results[task]["tcn_tf_v"]["workdir"],
+          affwild2.VALIDATION_SET, video, f"{task}, validation video {video} (TCN+Transformer, visual)")
     return out
 
   summary = step("report", {"v": 4, "results": {t: {n: r.get("best_step") for n, r in v.items()}

@@ -60,14 +60,19 @@ def load(workdir: str, stride: int | None = None, data: Mapping[str, str] | None
 
 
 def plot_run_video(path, workdir: str, split: str, video: str, title: str = "",
-                   stride: int | None = None) -> None:
+                   stride: int | None = None) -> bool:
   """Plots what the trained run in `workdir` predicts for one video of `split` against its
-  labels (`plot_video`; test labels where the dataset has them)."""
+  labels (`plot_video`; test labels where the dataset has them). False, and nothing
+  plotted, when the run's task does not list `video` in `split`."""
+  config = _run_config(workdir, None)
+  if video not in affwild2.list_videos(config.data.root, config.task, split):
+    return False
   config, fn, _ = load(workdir, stride)
   v = affwild2.load_video(config.data.root, config.task, split, video, True,
                           affwild2.max_unmatched(config))
   out = fn({video: v.num_frames})[video]
   plot_video(path, config.task, out, v.labels, title or f"{config.task} {video}", config.data.fps)
+  return True
 
 
 def split_frames(root: str, task: str, split: str,

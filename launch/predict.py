@@ -34,8 +34,11 @@ def main(argv):
   if _PLOT.value:
     for task, workdir in workdirs.items():
       png = fileio.path(_OUT.value) / f"{task}_{_PLOT.value}.png"
-      predict.plot_run_video(png, workdir, _SPLIT.value, _PLOT.value, stride=_STRIDE.value or None)
-      print(f"plot: {png}")
+      if predict.plot_run_video(png, workdir, _SPLIT.value, _PLOT.value,
+                                stride=_STRIDE.value or None):
+        print(f"plot: {png}")
+      else:
+        print(f"{task}: {_PLOT.value} is not among its {_SPLIT.value} videos: no plot")
 
 if __name__ == "__main__":
   hostenv.configure()

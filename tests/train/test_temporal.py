@@ -155,6 +155,13 @@ def test_submission_files_parse_back_with_the_data_layer(synthetic_root, va_run,
   png = tmp_path / "plot.png"
   predict.plot_video(str(png), "VA", back[video], None, "t")
   assert png.stat().st_size > 1000
+  # One video of the run's split plotted against its labels; a video the split lacks is no plot.
+  png = tmp_path / "video.png"
+  assert predict.plot_run_video(str(png), str(workdir), affwild2.TEST_SET, video)
+  assert png.stat().st_size > 1000
+  assert not predict.plot_run_video(str(tmp_path / "none.png"), str(workdir), affwild2.TEST_SET,
+                                    "no_such_video")
+  assert not (tmp_path / "none.png").exists()
 
 
 def test_paired_comparison_of_two_runs(synthetic_root, extracted, va_run, tmp_path):

@@ -193,9 +193,10 @@ def open_workdir(config: ml_collections.ConfigDict, workdir, job: str):
                             "to continue it")
     if saved is not None:
       old, new = _flat(saved["config"]), _flat(record["config"])
-      # A field the saved run did not have (added by a later version) is not compared.
-      differ = sorted(k for k in old
-                      if old.get(k) != new.get(k) and k not in MAY_CHANGE_ON_RESUME)
+      # Only fields both configs have are compared: one added or removed by another version
+      # of the code is no setting of this run's.
+      differ = sorted(k for k in old.keys() & new.keys()
+                      if old[k] != new[k] and k not in MAY_CHANGE_ON_RESUME)
       if differ:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:6])
         raise FileExistsError(f"{workdir} holds a {job} run of another config ({shown}"

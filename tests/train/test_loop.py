@@ -1,6 +1,7 @@
 """The shared loop on a toy problem: evaluation, best-state export, resume."""
 
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +107,6 @@ def _with_checkpoint(workdir):
 
 
 def test_open_workdir_records_the_run(tmp_path):
-  import json
   workdir = loop.open_workdir(_job_config(), tmp_path / "w", "pretrain")
   record = json.loads((workdir / "job.json").read_text())
   assert record["job"] == "pretrain" and record["config"]["optim"] == {"lr": 1e-3}
@@ -130,6 +130,14 @@ def test_open_workdir_refuses_another_config_naming_the_fields(tmp_path):
   other.optim.lr = 0.5
   with pytest.raises(FileExistsError, match=r"another config \(optim.lr: 0.001 -> 0.5, seed: 0 -> 3\)"):
     loop.open_workdir(other, tmp_path, "finetune")
+  # A field another version of the code added or removed is not a change of this run's.
+  newer = _job_config()
+  newer.added_later = 1
+  loop.open_workdir(newer, tmp_path, "finetune")
+  record = json.loads((tmp_path / "job.json").read_text())
+  record["config"]["removed_since"] = "x"
+  (tmp_path / "job.json").write_text(json.dumps(record))
+  loop.open_workdir(_job_config(), tmp_path, "finetune")
 
 
 def test_open_workdir_without_resume_refuses_a_used_workdir(tmp_path):

@@ -53,7 +53,7 @@ def _sizes(preset: str) -> dict:
         data=synthetic.SyntheticConfig(num_videos=240, min_frames=60, max_frames=120,
                                        image_size=64),
         image_size=48, ft_steps=1500, segment_len=64, stride=48, temporal_steps=300, batch=32,
-        fresh_videos=48,
+        fresh_videos=96,
         mae=dict(corpus=corpus.FaceCorpusConfig(num_identities=20000, image_size=64, seed=1),
                  steps=6000, batch=128, shipped="mae_tiny_synthetic_faces"))
   if preset == "full":  # the paper's sizes (ViT-B/16 at 224, 300/200 segments)

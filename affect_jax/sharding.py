@@ -106,12 +106,6 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def batch_shardings(mesh: Mesh, ranks: Mapping[str, int]) -> dict[str, NamedSharding]:
-  """{name: `batch_sharding`} of a batch whose arrays have the given ranks (batch axis
-  included)."""
-  return {name: batch_sharding(mesh, rank) for name, rank in ranks.items()}
-
-
 def shard_batch(batch, mesh: Mesh):
   """Host-local numpy batch -> global jax arrays split over ('data', 'fsdp').
 

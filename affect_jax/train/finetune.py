@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -85,9 +85,10 @@ def initial_encoder(config: ml_collections.ConfigDict) -> dict | None:
   raise ValueError(f"config.init.kind: unknown {kind!r} (mae | converted | random)")
 
 
-def init_fn(config, model, schedule, pretrained: dict | None) -> Callable:
-  """rng -> the initial TrainState: AdamW with layer-wise LR decay over the ViT's params,
-  the encoder's filled from `pretrained` (host arrays) when given."""
+def create_train_state(config, model, rng, mesh, schedule, pretrained: dict | None,
+                       abstract: bool = False):
+  """Sharded TrainState: AdamW with layer-wise LR decay over the ViT's params, the encoder's
+  filled from `pretrained` (host arrays) when given."""
   size = config.data.image_size
   tx = optax.chain(optim.make_optimizer(config.optim, schedule=schedule),
                    optim.layerwise_lr_decay(config.layer_decay, model.depth))
@@ -102,13 +103,7 @@ def init_fn(config, model, schedule, pretrained: dict | None) -> Callable:
           is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     return loop.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
-  return init
-
-
-def create_train_state(config, model, rng, mesh, schedule, pretrained: dict | None,
-                       abstract: bool = False):
-  return loop.create_sharded_state(init_fn(config, model, schedule, pretrained), rng, mesh,
-                                   sharding.rules_from_config(config.axis_rules), abstract)
+  return loop.create_state(config, init, rng, mesh, abstract)
 
 
 def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing,
@@ -147,9 +142,9 @@ def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing,
       "loss": loss, "accuracy": acc, "grad_norm": optim.global_norm(grads), "lr": schedule(state.step)}
 
 
-def step_fn(model, config, schedule, mesh, weights=None) -> Callable:
-  """`train_step` with the config's settings bound: (state, batch) -> (state, metrics)."""
-  return functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
+def jit_train_step(model, config, schedule, state_shardings, mesh, weights=None):
+  """The sharded, jitted step (`loop.jit_step`)."""
+  step = functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
                            weights=None if weights is None else jnp.asarray(weights),
                            label_smoothing=config.label_smoothing,
                            mixup_alpha=config.get("mixup", 0.0),
@@ -157,15 +152,9 @@ def step_fn(model, config, schedule, mesh, weights=None) -> Callable:
                            mix_switch_prob=config.get("mix_switch_prob", 0.5),
                            mix_shards=sharding.batch_divisor(mesh),
                            grad_accum_steps=config.get("grad_accum_steps", 1))
-
-
-BATCH_RANKS = {"image": 4, "label": 1}
-
-
-def jit_train_step(model, config, schedule, state_shardings, mesh, weights=None):
-  """The sharded, jitted step (`loop.jit_step`)."""
-  return loop.jit_step(step_fn(model, config, schedule, mesh, weights), config, mesh,
-                       state_shardings, sharding.batch_shardings(mesh, BATCH_RANKS))
+  return loop.jit_step(step, config, mesh, state_shardings,
+                       {"image": sharding.batch_sharding(mesh, 4),
+                        "label": sharding.batch_sharding(mesh, 1)})
 
 
 def make_apply_fn(model, mesh):
@@ -205,10 +194,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
   steps_per_epoch = max(len(train) // config.batch_size, 1)
   total = stage.plan(steps_per_epoch)
   model = create_model(config)
-  state, shardings = stage.create_state(init_fn(config, model, stage.schedule,
-                                                initial_encoder(config)))
-  train_fn = stage.jit_step(step_fn(model, config, stage.schedule, mesh, weights), shardings,
-                            sharding.batch_shardings(mesh, BATCH_RANKS))
+  state, shardings = create_train_state(config, model, jax.random.key(config.seed), mesh,
+                                        stage.schedule, initial_encoder(config))
+  train_fn = jit_train_step(model, config, stage.schedule, shardings, mesh, weights)
   apply_fn = make_apply_fn(model, mesh)
 
   def evaluate(st):

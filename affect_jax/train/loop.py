@@ -2,14 +2,14 @@
 loop around a jitted step, checkpoint/resume, progress with ETA, metric files.
 
 A stage is data + model + step + `Stage.run`: it supplies pure functions (init, step) and a
-dataset; `Stage` owns the rest (workdir, mesh and batch check, schedule, sharded state, the
-jitted step with its shardings and donation, the loop), so pretraining, fine-tuning and the
-temporal model share one copy of it:
+dataset; this module owns the rest (workdir, mesh and batch check, schedule, sharded state,
+the jitted step with its shardings and donation, the loop), so pretraining, fine-tuning and
+the temporal model share one copy of it:
 
-  stage = loop.Stage.open(config, workdir, "finetune")
-  stage.plan(steps_per_epoch)                       # total steps and the LR schedule
-  state, shardings = stage.create_state(init_fn)   # init_fn(rng) -> TrainState
-  step_fn = stage.jit_step(step, shardings, batch_shardings)
+  stage = loop.Stage.open(config, workdir, "finetune")  # workdir, mesh, batch check
+  stage.plan(steps_per_epoch)                           # total steps and the LR schedule
+  state, shardings = loop.create_state(config, init, key, stage.mesh)
+  step_fn = loop.jit_step(step, config, stage.mesh, shardings, batch_shardings)
   state, history = stage.run(state, step_fn, dataset, items_per_step=..., eval_fn=...)
 """
 
@@ -53,6 +53,13 @@ def create_sharded_state(init_fn: Callable[[jax.Array], Any], rng: jax.Array, me
                         nn.meta.unbox(shapes), shardings), shardings
   state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
   return state, shardings
+
+
+def create_state(config: ml_collections.ConfigDict, init_fn: Callable[[jax.Array], Any],
+                 rng: jax.Array, mesh, abstract: bool = False):
+  """`create_sharded_state` with the config's logical-axis rules (config.axis_rules)."""
+  return create_sharded_state(init_fn, rng, mesh, sharding.rules_from_config(config.axis_rules),
+                              abstract)
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -378,7 +385,7 @@ class Stage:
   """One training run's shared setup: its checked workdir (`open_workdir`), the device mesh
   (config.mesh_shape) with the global batch checked against it, and after `plan` the total
   steps and the learning-rate schedule. `run` trains with the config's logging and
-  checkpointing settings."""
+  checkpointing settings. The state comes from `create_state`, the step from `jit_step`."""
   config: ml_collections.ConfigDict
   workdir: Any  # epath.Path
   mesh: Any
@@ -398,14 +405,6 @@ class Stage:
     self.total_steps = optim.total_steps(self.config, steps_per_epoch)
     self.schedule = optim.schedule_for(self.config, self.total_steps)
     return self.total_steps
-
-  def create_state(self, init_fn: Callable[[jax.Array], Any], abstract: bool = False):
-    """(state, shardings): `init_fn(key(config.seed))` created in its sharded layout."""
-    return create_sharded_state(init_fn, jax.random.key(self.config.seed), self.mesh,
-                                sharding.rules_from_config(self.config.axis_rules), abstract)
-
-  def jit_step(self, step_fn: Callable, state_shardings, batch_shardings) -> Callable:
-    return jit_step(step_fn, self.config, self.mesh, state_shardings, batch_shardings)
 
   def run(self, state, step_fn: Callable, dataset, *, items_per_step: int, unit: str = "img",
           prefetch: int | None = None, **kwargs) -> tuple[Any, list[dict]]:

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,8 @@ def create_model(config: ml_collections.ConfigDict) -> mae.MaskedAutoencoder:
       scan_layers=m.get("scan_layers", False))
 
 
-def init_fn(config, model, schedule) -> Callable[[jax.Array], loop.TrainState]:
-  """rng -> the initial TrainState (AdamW over the MAE's params, logically boxed)."""
+def create_train_state(config, model, rng, mesh, schedule, abstract: bool = False):
+  """Sharded TrainState; parameters and AdamW moments laid out by the logical rules."""
   size = config.data.image_size
   tx = optim.make_optimizer(config.optim, schedule=schedule)
 
@@ -43,13 +43,7 @@ def init_fn(config, model, schedule) -> Callable[[jax.Array], loop.TrainState]:
                            jnp.zeros((1, size, size, 3), jnp.float32), train=False)
     return loop.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
 
-  return init
-
-
-def create_train_state(config, model, rng, mesh, schedule, abstract: bool = False):
-  """Sharded TrainState; parameters and AdamW moments laid out by the logical rules."""
-  return loop.create_sharded_state(init_fn(config, model, schedule), rng, mesh,
-                                   sharding.rules_from_config(config.axis_rules), abstract)
+  return loop.create_state(config, init, rng, mesh, abstract)
 
 
 def train_step(state: loop.TrainState, batch: dict, *, model: mae.MaskedAutoencoder, seed: int,
@@ -77,19 +71,12 @@ def train_step(state: loop.TrainState, batch: dict, *, model: mae.MaskedAutoenco
   return state.apply_gradients(grads=grads), metrics
 
 
-def step_fn(model, config, schedule) -> Callable:
-  """`train_step` with the config's settings bound: (state, batch) -> (state, metrics)."""
-  return functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
-                           grad_accum_steps=config.get("grad_accum_steps", 1))
-
-
-BATCH_RANKS = {"image": 4}
-
-
 def jit_train_step(model, config, schedule, state_shardings, mesh):
   """The sharded, jitted step (`loop.jit_step`)."""
-  return loop.jit_step(step_fn(model, config, schedule), config, mesh, state_shardings,
-                       sharding.batch_shardings(mesh, BATCH_RANKS))
+  step = functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
+                           grad_accum_steps=config.get("grad_accum_steps", 1))
+  return loop.jit_step(step, config, mesh, state_shardings,
+                       {"image": sharding.batch_sharding(mesh, 4)})
 
 
 def heldout_loss(model: mae.MaskedAutoencoder, params, paths, *, image_size: int, seed: int = 0,
@@ -163,9 +150,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   loaders.check_readable(paths, ",".join(sources.face_roots(config)), "the face corpus")
   total = stage.plan(len(paths) / config.batch_size)
   model = create_model(config)
-  state, shardings = stage.create_state(init_fn(config, model, stage.schedule))
-  train_fn = stage.jit_step(step_fn(model, config, stage.schedule), shardings,
-                            sharding.batch_shardings(mesh, BATCH_RANKS))
+  state, shardings = create_train_state(config, model, jax.random.key(config.seed), mesh,
+                                        stage.schedule)
+  train_fn = jit_train_step(model, config, stage.schedule, shardings, mesh)
   ds = loaders.pretrain_dataset(
       paths, image_size=config.data.image_size, batch_size=config.batch_size // jax.process_count(),
       seed=config.seed, **loaders.options(config.data), crop_scale=tuple(config.data.crop_scale),

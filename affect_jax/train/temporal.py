@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import types
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -101,9 +101,9 @@ def frame_outputs(task: str, out):
   return tasks.get(task).activate(out)
 
 
-def init_fn(config, model, schedule, input_dims: Mapping[str, int]) -> Callable:
-  """rng -> the initial TrainState (params and BatchNorm statistics) for features of
-  `input_dims` widths."""
+def create_train_state(config, model, rng, mesh, schedule, input_dims: Mapping[str, int]):
+  """Sharded TrainState (params and BatchNorm statistics) for features of `input_dims`
+  widths."""
   tx = optim.make_optimizer(config.optim, schedule=schedule)
   inputs, mask = temporal.example_inputs(input_dims, batch=1, length=config.data.segment_len)
 
@@ -112,12 +112,7 @@ def init_fn(config, model, schedule, input_dims: Mapping[str, int]) -> Callable:
     return loop.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                                   batch_stats=variables.get("batch_stats", {}))
 
-  return init
-
-
-def create_train_state(config, model, rng, mesh, schedule, input_dims: Mapping[str, int]):
-  return loop.create_sharded_state(init_fn(config, model, schedule, input_dims), rng, mesh,
-                                   sharding.rules_from_config(config.axis_rules))
+  return loop.create_state(config, init, rng, mesh)
 
 
 def train_step(state, batch, *, model, task, modalities, seed, schedule, class_weights, pos_weight):
@@ -258,15 +253,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps_per_epoch = max(len(source) // config.batch_size, 1)
   total = stage.plan(steps_per_epoch)
   model = create_model(config)
-  state, shardings = stage.create_state(
-      init_fn(config, model, stage.schedule, {m: s.dim for m, s in stores.items()}))
+  state, shardings = create_train_state(config, model, jax.random.key(config.seed), mesh,
+                                        stage.schedule, {m: s.dim for m, s in stores.items()})
   cw = jnp.asarray(config.class_weights, jnp.float32) if len(config.class_weights) else None
   pw = jnp.asarray(config.pos_weight, jnp.float32) if len(config.pos_weight) else None
   step = functools.partial(train_step, model=model, task=task, modalities=tuple(stores),
                            seed=config.seed, schedule=stage.schedule, class_weights=cw,
                            pos_weight=pw)
-  step_fn = stage.jit_step(step, shardings, sharding.batch_shardings(
-      mesh, {k: np.ndim(v) + 1 for k, v in source[0].items()}))
+  step_fn = loop.jit_step(step, config, mesh, shardings, {
+      k: sharding.batch_sharding(mesh, np.ndim(v) + 1) for k, v in source[0].items()})
   predict_fn = make_predict_fn(model, task, mesh)
   predict = functools.partial(predict_videos, predict_fn, stores=stores,
                               segment_len=config.data.segment_len, stride=config.data.predict_stride,
@@ -365,7 +360,8 @@ def import_weights(config: ml_collections.ConfigDict, variables: Mapping[str, An
     diff = sorted(k for k in set(fw) | set(fg) if fw.get(k) != fg.get(k))
     raise ValueError(
         f"{source}: the weights do not fit config.model (tcn_channels "
-        f"{tuple(config.model.tcn_channels)}, d_model {config.model.d_model}, {len(diff)} names or shapes differ, e.g. "
+        f"{tuple(config.model.tcn_channels)}, d_model {config.model.d_model}, {len(diff)} "
+        "names or shapes differ, e.g. "
         + ", ".join(f"{k}: weights {fg.get(k)}, model {fw.get(k)}" for k in diff[:3]) + ")")
   arrays = {k: jax.tree.map(np.asarray, v) for k, v in variables.items()}
   with checkpoint.make_manager(fileio.path(workdir) / checkpoint.CHECKPOINTS_DIR, save_every=1) as m:

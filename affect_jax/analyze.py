@@ -85,7 +85,7 @@ def find_faces(video_path: str, work: str, settings: FaceSettings = FaceSettings
   marker = os.path.join(work, FACES_FILE)
   key = {"video": fileio.stat_fingerprint([video_path]), "settings": dataclasses.asdict(settings)}
   if os.path.isfile(marker):
-    record = json.loads(open(marker).read())
+    record = json.loads(fileio.path(marker).read_text())
     if record.get("key") == key:
       log(f"{name}: faces found earlier ({record['num_frames']} frames), reused")
       return record
@@ -228,7 +228,7 @@ def analyze(video_path: str, out_dir: str, workdirs: Mapping[str, str], *,
   if jax.process_index() == 0:
     find_faces(video_path, work, settings, log)
   sharding.barrier(f"faces of {video_path}")
-  faces = json.loads(open(os.path.join(work, FACES_FILE)).read())
+  faces = json.loads((fileio.path(work) / FACES_FILE).read_text())
   seconds["faces"] = time.perf_counter() - start
   n, tree = faces["num_frames"], os.path.join(work, TREE_DIR)
   for task, config in configs.items():

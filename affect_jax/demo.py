@@ -465,6 +465,8 @@ def run(out_dir: str, config: ml_collections.ConfigDict, log: Callable[[str], No
     out = report.write(out_dir, results, oracle, ft_scores, data["summary"], strides,
                        segment_len, pixels, pairs)
     for task, png in (("VA", "va_prediction.png"), ("AU", "au_raster.png")):  # a video each
+      if "tcn_tf_v" not in results.get(task, {}):  # a config without that variant
+        continue
       video = affwild2.list_videos(root, task, affwild2.VALIDATION_SET)[0]
       predict.plot_run_video(
           os.path.join(out_dir, "report", png), results[task]["tcn_tf_v"]["workdir"],

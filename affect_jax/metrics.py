@@ -17,6 +17,7 @@ import numpy as np
 
 from affect_jax import tasks
 from affect_jax.tasks import AU_NAMES, EXPR_NAMES, INVALID_AU, INVALID_EXPR, INVALID_VA, VA_NAMES
+
 NUM_EXPR = len(EXPR_NAMES)
 NUM_AU = len(AU_NAMES)
 # The key of each task's headline score: VA mean CCC, Expr macro-F1, AU mean F1.

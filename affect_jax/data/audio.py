@@ -33,6 +33,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import fft, signal
 
 from affect_jax.data import affwild2
+from affect_jax.fileio import atomic_write
 from affect_jax.data.affwild2 import AUDIO_RATE
 
 KINDS = ("logmel", "mfcc", "logmel+prosody")
@@ -98,7 +99,6 @@ def read_wav(path) -> tuple[np.ndarray, int]:
 def write_wav(path, samples: np.ndarray, rate: int = AUDIO_RATE) -> None:
   """Mono 16-bit PCM, atomically: int16 samples as they are, float ones in [-1, 1] scaled
   (and clipped) to int16."""
-  from affect_jax.fileio import atomic_write
   x = np.asarray(samples).reshape(-1)
   if x.dtype != np.int16:
     x = np.round(np.clip(x.astype(np.float64), -1.0, 32767 / 32768) * 32768).astype(np.int16)

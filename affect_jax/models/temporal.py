@@ -288,11 +288,8 @@ def from_config(model: Mapping[str, Any], out_dim: int) -> nn.Module:
   hidden = options.pop("mlp_hidden", 512)
   if kind == "frame_mlp":
     return FrameMLP(out_dim, hidden=hidden, **{k: v for k, v in options.items()
-                                               if k in _FRAME_MLP_OPTIONS})
+                                               if k in FrameMLP.__dataclass_fields__})
   return make_temporal_model(out_dim, **options)
-
-
-_FRAME_MLP_OPTIONS = ("dropout", "modalities", "dtype", "param_dtype", "kernels")
 
 
 def modalities(value) -> tuple[str, ...]:

@@ -136,6 +136,7 @@ def write_annotation(path: str | os.PathLike, task: str, labels: np.ndarray) -> 
   rows = np.asarray(labels).reshape(-1, spec.label_width)
   write_text_atomic(path, "\n".join([spec.header, *map(spec.format_label, rows)]) + "\n")
 
+
 def invalid_labels(task: str, num_frames: int) -> np.ndarray:
   """A task's labels of `num_frames` frames, all invalid."""
   return tasks.get(task).invalid_labels(num_frames)

@@ -37,7 +37,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
-from affect_jax import fileio, pixel_baseline, predict, report
+from affect_jax import fileio, pixel_baseline, predict, report, tasks
 from affect_jax.data import affwild2, faces, loaders, synthetic
 from affect_jax.data.synthetic import corpus as corpus_lib
 from affect_jax.data.synthetic.writer import MANIFEST, ORACLE
@@ -467,13 +467,15 @@ def run(out_dir: str, config: ml_collections.ConfigDict, log: Callable[[str], No
     for task, png in (("VA", "va_prediction.png"), ("AU", "au_raster.png")):  # a video each
       if "tcn_tf_v" not in results.get(task, {}):  # a config without that variant
         continue
-      video = affwild2.list_videos(root, task, affwild2.VALIDATION_SET)[0]
+      workdir = results[task]["tcn_tf_v"]["workdir"]
+      video, score = predict.median_video(workdir, affwild2.VALIDATION_SET)
       predict.plot_run_video(
-          os.path.join(out_dir, "report", png), results[task]["tcn_tf_v"]["workdir"],
-          affwild2.VALIDATION_SET, video, f"{task}, validation video {video} (TCN+Transformer, visual)")
+          os.path.join(out_dir, "report", png), workdir, affwild2.VALIDATION_SET, video,
+          f"{task}, TCN+Transformer (visual), validation video {video}: the median of the "
+          f"videos' own {tasks.get(task).score_name} ({score:.2f} on this video alone)")
     return out
 
-  summary = step("report", {"v": 4, "results": {t: {n: r.get("best_step") for n, r in v.items()}
+  summary = step("report", {"v": 5, "results": {t: {n: r.get("best_step") for n, r in v.items()}
                                                  for t, v in results.items()}, "strides": strides,
                            "pixels": pixels, "pairs": pairs}, report_stage,
                  after=tuple(step.made_from))  # the report draws on every stage

@@ -155,6 +155,20 @@ def decided(workdir: str, splits=(affwild2.VALIDATION_SET, affwild2.TEST_SET), *
   return out
 
 
+def median_video(workdir: str, split: str = affwild2.VALIDATION_SET) -> tuple[str, float]:
+  """(video, its score): the labelled video of `split` whose own headline score (the task's
+  metric on that video alone) is the median of the split's, the lower middle one for an even
+  count. A typical example to plot, neither the best video nor the worst."""
+  preds, labels = decided(workdir, (split,))[split]
+  task = _run_config(workdir, None).task
+  ranked = sorted((s, v) for v in preds
+                  if np.isfinite(s := metrics.main_score(task, preds[v], labels[v])))
+  if not ranked:
+    raise ValueError(f"{workdir}: no video of {split} has a finite {task} score")
+  score, video = ranked[(len(ranked) - 1) // 2]
+  return video, float(score)
+
+
 def compare_models(workdir_a: str, workdir_b: str,
                    splits=(affwild2.VALIDATION_SET, affwild2.TEST_SET), *,
                    num_samples: int = 1000, level: float = metrics.INTERVAL_LEVEL,

@@ -164,6 +164,32 @@ def test_submission_files_parse_back_with_the_data_layer(synthetic_root, va_run,
   assert not (tmp_path / "none.png").exists()
 
 
+def test_median_video_is_the_middle_of_the_per_video_scores(synthetic_root, va_run):
+  """The plotted example: the video whose own CCC (recomputed here in float64 from the run's
+  predictions and the label files) is the lower median of the split's; the training split,
+  the one with several videos here."""
+  from affect_jax import predict
+  from affect_jax.data import affwild2
+  workdir, _ = va_run
+  _, fn, _ = predict.load(str(workdir))
+  frames = predict.split_frames(str(synthetic_root), "VA", affwild2.TRAIN_SET)
+  assert len(frames) >= 4
+  out = fn(frames)
+  own = {}
+  for video in frames:
+    labels = affwild2.load_video(str(synthetic_root), "VA", affwild2.TRAIN_SET, video).labels
+    valid = (labels > -5).all(axis=1)  # Aff-Wild2's -5 marks an invalid frame
+    p, l = np.clip(out[video], -1, 1)[valid].astype(np.float64), labels[valid].astype(np.float64)
+    cccs = [2 * np.cov(p[:, k], l[:, k], bias=True)[0, 1]
+            / (p[:, k].var() + l[:, k].var() + (p[:, k].mean() - l[:, k].mean()) ** 2)
+            for k in range(2)]
+    own[video] = float(np.mean(cccs))
+  ranked = sorted(own, key=own.get)
+  video, score = predict.median_video(str(workdir), affwild2.TRAIN_SET)
+  assert video == ranked[(len(ranked) - 1) // 2]
+  assert score == pytest.approx(own[video], abs=1e-4)
+
+
 def test_paired_comparison_of_two_runs(synthetic_root, extracted, va_run, tmp_path):
   from affect_jax import predict
   from affect_jax.data import affwild2

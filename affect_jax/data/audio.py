@@ -33,8 +33,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import fft, signal
 
 from affect_jax.data import affwild2
-from affect_jax.fileio import atomic_write
 from affect_jax.data.affwild2 import AUDIO_RATE
+from affect_jax.fileio import atomic_write
 
 KINDS = ("logmel", "mfcc", "logmel+prosody")
 PROSODY_NAMES = ("log_rms", "zcr", "f0", "voicing")

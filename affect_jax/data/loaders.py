@@ -59,17 +59,24 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
 _skipped = 0  # per worker process
 
 
-def load_rgb(image: str | bytes) -> Image.Image:
-  """The decoded image (a path, or a file's encoded bytes) as RGB (grey, RGBA, CMYK...
-  converted); raises if unreadable."""
+def load_rgb(image: str | bytes | np.ndarray) -> Image.Image:
+  """The decoded image (a path, a file's encoded bytes, or pixels already decoded: uint8
+  [H, W, 3], as an RGB TFDS dataset stores them) as RGB (grey, RGBA, CMYK... converted);
+  raises if unreadable."""
+  if isinstance(image, np.ndarray):
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f"decoded pixels of shape {image.shape} and dtype {image.dtype}: "
+                       "expected uint8 [H, W, 3]")
+    return Image.fromarray(image)
   with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
     im.load()
     return im.convert("RGB")
 
 
-def _encoded(record: dict) -> str | bytes:
-  """What to decode: the record's image bytes (a TFDS record) or its path (a folder's)."""
-  return record["image"] if isinstance(record.get("image"), bytes) else record["path"]
+def _encoded(record: dict) -> str | bytes | np.ndarray:
+  """What to decode: the record's image (a TFDS record's bytes or pixels) or its path (a
+  folder's)."""
+  return record["image"] if "image" in record else record["path"]
 
 
 def _open_rgb(record: dict) -> Image.Image | None:
@@ -136,6 +143,39 @@ class RandomResizedCropFlip(grain.transforms.RandomMap):
       # more than the JPEG decode at 224 px.
       im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _with_image(record, np.asarray(im, dtype=np.uint8))
+
+
+class CropBoxFlip(grain.transforms.RandomMap):
+  """path or {'path', ...} -> {'image': uint8 [S0, S0, 3], 'crop': float32 [4], 'flip': bool,
+  ...}: `RandomResizedCropFlip`'s random crop box and flip, drawn the same way from the same
+  numbers, left for the device to apply (`affect_jax.data.augment`). The image goes as it is
+  stored when it is `source_size` square (Aff-Wild2's crops, an RGB TFDS dataset), else
+  resized to that first (the box is drawn on the resized image); None if unreadable."""
+
+  def __init__(self, source_size: int, scale=(0.2, 1.0), flip: bool = True):
+    self.source_size = source_size
+    self.scale = tuple(scale)
+    self.flip = flip
+
+  def random_map(self, item, rng: np.random.Generator):
+    record = _as_record(item)
+    size = self.source_size
+    image = _encoded(record)
+    if isinstance(image, np.ndarray) and image.shape == (size, size, 3) and image.dtype == np.uint8:
+      x = image  # pixels as stored: no decode, no copy until the batch is stacked
+    else:
+      im = _open_rgb(record)
+      if im is None:
+        return None
+      if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BICUBIC)
+      x = np.asarray(im, dtype=np.uint8)
+    box = random_resized_crop_box(size, size, rng, self.scale)
+    flip = bool(self.flip and rng.random() < 0.5)
+    out = _with_image(record, x)
+    out["crop"] = np.asarray(box, np.float32)
+    out["flip"] = np.bool_(flip)
+    return out
 
 
 class ResizeImage(grain.transforms.Map):
@@ -375,16 +415,24 @@ def _sequence(items) -> Sequence:
 def pretrain_dataset(items: Sequence, *, image_size: int, batch_size: int, seed: int,
                      num_epochs: int | None = None, worker_count: int = -1,
                      crop_scale=(0.2, 1.0), flip: bool = True, read_threads: int = READ_THREADS,
+                     augment: str = "host", source_size: int = 0,
                      shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
   """Shuffled, augmented, batched images (paths, or records with a 'path' and e.g. a label).
 
   `batch_size` is this process's share of the global batch; each process reads only its
   rows of every global batch (`process_rows`), so the global batches are the same for any
   number of processes. Every epoch is reshuffled; unreadable files are skipped (and
-  logged), so batches stay full.
+  logged), so batches stay full. `augment='device'` leaves the crop-resize and flip to the
+  step (`CropBoxFlip`: images at `source_size`, 0 = image_size, with their boxes and flips).
   """
   ds = grain.MapDataset.source(_sequence(items)).shuffle(seed=seed).repeat(num_epochs)
-  ds = ds.random_map(RandomResizedCropFlip(image_size, crop_scale, flip), seed=seed)
+  if augment == "device":
+    transform = CropBoxFlip(source_size or image_size, crop_scale, flip)
+  elif augment == "host":
+    transform = RandomResizedCropFlip(image_size, crop_scale, flip)
+  else:
+    raise ValueError(f"augment={augment!r}: expected 'host' or 'device'")
+  ds = ds.random_map(transform, seed=seed)
   return _finish(process_rows(ds, batch_size, shard_index, shard_count), batch_size, True,
                  worker_count, read_threads)
 

@@ -22,6 +22,17 @@ random-access sequences of the same records the folder readers make (the encoded
 in place of a path), so `affect_jax.data.loaders` takes either and decodes, crops and batches
 them the same way. Records are stored as the files' bytes: decoding (and skipping a corrupt
 one, logged and counted) happens in the loaders, as for a folder.
+
+With `pixels=S` (launch/build_tfds.py --pixels=S) a build stores each image decoded instead:
+RGB uint8 [S, S, 3] (resized with PIL bicubic when not S x S: a non-square image is squashed),
+as one bytes value per record, in the config `rgb{S}` (`<data_dir>/<name>/rgb{S}/<version>`,
+beside the encoded build). Use it where decoding costs more CPU than reading, on hosts feeding
+accelerators: the decode is paid once at build time instead of every epoch, and with the crop on
+the device (`data.augment='device'`) the loader is left nearly nothing to do per image
+(launch/bench.py --what=loader). It costs S*S*3 bytes per image (37.6 KB at 112 against ~5 KB
+of JPEG). A file that
+cannot be decoded is stored empty and listed in metadata["undecodable"]; the loaders skip it
+as they skip a corrupt file.
 """
 
 from __future__ import annotations
@@ -34,11 +45,13 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.proto import tf_example_pb2
+from absl import logging
 from etils import epath
+from PIL import Image
+from tensorflow_datasets.proto import tf_example_pb2
 
 from affect_jax import fileio
-from affect_jax.data import affwild2, faces
+from affect_jax.data import affwild2, faces, loaders
 
 FACE_IMAGES = "face_images"
 AFFWILD2_FRAMES = "aff_wild2_frames"
@@ -47,19 +60,69 @@ FRAMES_SPLIT = "frames"
 EXPR_CODES = "01234567"  # metadata: one character per frame, '-' for an invalid label
 _READ_THREADS = 16
 _READ_CHUNK = 256
+MIN_PIXELS = 8
 
 
-def _read_bytes(paths: Iterable[str | os.PathLike], threads: int = _READ_THREADS) -> Iterator[bytes]:
-  """The files' bytes in order, read by a thread pool (overlaps a bucket's latency)."""
+def _check_pixels(pixels: int | None) -> int | None:
+  if pixels is not None and (not isinstance(pixels, (int, np.integer)) or pixels < MIN_PIXELS):
+    raise ValueError(f"pixels={pixels!r}: expected None (the files' bytes) or an int >= "
+                     f"{MIN_PIXELS} (decoded RGB at pixels x pixels)")
+  return None if pixels is None else int(pixels)
+
+
+def _config(pixels: int | None) -> tfds.core.BuilderConfig | None:
+  """The RGB build's own config, so it lives beside the encoded one (<name>/rgb{S}/<version>)."""
+  if pixels is None:
+    return None
+  return tfds.core.BuilderConfig(name=f"rgb{pixels}",
+                                 description=f"decoded RGB pixels, {pixels} x {pixels}")
+
+
+def _read_image(path: str | os.PathLike, pixels: int | None) -> bytes | np.ndarray:
+  """The file's bytes (pixels None), or its pixels: RGB uint8 [pixels, pixels, 3], resized
+  (bicubic) unless already that size; [0, pixels, 3] (logged) when it cannot be decoded, which
+  the loaders skip like a corrupt file. A file that cannot be read raises."""
+  data = epath.Path(path).read_bytes()
+  if pixels is None:
+    return data
+  try:
+    image = loaders.load_rgb(data)
+  except Exception as e:  # noqa: BLE001 - any decoder failure skips the file, never the build
+    logging.warning("%s cannot be decoded (%s: %s): stored as an empty image", path,
+                    type(e).__name__, e)
+    return np.zeros((0, pixels, 3), np.uint8)
+  if image.size != (pixels, pixels):
+    image = image.resize((pixels, pixels), Image.Resampling.BICUBIC)
+  return np.asarray(image)
+
+
+def _read_images(paths: Iterable[str | os.PathLike], pixels: int | None = None,
+                 threads: int = _READ_THREADS) -> Iterator[bytes | np.ndarray]:
+  """`_read_image` of each file, in order, by a thread pool (overlaps a bucket's latency;
+  decoding and resizing too: PIL releases the GIL)."""
   paths = list(paths)
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
     for i in range(0, len(paths), _READ_CHUNK):
-      yield from pool.map(lambda p: epath.Path(p).read_bytes(), paths[i:i + _READ_CHUNK])
+      yield from pool.map(lambda p: _read_image(p, pixels), paths[i:i + _READ_CHUNK])
 
 
-def _image_feature() -> tfds.features.Image:
-  # Fed the files' encoded bytes, stored as they are (jpg and png mixed are fine).
-  return tfds.features.Image(shape=(None, None, 3))
+def _image_feature(pixels: int | None) -> tfds.features.FeatureConnector:
+  if pixels is None:  # fed the files' encoded bytes, stored as they are (jpg and png mixed)
+    return tfds.features.Image(shape=(None, None, 3))
+  # Row-major uint8 pixels as ONE bytes value (the default encoding would store an int64
+  # list: 8x larger, slow to parse); 0 rows for an undecodable file.
+  return tfds.features.Tensor(shape=(None, pixels, 3), dtype=np.uint8,
+                              encoding=tfds.features.Encoding.BYTES)
+
+
+def _rgb_metadata(metadata, pixels: int | None) -> list[str]:
+  """Records an RGB build's size in its metadata, and the list the build fills with the names
+  of the files it could not decode (a list not recorded for an encoded build)."""
+  undecodable = []
+  if pixels is not None:
+    metadata["pixels"] = pixels
+    metadata["undecodable"] = undecodable
+  return undecodable
 
 
 class FaceImages(tfds.core.GeneratorBasedBuilder):
@@ -71,10 +134,12 @@ class FaceImages(tfds.core.GeneratorBasedBuilder):
       "Pass the face-image roots (folder trees of jpg/png, e.g. AffectNet, RAF-DB, FER crops) "
       "as roots=[...], or one root as manual_dir.")
 
-  def __init__(self, *, roots: Sequence[str | os.PathLike] = (), **kwargs):
+  def __init__(self, *, roots: Sequence[str | os.PathLike] = (), pixels: int | None = None,
+               **kwargs):
     self._roots = [os.fspath(r) for r in roots]
+    self._pixels = _check_pixels(pixels)
     self._listing = None
-    super().__init__(**kwargs)
+    super().__init__(config=_config(self._pixels), **kwargs)
 
   def source_files(self, manual_dir=None) -> list[str]:
     """The image files this build reads (the roots walked once per builder)."""
@@ -85,8 +150,10 @@ class FaceImages(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description="Face images (the files' bytes) of one or more folder trees.",
-        features=tfds.features.FeaturesDict({"image": _image_feature(), "path": tfds.features.Text()}),
+        builder=self,
+        description="Face images (the files' bytes, or RGB) of one or more folder trees.",
+        features=tfds.features.FeaturesDict({"image": _image_feature(self._pixels),
+                                             "path": tfds.features.Text()}),
         disable_shuffling=True, metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
@@ -98,8 +165,11 @@ class FaceImages(tfds.core.GeneratorBasedBuilder):
     names, paths = self._listing
     self.info.metadata["roots"] = [os.path.realpath(r) for r in self._roots]
     self.info.metadata["source_fingerprint"] = fileio.stat_fingerprint(paths)
-    for i, (name, data) in enumerate(zip(names, _read_bytes(paths))):
-      yield i, {"image": data, "path": name}
+    undecodable = _rgb_metadata(self.info.metadata, self._pixels)
+    for i, (name, image) in enumerate(zip(names, _read_images(paths, self._pixels))):
+      if isinstance(image, np.ndarray) and not image.size:
+        undecodable.append(name)
+      yield i, {"image": image, "path": name}
 
 
 def _face_files(roots) -> tuple[list[str], list[str]]:
@@ -152,10 +222,12 @@ class AffWild2Frames(tfds.core.GeneratorBasedBuilder):
       "<video>.txt, <Task>_Challenge_test_set.txt) and pass that tree as manual_dir. The "
       "synthetic set (launch/make_synthetic.py) has the same layout.")
 
-  def __init__(self, *, max_unmatched: float = affwild2.MAX_UNMATCHED_FRAMES, **kwargs):
+  def __init__(self, *, max_unmatched: float = affwild2.MAX_UNMATCHED_FRAMES,
+               pixels: int | None = None, **kwargs):
     self._max_unmatched = max_unmatched
+    self._pixels = _check_pixels(pixels)
     self._listing = None
-    super().__init__(**kwargs)
+    super().__init__(config=_config(self._pixels), **kwargs)
 
   def source_files(self, manual_dir) -> list[str]:
     """The files this build reads (the tree's annotations parsed once per builder)."""
@@ -167,7 +239,7 @@ class AffWild2Frames(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self, description="Aff-Wild2 frames (one record per frame) with VA/EXPR/AU labels.",
         features=tfds.features.FeaturesDict({
-            "image": _image_feature(),
+            "image": _image_feature(self._pixels),
             "video": tfds.features.Text(),
             "frame": tfds.features.Scalar(np.int32),  # 0-based: frame k+1 is image 0000(k+1).jpg
             "has_image": tfds.features.Scalar(np.bool_),
@@ -205,6 +277,7 @@ class AffWild2Frames(tfds.core.GeneratorBasedBuilder):
     self.info.metadata["source_fingerprint"] = fileio.stat_fingerprint(files)
     self.info.metadata["sets"] = sets
     self.info.metadata["videos"] = index
+    undecodable = _rgb_metadata(self.info.metadata, self._pixels)
     key = 0
     for video, num_frames in videos.items():
       frames_dir = os.path.join(root, affwild2.FRAMES_DIR, video)
@@ -219,8 +292,11 @@ class AffWild2Frames(tfds.core.GeneratorBasedBuilder):
       images = {}
       present = np.flatnonzero(has_image)
       paths = [os.path.join(frames_dir, affwild2.frame_name(int(k) + 1)) for k in present]
-      for k, data in zip(present, _read_bytes(paths)):
-        images[int(k)] = data
+      for k, image in zip(present, _read_images(paths, self._pixels)):
+        images[int(k)] = image
+        data = image if isinstance(image, bytes) else image.tobytes()  # as stored
+        if not data:
+          undecodable.append(f"{video}/{affwild2.frame_name(int(k) + 1)}")
         digest.update(f"{k}:{len(data)}:".encode())
         digest.update(data)
       index[video] = {
@@ -240,9 +316,11 @@ BUILDERS = {FACE_IMAGES: FaceImages, AFFWILD2_FRAMES: AffWild2Frames}
 
 
 def build(name: str, data_dir: str | os.PathLike, *, manual_dir: str | os.PathLike | None = None,
-          overwrite: bool = False, **kwargs) -> epath.Path:
+          overwrite: bool = False, pixels: int | None = None, **kwargs) -> epath.Path:
   """Builds dataset `name` (a key of BUILDERS) under `data_dir` as ArrayRecord; returns the
   dataset's directory (`<data_dir>/<name>/<version>`, what the readers and configs take).
+  With `pixels=S` the images are stored decoded, RGB S x S, in `<data_dir>/<name>/rgb{S}/
+  <version>` (beside an encoded build; each is checked against its own source).
 
   TFDS writes into a temporary folder and renames it at the end, so an interrupted build
   leaves nothing half-written. A complete build of the same files (names, sizes, mtimes) is
@@ -253,7 +331,8 @@ def build(name: str, data_dir: str | os.PathLike, *, manual_dir: str | os.PathLi
   if name == AFFWILD2_FRAMES and manual_dir is None:
     raise ValueError("aff_wild2_frames: manual_dir must be the Aff-Wild2 tree")
   source = ",".join(map(os.fspath, kwargs.get("roots") or [manual_dir]))
-  builder = BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record", **kwargs)
+  builder = BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record",
+                           pixels=pixels, **kwargs)
   files = builder.source_files(manual_dir)  # the builder generates from this same listing
   out = epath.Path(builder.data_dir)
   mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
@@ -281,7 +360,8 @@ def _open(directory: str | os.PathLike, *expect: str):
   kinds = " or ".join(expect)
   if not (directory / "dataset_info.json").exists():
     raise FileNotFoundError(f"{directory}: not a built TFDS dataset (no dataset_info.json); build "
-                            f"it with launch/build_tfds.py and pass <data_dir>/<{kinds}>/<version>")
+                            f"it with launch/build_tfds.py and pass <data_dir>/<{kinds}>/<version> "
+                            "(<data_dir>/<name>/rgb<S>/<version> for an RGB build)")
   builder = tfds.builder_from_directory(directory)
   if builder.info.name not in expect:
     raise ValueError(f"{directory}: a {builder.info.name!r} dataset, expected {kinds}")
@@ -290,13 +370,16 @@ def _open(directory: str | os.PathLike, *expect: str):
 
 class Records(Sequence):
   """Random access to chosen records of one or more ArrayRecord splits (their raw sources),
-  as loader records: {'image': encoded bytes, 'path': a name for messages, **columns[i]}.
+  as loader records: {'image': encoded bytes, or the pixels of an RGB dataset (uint8
+  [S, S, 3]; b"" for a file the build could not decode), 'path': a name for messages,
+  **columns[i]}. Each part is (raw source, record indices, name, S or None for encoded).
   Picklable (grain's worker processes get a copy)."""
 
-  def __init__(self, parts: Sequence[tuple[object, np.ndarray, str]],
+  def __init__(self, parts: Sequence[tuple[object, np.ndarray, str, int | None]],
                columns: dict[str, np.ndarray] | None = None):
-    self._parts = [(src, np.asarray(idx, np.int64), name) for src, idx, name in parts]
-    self._ends = np.cumsum([len(idx) for _, idx, _ in self._parts]).tolist()
+    self._parts = [(src, np.asarray(idx, np.int64), name, pixels)
+                   for src, idx, name, pixels in parts]
+    self._ends = np.cumsum([len(p[1]) for p in self._parts]).tolist()
     self._columns = dict(columns or {})
     for k, v in self._columns.items():
       if len(v) != len(self):
@@ -316,7 +399,7 @@ class Records(Sequence):
       raise IndexError(i)
     i %= len(self)
     p = bisect.bisect_right(self._ends, i)
-    src, idx, name = self._parts[p]
+    src, idx, name, pixels = self._parts[p]
     # The serialized tf.train.Example, parsed by protobuf's C++ parser for just the fields
     # needed (TFDS's generic numpy deserialisation holds the GIL several times longer,
     # which the loader's decode threads feel).
@@ -327,23 +410,35 @@ class Records(Sequence):
               f"{affwild2.frame_name(feature['frame'].int64_list.value[0] + 1)}")
     else:
       what = feature["path"].bytes_list.value[0].decode()
-    out = {"image": feature["image"].bytes_list.value[0], "path": f"{name}: {what}"}
+    image = feature["image"].bytes_list.value[0]
+    if pixels and len(image) == pixels * pixels * 3:
+      image = np.frombuffer(image, np.uint8).reshape(pixels, pixels, 3)
+    out = {"image": image, "path": f"{name}: {what}"}
     out.update({k: v[i] for k, v in self._columns.items()})
     return out
 
 
+def _pixels(builder) -> int | None:
+  """S of an RGB dataset (its images uint8 [S, S, 3]), None for encoded images."""
+  pixels = (builder.info.metadata or {}).get("pixels")
+  return None if pixels is None else int(pixels)
+
+
 def _source(builder, split: str, raw: bool = False):
-  """The split's records by index: decoded to numpy (the image left as its encoded bytes),
-  or with `raw` the serialized examples as stored."""
+  """The split's records by index: decoded to numpy (an encoded image left as its bytes, an
+  RGB one as uint8 [S, S, 3] or [0, S, 3]), or with `raw` the serialized examples as stored."""
   if raw:
     return builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  if _pixels(builder) is not None:
+    return builder.as_data_source(split)
   return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
 
 
 def face_records(directories: Sequence[str | os.PathLike] | str) -> Records:
   """Every image of one or more datasets, mixed (concatenated; the loader shuffles): built
   face_images datasets, or aff_wild2_frames datasets (their frames that have an image). A
-  string may hold several directories separated by commas."""
+  string may hold several directories separated by commas; encoded and RGB datasets mix
+  (each record's image as its dataset stores it)."""
   if isinstance(directories, (str, os.PathLike)):
     directories = [d for d in os.fspath(directories).split(",") if d]
   parts = []
@@ -351,11 +446,12 @@ def face_records(directories: Sequence[str | os.PathLike] | str) -> Records:
     builder = _open(d, FACE_IMAGES, AFFWILD2_FRAMES)
     if builder.info.name == FACE_IMAGES:
       parts.append((_source(builder, FACES_SPLIT, raw=True),
-                    np.arange(builder.info.splits[FACES_SPLIT].num_examples), str(d)))
+                    np.arange(builder.info.splits[FACES_SPLIT].num_examples), str(d),
+                    _pixels(builder)))
     else:
       frames = FramesDataset(d)
       idx = [frames.start(v) + np.flatnonzero(frames.has_image(v)) for v in frames.videos()]
-      parts.append((frames.raw_source, np.concatenate(idx), str(d)))
+      parts.append((frames.raw_source, np.concatenate(idx), str(d), frames.pixels))
   if not parts or not sum(len(p[1]) for p in parts):
     raise ValueError(f"{','.join(map(str, directories))}: no image in these datasets")
   return Records(parts)
@@ -373,6 +469,7 @@ class FramesDataset:
       raise ValueError(f"{directory}: metadata.json without the video index; rebuild the dataset")
     self._videos: dict = meta["videos"]
     self._sets: dict = meta["sets"]
+    self.pixels = _pixels(builder)  # S of an RGB dataset, None for encoded images
     self.source = _source(builder, FRAMES_SPLIT)  # decoded records, by index
     self.raw_source = _source(builder, FRAMES_SPLIT, raw=True)  # what `Records` parse
 
@@ -410,15 +507,17 @@ class FramesDataset:
     return f"{self.directory}: video {video}"
 
   def fingerprint(self, video: str) -> str:
-    """What a video's visual features are made from: a hash of its image bytes."""
-    return f"tfds:{self._videos[video]['sha256']}"
+    """What a video's visual features are made from: a hash of its image bytes as stored
+    (and S for an RGB build, so it never shares one with an encoded build)."""
+    kind = "" if self.pixels is None else f"rgb{self.pixels}:"
+    return f"tfds:{kind}{self._videos[video]['sha256']}"
 
   def expr_labels(self, video: str) -> np.ndarray:
     return np.array([EXPR_CODES.find(c) for c in self._videos[video]["expr"]], np.int32)
 
   def expr_records(self, split: str) -> Records:
     """{'image', 'path', 'label'} of every frame of the EXPR `split` with a valid label (a
-    frame without an image holds its stand-in's bytes), as `finetune.frame_records`."""
+    frame without an image holds its stand-in's image), as `finetune.frame_records`."""
     idx, labels = [], []
     for v in self.list_videos("EXPR", split):
       lab = self.expr_labels(v)
@@ -427,7 +526,7 @@ class FramesDataset:
       labels.append(lab[valid])
     if not idx or not sum(map(len, idx)):
       raise ValueError(f"{self.directory}: no valid EXPR labels in {split}")
-    return Records([(self.raw_source, np.concatenate(idx), self.directory)],
+    return Records([(self.raw_source, np.concatenate(idx), self.directory, self.pixels)],
                    {"label": np.concatenate(labels).astype(np.int32)})
 
   def image_records(self, videos: Sequence[str]) -> Records:
@@ -440,6 +539,6 @@ class FramesDataset:
       vid.append(np.full(len(k), i, np.int32))
       frame.append(k.astype(np.int32))
     cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)
-    return Records([(self.raw_source, cat(idx, np.int64), self.directory)],
+    return Records([(self.raw_source, cat(idx, np.int64), self.directory, self.pixels)],
                    {"video": cat(vid, np.int32), "frame": cat(frame, np.int32)})
 

@@ -347,10 +347,16 @@ def write_fake_faces(root: str, count: int, size: int, seed: int = 0) -> list[st
   return paths
 
 
+LOADER_SOURCES = ("folders", "tfds", "tfds_rgb")
+
+
 def loader_inputs(source: str, image_size: int, count: int = 256) -> Sequence:
-  """The bench's face images at `image_size`: JPEG paths ('folders') or the records of the
-  face_images dataset built from them ('tfds'). Kept between runs under ~/.cache (and never
-  deleted under a loader's read-ahead threads)."""
+  """The bench's face images at `image_size`: JPEG paths ('folders'), or the records of the
+  face_images dataset built from them, the files' bytes ('tfds') or their decoded pixels
+  ('tfds_rgb'). Kept between runs under ~/.cache (and never deleted under a loader's
+  read-ahead threads)."""
+  if source not in LOADER_SOURCES:
+    raise ValueError(f"loader source {source!r}: expected one of {LOADER_SOURCES}")
   base = os.path.expanduser("~/.cache/affect_jax")
   root = os.path.join(base, "bench_faces", str(image_size))
   paths = write_fake_faces(root, count, image_size)
@@ -358,7 +364,8 @@ def loader_inputs(source: str, image_size: int, count: int = 256) -> Sequence:
     return paths
   from affect_jax.data import tfds_builders
   out = tfds_builders.build(tfds_builders.FACE_IMAGES, os.path.join(base, "bench_tfds", str(image_size)),
-                            roots=[root], overwrite=True)
+                            roots=[root], overwrite=True,
+                            pixels=image_size if source == "tfds_rgb" else None)
   return tfds_builders.face_records(str(out))
 
 
@@ -379,9 +386,11 @@ def _cpu_seconds() -> float:
 
 def bench_loader(batch: int, image_size: int, *, worker_count: int = 0, num_batches: int = 10,
                  repeats: int = 5, source: str = "folders", items: Sequence | None = None,
-                 read_threads: int | None = None) -> dict:
+                 read_threads: int | None = None, augment: str = "host") -> dict:
   """The grain pretraining pipeline alone: read + decode + random-resized-crop + flip + batch,
-  from image files ('folders') or an ArrayRecord dataset of the same files ('tfds'). Medians
+  from image files ('folders') or an ArrayRecord dataset of the same files ('tfds', or
+  'tfds_rgb': decoded at build time). `augment='device'` times what the host still does when
+  the step crops and flips (`affect_jax.data.augment`): read + decode + boxes + batch. Medians
   over `repeats` rounds of `num_batches`: img/s (wall clock) and img per CPU-second of the
   process and its workers (its cost per core: the in-process pipeline decodes on several
   threads, so wall-clock img/s alone does not say how many cores it took)."""
@@ -389,7 +398,7 @@ def bench_loader(batch: int, image_size: int, *, worker_count: int = 0, num_batc
   read_threads = loaders.READ_THREADS if read_threads is None else read_threads
   it = iter(loaders.pretrain_dataset(items, image_size=image_size, batch_size=batch, seed=0,
                                      worker_count=worker_count, read_threads=read_threads,
-                                     shard_index=0, shard_count=1))
+                                     augment=augment, shard_index=0, shard_count=1))
   next(it)  # start workers
   rates, per_cpu = [], []
   for _ in range(repeats):
@@ -401,7 +410,8 @@ def bench_loader(batch: int, image_size: int, *, worker_count: int = 0, num_batc
     per_cpu.append(batch * num_batches / max(dc, 1e-9))
   if hasattr(it, "close"):
     it.close()
-  return {"what": "grain_loader", "source": source, "batch": batch, "image_size": image_size,
+  return {"what": "grain_loader", "source": source, "augment": augment, "batch": batch,
+          "image_size": image_size,
           "worker_count": worker_count, "read_threads": read_threads,
           "img_per_s": statistics.median(rates),
           "img_per_cpu_s": statistics.median(per_cpu), "img_per_s_all": rates}

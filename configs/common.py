@@ -45,6 +45,19 @@ def add_image_loader(data: ml_collections.ConfigDict) -> None:
   data.prefetch = 2
 
 
+def add_augmentation(data: ml_collections.ConfigDict, crop_scale: tuple[float, float]) -> None:
+  """MAE's training augmentation (pretraining, fine-tuning): random-resized crop + flip."""
+  data.crop_scale = crop_scale
+  data.flip = True
+  # Where the crop-resize and flip run: 'host' (the loader, PIL) or 'device' (the jitted
+  # step, affect_jax.data.augment: the loader only decodes, for hosts whose CPUs cannot keep
+  # the accelerators busy). The same boxes and flips; pixels within one level of each other.
+  data.augment = "host"
+  # augment='device': the square size images reach the device at (0: image_size); images of
+  # another size are resized to it on the host first. Aff-Wild2's crops are 112.
+  data.source_size = 0
+
+
 def set_vit_scale(c: ml_collections.ConfigDict, preset: str) -> None:
   """Memory and scale fields of a ViT stage (pretraining, fine-tuning), with the defaults of
   its size: bfloat16 compute for base/large/huge (params, optimizer state, losses stay

@@ -36,8 +36,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data = common.get_data_config()
   common.add_image_loader(c.data)
   c.data.image_size = 224
-  c.data.crop_scale = (0.7, 1.0)  # light augmentation: faces are already aligned crops
-  c.data.flip = True
+  # Light cropping: faces are already aligned crops.
+  common.add_augmentation(c.data, crop_scale=(0.7, 1.0))
 
   c.batch_size = 256
   c.eval_batch_size = 256

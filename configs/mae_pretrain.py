@@ -34,8 +34,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Comma-separated folder trees of face images; empty means <data.root>/cropped_aligned.
   c.data.roots = ""
   c.data.image_size = 224
-  c.data.crop_scale = (0.2, 1.0)
-  c.data.flip = True
+  common.add_augmentation(c.data, crop_scale=(0.2, 1.0))
   c.data.index_cache = "~/.cache/affect_jax/face_index"
 
   c.batch_size = 1024  # global, over all hosts and devices

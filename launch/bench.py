@@ -1,7 +1,8 @@
 """Throughput benchmarks; one JSON line per result plus a readable table.
 
   python launch/bench.py --what=mae --preset=base --batch=8 --dtype=bfloat16
-  python launch/bench.py --what=loader --batch=64   # folders vs ArrayRecord, 0/1/2 workers, 64/224 px
+  python launch/bench.py --what=loader --batch=64   # folders vs ArrayRecord (bytes, pixels),
+      # 0/1/2 workers, 64/224 px, crop on the host or the device
   python launch/bench.py --what=temporal --preset=paper
   python launch/bench.py --what=matmul        # this machine's XLA matmul GFLOP/s (the ceiling)
   python launch/bench.py --what=matmul_layouts --preset=base --batch=8   # the step's own matmuls
@@ -28,8 +29,11 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device f
                                   "(default: known per device kind; none for CPUs).")
 _WORKERS = flags.DEFINE_list("worker_counts", ["0", "1", "2"], "--what=loader: grain worker "
                              "processes, each count timed.")
-_SOURCES = flags.DEFINE_list("sources", ["folders", "tfds"], "--what=loader: image files, or an "
-                             "ArrayRecord dataset of the same files (config.data.source).")
+_SOURCES = flags.DEFINE_list("sources", ["folders", "tfds", "tfds_rgb"], "--what=loader: image "
+                             "files, or an ArrayRecord dataset of the same files (config.data."
+                             "source): their bytes, or their pixels decoded at build time.")
+_AUGMENT = flags.DEFINE_list("augment", ["host", "device"], "--what=loader: where the crop-resize "
+                             "and flip run (config.data.augment); 'device' times the host's part.")
 _THREADS = flags.DEFINE_list("read_threads", [], "--what=loader: read/decode threads per process, "
                              "each count timed (default: the loaders').")
 _LOADER_SIZES = flags.DEFINE_list("loader_image_sizes", ["64", "224"], "--what=loader: crop "
@@ -91,9 +95,10 @@ def main(argv):
         items = bench.loader_inputs(source, size)
         for threads in _THREADS.value or [None]:
           for workers in _WORKERS.value:
-            results.append(bench.bench_loader(
-                _BATCH.value, size, worker_count=int(workers), source=source, items=items,
-                read_threads=None if threads is None else int(threads)))
+            for where in _AUGMENT.value:
+              results.append(bench.bench_loader(
+                  _BATCH.value, size, worker_count=int(workers), source=source, items=items,
+                  read_threads=None if threads is None else int(threads), augment=where))
   for r in results:
     print(json.dumps({k: v for k, v in r.items() if not k.endswith("_all")}))
   print()
@@ -136,9 +141,10 @@ def main(argv):
             f"GFLOP/s, bfloat16 operands with float32 accumulation "
             f"{r['bfloat16_f32acc_gflops']:.0f} GFLOP/s")
     else:
-      print(f"grain loader {r['source']:7s} {r['image_size']:3d}px batch {r['batch']} workers "
-            f"{r['worker_count']} threads {r['read_threads']:2d}: {r['img_per_s']:7.1f} img/s, {r['img_per_cpu_s']:7.1f} img per "
-            f"CPU-second (medians of {len(r['img_per_s_all'])})")
+      print(f"grain loader {r['source']:8s} {r['image_size']:3d}px crop on {r['augment']:6s} batch "
+            f"{r['batch']} workers {r['worker_count']} threads {r['read_threads']:2d}: "
+            f"{r['img_per_s']:7.1f} img/s, {r['img_per_cpu_s']:7.1f} img per CPU-second "
+            f"(medians of {len(r['img_per_s_all'])})")
 
 
 if __name__ == "__main__":

@@ -96,3 +96,12 @@ def test_memory_bench_counts_the_state_per_device(stage):
   for r in (replicated, fsdp):
     assert r["temporaries_gib"] > 0 and r["total_gib"] >= r["arguments_gib"]
   assert replicated["mesh_shape"] == [8, 1, 1] and fsdp["devices"] == 8
+
+
+@pytest.mark.parametrize("augment", ["host", "device"])
+def test_loader_bench_runs_the_pipeline_it_names(augment, tmp_path):
+  paths = bench.write_fake_faces(str(tmp_path / "faces"), 8, 16)
+  r = bench.bench_loader(4, 16, items=paths, num_batches=1, repeats=2, augment=augment)
+  assert r["augment"] == augment and r["img_per_s"] > 0 and len(r["img_per_s_all"]) == 2
+  with pytest.raises(ValueError, match="loader source"):
+    bench.loader_inputs("bucket", 16)

@@ -20,7 +20,7 @@ import optax
 from absl import logging
 
 from affect_jax import checkpoint, losses, metrics, optim, sharding
-from affect_jax.data import affwild2, loaders, mixing, sources
+from affect_jax.data import affwild2, augment, loaders, mixing, sources
 from affect_jax.models import vit
 from affect_jax.train import loop, pretrain
 
@@ -106,10 +106,11 @@ def create_train_state(config, model, rng, mesh, schedule, pretrained: dict | No
   return loop.create_state(config, init, rng, mesh, abstract)
 
 
-def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing,
+def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing, image_size,
                mixup_alpha=0.0, cutmix_alpha=0.0, mix_switch_prob=0.5, mix_shards=1,
                grad_accum_steps=1):
-  """One step of masked (class-weighted, label-smoothed) cross-entropy, on Mixup/CutMix
+  """One step of masked (class-weighted, label-smoothed) cross-entropy on augmented images
+  (or augmented here: `augment.batch_images`), on Mixup/CutMix
   batches when their alphas are > 0 (`affect_jax.data.mixing`; pairs within each of
   `mix_shards` blocks of the batch, one per data-parallel device). With `grad_accum_steps`
   > 1 the gradient is the mean over that many micro-batches (`optim.accumulate_gradients`)."""
@@ -118,7 +119,7 @@ def train_step(state, batch, *, model, seed, schedule, weights, label_smoothing,
 
   def loss_and_grad(params, micro, index):
     micro_rng = rng if grad_accum_steps == 1 else jax.random.fold_in(rng, index + 2)
-    images, labels = loaders.normalize_images(micro["image"]), micro["label"]
+    images, labels = augment.batch_images(micro, image_size), micro["label"]
     if mixed:
       images, _, lam = mixing.mix_batch(
           jax.random.fold_in(micro_rng, 1), images, mixup_alpha=mixup_alpha,
@@ -147,6 +148,7 @@ def jit_train_step(model, config, schedule, state_shardings, mesh, weights=None)
   step = functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
                            weights=None if weights is None else jnp.asarray(weights),
                            label_smoothing=config.label_smoothing,
+                           image_size=config.data.image_size,
                            mixup_alpha=config.get("mixup", 0.0),
                            cutmix_alpha=config.get("cutmix", 0.0),
                            mix_switch_prob=config.get("mix_switch_prob", 0.5),
@@ -154,7 +156,8 @@ def jit_train_step(model, config, schedule, state_shardings, mesh, weights=None)
                            grad_accum_steps=config.get("grad_accum_steps", 1))
   return loop.jit_step(step, config, mesh, state_shardings,
                        {"image": sharding.batch_sharding(mesh, 4),
-                        "label": sharding.batch_sharding(mesh, 1)})
+                        "label": sharding.batch_sharding(mesh, 1),
+                        **augment.batch_shardings(mesh, config.data)})
 
 
 def make_apply_fn(model, mesh):
@@ -208,8 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
 
   data = loaders.pretrain_dataset(
       train, image_size=config.data.image_size, batch_size=config.batch_size // jax.process_count(),
-      seed=config.seed, **loaders.options(config.data), crop_scale=tuple(config.data.crop_scale),
-      flip=config.data.flip)
+      seed=config.seed, **loaders.options(config.data), **augment.loader_options(config.data),
+      crop_scale=tuple(config.data.crop_scale), flip=config.data.flip)
   logging.info("fine-tune %s (init %s): %d train / %d val frames, %d steps of %d",
                config.model.variant, config.init.kind, len(train), len(val), total, config.batch_size)
   state, history = stage.run(

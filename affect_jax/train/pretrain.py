@@ -18,7 +18,7 @@ from absl import logging
 from PIL import Image
 
 from affect_jax import checkpoint, fileio, optim, sharding
-from affect_jax.data import loaders, sources
+from affect_jax.data import augment, loaders, sources
 from affect_jax.models import mae, vit
 from affect_jax.train import loop
 
@@ -47,8 +47,9 @@ def create_train_state(config, model, rng, mesh, schedule, abstract: bool = Fals
 
 
 def train_step(state: loop.TrainState, batch: dict, *, model: mae.MaskedAutoencoder, seed: int,
-               schedule, grad_accum_steps: int = 1) -> tuple[loop.TrainState, dict]:
-  """One AdamW step on the MAE loss. batch['image']: uint8 [B, H, W, 3]. With
+               schedule, image_size: int, grad_accum_steps: int = 1) -> tuple[loop.TrainState, dict]:
+  """One AdamW step on the MAE loss. batch['image']: uint8 [B, H, W, 3], augmented, or with
+  the crop boxes and flips the device applies (`augment.batch_images`). With
   `grad_accum_steps` > 1 the gradient is the mean over that many micro-batches
   (`optim.accumulate_gradients`), each with masks of its own."""
   # Randomness is a function of (seed, step): a resumed run draws the same masks.
@@ -57,7 +58,7 @@ def train_step(state: loop.TrainState, batch: dict, *, model: mae.MaskedAutoenco
   def loss_and_grad(params, micro, index):
     micro_rng = rng if grad_accum_steps == 1 else jax.random.fold_in(rng, index)
     mask_rng, drop_rng = jax.random.split(micro_rng)
-    images = loaders.normalize_images(micro["image"])
+    images = augment.batch_images(micro, image_size)
 
     def loss_fn(p):
       loss, _, _ = model.apply({"params": p}, images, train=True,
@@ -74,9 +75,11 @@ def train_step(state: loop.TrainState, batch: dict, *, model: mae.MaskedAutoenco
 def jit_train_step(model, config, schedule, state_shardings, mesh):
   """The sharded, jitted step (`loop.jit_step`)."""
   step = functools.partial(train_step, model=model, seed=config.seed, schedule=schedule,
+                           image_size=config.data.image_size,
                            grad_accum_steps=config.get("grad_accum_steps", 1))
   return loop.jit_step(step, config, mesh, state_shardings,
-                       {"image": sharding.batch_sharding(mesh, 4)})
+                       {"image": sharding.batch_sharding(mesh, 4),
+                        **augment.batch_shardings(mesh, config.data)})
 
 
 def heldout_loss(model: mae.MaskedAutoencoder, params, paths, *, image_size: int, seed: int = 0,
@@ -155,8 +158,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_fn = jit_train_step(model, config, stage.schedule, shardings, mesh)
   ds = loaders.pretrain_dataset(
       paths, image_size=config.data.image_size, batch_size=config.batch_size // jax.process_count(),
-      seed=config.seed, **loaders.options(config.data), crop_scale=tuple(config.data.crop_scale),
-      flip=config.data.flip)
+      seed=config.seed, **loaders.options(config.data), **augment.loader_options(config.data),
+      crop_scale=tuple(config.data.crop_scale), flip=config.data.flip)
   logging.info("MAE %s: %d images, %d steps of %d, %.1fM params, mesh %s", config.model.variant,
                len(paths), total, config.batch_size,
                sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, dict(mesh.shape))

@@ -107,7 +107,8 @@ def runs(synthetic_root, tmp_path_factory):
        for p in ("1p", "2p")}
   mp4 = clip.write_clip(out / "clip", clip.ClipConfig(num_frames=60)) if HAVE_VIDEO else None
   # The 2-process fine-tuning reads the ArrayRecord dataset, in a grain worker process each:
-  # the same frames as the folders the 1-process run reads, so the same losses.
+  # the same frames as the folders the 1-process run reads, so the same losses. Both crop
+  # and flip on the devices (data.augment=device): each process's rows keep their boxes.
   frames = tfds_builders.build(tfds_builders.AFFWILD2_FRAMES, out / "tfds", manual_dir=root)
   ft_source = {"1p": [f"--config.data.root={root}"],
                "2p": ["--config.data.source=tfds", f"--config.data.tfds_dir={frames}",
@@ -116,8 +117,8 @@ def runs(synthetic_root, tmp_path_factory):
     _run("pretrain", _pretrain_args(root, w[f"mae{p}"], index), procs, logs)
     _run("finetune", [
         "--config=configs/expr_finetune.py:tiny", f"--workdir={w[f'ft{p}']}", *ft_source[p],
-        f"--config.data.image_size={IMAGE}", "--config.batch_size=8",
-        "--config.eval_batch_size=12", "--config.num_steps=8", "--config.log_every=1",
+        f"--config.data.image_size={IMAGE}", "--config.data.augment=device",
+        "--config.batch_size=8", "--config.eval_batch_size=12", "--config.num_steps=8", "--config.log_every=1",
         "--config.eval_every_epochs=100", f"--config.init.mae_workdir={w['mae1p']}"], procs, logs)
     _run("extract", [
         f"--workdir={w[f'x{p}']}", f"--config.data.root={root}", "--config.batch_size=24",

@@ -190,7 +190,7 @@ def test_accumulated_step_is_the_whole_batch_step(synthetic_root):
                                                    None)
     step = jax.jit(functools.partial(
         finetune.train_step, model=model, seed=0, schedule=schedule, weights=None,
-        label_smoothing=0.0, grad_accum_steps=steps, mix_shards=8))
+        label_smoothing=0.0, image_size=IMAGE, grad_accum_steps=steps, mix_shards=8))
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (16, IMAGE, IMAGE, 3), dtype=np.uint8),
              "label": rng.integers(0, 8, 16).astype(np.int32)}

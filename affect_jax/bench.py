@@ -384,8 +384,8 @@ def _cpu_seconds() -> float:
   return total
 
 
-def bench_loader(batch: int, image_size: int, *, worker_count: int = 0, num_batches: int = 10,
-                 repeats: int = 5, source: str = "folders", items: Sequence | None = None,
+def bench_loader(batch: int, image_size: int, *, worker_count: int = 0, num_batches: int = 20,
+                 repeats: int = 7, source: str = "folders", items: Sequence | None = None,
                  read_threads: int | None = None, augment: str = "host") -> dict:
   """The grain pretraining pipeline alone: read + decode + random-resized-crop + flip + batch,
   from image files ('folders') or an ArrayRecord dataset of the same files ('tfds', or

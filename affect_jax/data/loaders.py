@@ -280,12 +280,24 @@ def options(data) -> dict:
 
 
 class _Chunks(grain.MapDataset):
-  """Element j: [(i, parent[i]) for the `size` consecutive indices i from j * size] - what a
-  worker makes and ships in one piece (per-element transfers cost more than the decoding)."""
+  """Element j: the readable elements among the `size` consecutive indices from j * size,
+  stacked: {'index': int64 [n], 'fields': {name: [n, ...]}} ('fields' None when n = 0) -
+  what a worker makes and ships in one piece. Per-element transfers cost more than the
+  decoding; one stacked array per field goes through one shared-memory block and, when
+  nothing was skipped, is the batch itself. With `shared_memory` (in a worker process) the
+  stacking writes straight into that block (grain's workers would copy an array there)."""
 
-  def __init__(self, parent: grain.MapDataset, size: int):
+  def __init__(self, parent: grain.MapDataset, size: int, shared_memory: bool = False):
     super().__init__(parent)
     self._size = size
+    self._shared_memory = shared_memory
+
+  def _stack(self, values: list):
+    first = np.asarray(values[0])
+    if not self._shared_memory or first.dtype.hasobject or first.dtype.kind in "US":
+      return np.stack(values)
+    out = grain.multiprocessing.SharedMemoryArray((len(values), *first.shape), first.dtype)
+    return np.stack(values, out=out)
 
   def __len__(self) -> int:
     return -(-len(self._parent) // self._size)
@@ -295,7 +307,10 @@ class _Chunks(grain.MapDataset):
       return self.slice(index)
     start = index * self._size
     stop = min(start + self._size, len(self._parent))
-    return [(i, self._parent[i]) for i in range(start, stop)]
+    present = [(i, x) for i in range(start, stop) if _is_present(x := self._parent[i])]
+    fields = ({k: self._stack([x[k] for _, x in present]) for k in present[0][1]}
+              if present else None)
+    return {"index": np.array([i for i, _ in present], np.int64), "fields": fields}
 
   def __str__(self) -> str:
     return f"Chunks(size={self._size})"
@@ -306,11 +321,11 @@ class _ResumableBatches(grain.IterDataset):
   threads, with a checkpointed position that resumes under any number of them.
 
   Workers and threads make chunks of consecutive elements (grain merges the workers' outputs
-  round robin, so chunks arrive in order); this process drops the unreadable ones (None)
-  and cuts batches. grain's own batching in the workers would fill each batch from one
-  worker's every N-th element (batches that depend on N, and one pass out of order), and its
-  multiprocess state is per worker. The state here is how many elements were consumed; a
-  resume slices the MapDataset there and rebuilds."""
+  round robin, so chunks arrive in order) with the unreadable ones (None) left out; this
+  process cuts batches from them. grain's own batching in the workers would fill each batch
+  from one worker's every N-th element (batches that depend on N, and one pass out of order),
+  and its multiprocess state is per worker. The state here is how many elements were
+  consumed; a resume slices the MapDataset there and rebuilds."""
 
   def __init__(self, ds: grain.MapDataset, batch_size: int, drop_remainder: bool, workers: int,
                read_threads: int):
@@ -320,7 +335,8 @@ class _ResumableBatches(grain.IterDataset):
 
   def chunks(self, start: int):
     """An iterator of the chunks from element `start` on."""
-    part = _Chunks(self._ds[start:] if start else self._ds, self._batch_size)
+    part = _Chunks(self._ds[start:] if start else self._ds, self._batch_size,
+                   shared_memory=self._workers > 0)
     it = part.to_iter_dataset(grain.ReadOptions(num_threads=self._threads,
                                                 prefetch_buffer_size=2 * self._threads))
     if self._workers > 0:
@@ -345,25 +361,40 @@ class _ResumableIterator(grain.DatasetIterator):
     self.close()
     self._it = None
     self._base = self._consumed = consumed  # element indices of the chunks are from _base
-    self._pending: list[tuple[int, dict]] = []  # readable elements not yet in a batch
+    self._pending: list[dict] = []  # chunks (or their tails) not yet in a batch
+    self._num_pending = 0
     self._done = False
 
   def __next__(self) -> dict:
     if self._it is None:
       self._it = self._batches.chunks(self._base)
     size = self._batches._batch_size
-    while len(self._pending) < size and not self._done:
+    while self._num_pending < size and not self._done:
       try:
         chunk = next(self._it)
       except StopIteration:
         self._done = True
         break
-      self._pending += [(self._base + i, x) for i, x in chunk if _is_present(x)]
-    if not self._pending or (len(self._pending) < size and self._batches._drop):
+      if len(chunk["index"]):
+        self._pending.append(chunk)
+        self._num_pending += len(chunk["index"])
+    if not self._num_pending or (self._num_pending < size and self._batches._drop):
       raise StopIteration
-    take, self._pending = self._pending[:size], self._pending[size:]
-    self._consumed = take[-1][0] + 1
-    return {k: np.stack([x[k] for _, x in take]) for k in take[0][1]}
+    take, n = [], 0
+    while n < size and self._pending:
+      chunk = self._pending.pop(0)
+      k = min(size - n, len(chunk["index"]))
+      if k < len(chunk["index"]):  # the rest waits for the next batch
+        self._pending.insert(0, {"index": chunk["index"][k:],
+                                 "fields": {f: v[k:] for f, v in chunk["fields"].items()}})
+        chunk = {"index": chunk["index"][:k], "fields": {f: v[:k] for f, v in chunk["fields"].items()}}
+      take.append(chunk)
+      n += k
+    self._num_pending -= n
+    self._consumed = self._base + int(take[-1]["index"][-1]) + 1
+    if len(take) == 1:
+      return take[0]["fields"]
+    return {f: np.concatenate([c["fields"][f] for c in take]) for f in take[0]["fields"]}
 
   def get_state(self) -> dict:
     return {"consumed": self._consumed}

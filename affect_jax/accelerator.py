@@ -9,7 +9,10 @@ code compute the same on these devices, and how fast.
 4. the MAE ViT-B/16 bf16 train step: img/s, TFLOP/s and MFU (`bench.bench_mae`);
 5. attention at ViT-B's shapes, forward and backward, per implementation of
    `jax.nn.dot_product_attention` ('xla', and 'cudnn' on GPUs);
-6. a short tiny pretraining run on synthetic faces: the loss must fall.
+6. the crop-resize + flip of `data.augment='device'` on these devices against PIL's on the
+   host (within one level), and its time for a batch at 224 px;
+7. a short tiny pretraining run on synthetic faces, augmented on the devices: the loss must
+   fall.
 Each check reports its figures or its error; the result is one JSON-able dict.
 
 The configs come from the caller (launch/check_accelerator.py builds them from configs/):
@@ -32,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from affect_jax import bench, optim, sharding
-from affect_jax.data import synthetic
+from affect_jax.data import augment, loaders, synthetic
 from affect_jax.models import layers, vit
 from affect_jax.train import pretrain
 
@@ -120,15 +123,48 @@ def bench_attention(batch: int = 256, tokens: int = 197, heads: int = 12, head_d
   return out
 
 
+def check_device_augmentation(batch: int = 256, source: int = 112, size: int = 224,
+                              steps: int = 10) -> dict:
+  """`augment.crop_resize_flip` on the default device against PIL's bicubic crop + flip on
+  the host, for random boxes of a random `source` px image at `size` (at most one level
+  apart, as on a CPU), and its median time for `batch` images."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (8, source, source, 3), dtype=np.uint8)
+  crops = np.array([loaders.random_resized_crop_box(source, source, rng) for _ in range(8)],
+                   np.float32)
+  flips = np.arange(8) % 2 == 1
+  got = np.asarray(jax.jit(augment.crop_resize_flip, static_argnums=3)(images, crops, flips, size))
+  diff = 0.0
+  for image, crop, flip, out in zip(images, crops, flips, got):
+    want = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC,
+                                                    box=tuple(float(c) for c in crop)), np.float64)
+    diff = max(diff, float(np.abs(out - (want[:, ::-1] if flip else want)).max()))
+  many = jnp.asarray(np.resize(images, (batch, source, source, 3)))
+  crops_b = jnp.asarray(np.resize(crops, (batch, 4)))
+  flips_b = jnp.asarray(np.resize(flips, (batch,)))
+  f = jax.jit(augment.crop_resize_flip, static_argnums=3)
+  f(many, crops_b, flips_b, size).block_until_ready()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    f(many, crops_b, flips_b, size).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return {"max_level_diff": diff, "batch": batch, "source": source, "size": size,
+          "batch_ms": 1e3 * statistics.median(times), "ok": diff <= 1.0}
+
+
 def tiny_pretraining(tiny_config: ml_collections.ConfigDict, steps: int = 50) -> dict:
   """`steps` MAE steps of `tiny_config` (the tiny MAE pretraining config) on synthetic faces
-  (written to a temporary folder) at 32 px, a batch of about 16."""
+  (written to a temporary folder) at 32 px, a batch of about 16, cropped and flipped on the
+  devices (`data.augment='device'`)."""
   with tempfile.TemporaryDirectory() as tmp:
     root = os.path.join(tmp, "data")
     synthetic.generate(root, synthetic.SyntheticConfig(num_videos=8, min_frames=60, max_frames=90,
                                                        image_size=32, seed=3))
     config = tiny_config.copy_and_resolve_references()
     config.data.root, config.data.image_size = root, 32
+    config.data.augment = "device"
     config.data.index_cache = os.path.join(tmp, "index")
     n = jax.device_count()
     config.batch_size = n * max(2, -(-16 // n))  # about 16, split over every device
@@ -154,7 +190,7 @@ def failures(result: dict, prefix: str = "") -> list[str]:
 
 def run(mae_config: ml_collections.ConfigDict, *, tiny_config: ml_collections.ConfigDict,
         batch: int = 0, bench_steps: int = 10, pretrain_steps: int = 50,
-        attention_batch: int = 256, skip=()) -> dict:
+        attention_batch: int = 256, augment_batch: int = 256, skip=()) -> dict:
   """All checks (those named in `skip` left out); a failing check records its error.
 
   `mae_config`: the MAE pretraining config whose bf16 train step is timed ('mae_step', at
@@ -174,6 +210,7 @@ def run(mae_config: ml_collections.ConfigDict, *, tiny_config: ml_collections.Co
           mae_config, batch, dtype="bfloat16", steps=bench_steps, warmup=2).items()
           if not k.endswith("_all")},
       "attention": lambda: bench_attention(attention_batch, steps=bench_steps),
+      "device_augmentation": lambda: check_device_augmentation(augment_batch, steps=bench_steps),
       "tiny_pretraining": lambda: tiny_pretraining(tiny_config, pretrain_steps),
   }
   for name, check in checks.items():

@@ -10,12 +10,13 @@ def test_the_checks_run_and_pass_on_cpu():
   # one device is what test_pretrain.py checks at length: both left out here for time.
   tiny = mae_pretrain.get_config("tiny")
   result = accelerator.run(tiny, tiny_config=tiny, batch=16, bench_steps=1, pretrain_steps=4,
-                           attention_batch=2, skip=("mae_step", "sharded_steps"))
+                           attention_batch=2, augment_batch=8, skip=("mae_step", "sharded_steps"))
   assert accelerator.failures(result) == [], result
   assert result["backend"] == "cpu" and result["kernels_auto"] == "cpu"
   assert result["kernel_sets"]["float32"]["ok"] and result["kernel_sets"]["bfloat16"]["ok"]
   assert "mae_step" not in result and result["attention"]["xla"]["ms"] > 0
   assert result["tiny_pretraining"]["last_loss"] < result["tiny_pretraining"]["first_loss"]
+  assert result["device_augmentation"]["max_level_diff"] <= 1.0
 
 
 def test_failures_are_found_at_any_depth():

@@ -10,8 +10,8 @@ augmentation (`loaders.RandomResizedCropFlip`) draws them, and the step calls `b
 
 The resampling is PIL's bicubic (Keys a = -0.5, half-pixel centres, the kernel widened by the
 downscale factor, taps clamped to the image and renormalised; `jax.image.scale_and_translate`),
-rounded to integers like PIL's uint8 output: the two differ by at most one level (PIL rounds
-between its horizontal and vertical passes). Each image is resampled alone, so the batch stays
+one pass along the rows and then one along the columns, each back to whole levels as PIL's
+uint8 passes are: the two differ by at most one level (PIL's weights are fixed-point). Each image is resampled alone, so the batch stays
 split over the devices as it arrived (no collective).
 """
 
@@ -40,14 +40,22 @@ def crop_resize_flip(images: jax.Array, crops: jax.Array, flips: jax.Array, size
   PIL's `box`), flips bool [B] -> float32 [B, size, size, C] of integers in [0, 255]: each
   box resized to size x size (bicubic), then mirrored left-right where its flip is set."""
 
+  def to_levels(x):  # PIL's uint8 after each pass: rounded half up, clipped
+    return jnp.clip(jnp.floor(x + 0.5), 0.0, 255.0)
+
   def one(image, crop, flip):
     left, top, right, bottom = crop[0], crop[1], crop[2], crop[3]
-    scale = jnp.stack([size / (bottom - top), size / (right - left)])
-    out = jax.image.scale_and_translate(
-        image.astype(jnp.float32), (size, size, image.shape[-1]), (0, 1), scale,
-        -jnp.stack([top, left]) * scale, method="cubic", antialias=True)
-    out = jnp.where(flip, out[:, ::-1], out)
-    return jnp.clip(jnp.round(out), 0.0, 255.0)
+    x = image.astype(jnp.float32)
+    # PIL's order: along the rows first, then the columns, each pass back to whole levels
+    # (bicubic overshoots at sharp edges, and the clip between the passes shows there).
+    sx, sy = size / (right - left), size / (bottom - top)
+    x = to_levels(jax.image.scale_and_translate(
+        x, (x.shape[0], size, x.shape[-1]), (1,), sx[None], (-left * sx)[None],
+        method="cubic", antialias=True))
+    x = to_levels(jax.image.scale_and_translate(
+        x, (size, size, x.shape[-1]), (0,), sy[None], (-top * sy)[None],
+        method="cubic", antialias=True))
+    return jnp.where(flip, x[:, ::-1], x)
 
   return jax.vmap(one)(images, crops.astype(jnp.float32), flips)
 

@@ -283,21 +283,14 @@ class _Chunks(grain.MapDataset):
   """Element j: the readable elements among the `size` consecutive indices from j * size,
   stacked: {'index': int64 [n], 'fields': {name: [n, ...]}} ('fields' None when n = 0) -
   what a worker makes and ships in one piece. Per-element transfers cost more than the
-  decoding; one stacked array per field goes through one shared-memory block and, when
-  nothing was skipped, is the batch itself. With `shared_memory` (in a worker process) the
-  stacking writes straight into that block (grain's workers would copy an array there)."""
+  decoding; one stacked array per field goes through one shared-memory block (grain's
+  workers copy each array into one) and, when nothing was skipped, is the batch itself.
+  (Stacking straight into a shared block would save that copy, but a worker stopped with
+  chunks in its read-ahead buffer would leave their blocks behind.)"""
 
-  def __init__(self, parent: grain.MapDataset, size: int, shared_memory: bool = False):
+  def __init__(self, parent: grain.MapDataset, size: int):
     super().__init__(parent)
     self._size = size
-    self._shared_memory = shared_memory
-
-  def _stack(self, values: list):
-    first = np.asarray(values[0])
-    if not self._shared_memory or first.dtype.hasobject or first.dtype.kind in "US":
-      return np.stack(values)
-    out = grain.multiprocessing.SharedMemoryArray((len(values), *first.shape), first.dtype)
-    return np.stack(values, out=out)
 
   def __len__(self) -> int:
     return -(-len(self._parent) // self._size)
@@ -308,7 +301,7 @@ class _Chunks(grain.MapDataset):
     start = index * self._size
     stop = min(start + self._size, len(self._parent))
     present = [(i, x) for i in range(start, stop) if _is_present(x := self._parent[i])]
-    fields = ({k: self._stack([x[k] for _, x in present]) for k in present[0][1]}
+    fields = ({k: np.stack([x[k] for _, x in present]) for k in present[0][1]}
               if present else None)
     return {"index": np.array([i for i, _ in present], np.int64), "fields": fields}
 
@@ -335,8 +328,7 @@ class _ResumableBatches(grain.IterDataset):
 
   def chunks(self, start: int):
     """An iterator of the chunks from element `start` on."""
-    part = _Chunks(self._ds[start:] if start else self._ds, self._batch_size,
-                   shared_memory=self._workers > 0)
+    part = _Chunks(self._ds[start:] if start else self._ds, self._batch_size)
     it = part.to_iter_dataset(grain.ReadOptions(num_threads=self._threads,
                                                 prefetch_buffer_size=2 * self._threads))
     if self._workers > 0:

@@ -1,4 +1,7 @@
+import gc
 import math
+import os
+import time
 
 import ml_collections
 import numpy as np
@@ -188,16 +191,28 @@ def test_workers_without_absl_flags_are_a_clear_error(image_root):
                          worker_count=1)
 
 
+def _shared_memory_blocks() -> set[str]:
+  return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
 def test_batches_order_and_resume_do_not_depend_on_workers(image_root, absl_flags_parsed):
   # With the corrupt image in the set: a skipped element must not shift the others.
   paths = faces.index_images(image_root, cache_dir=None)
   kw = dict(image_size=8, batch_size=4, seed=2, num_epochs=None, shard_index=0, shard_count=1)
   ref = iter(loaders.pretrain_dataset(paths, worker_count=0, **kw))
   want = [next(ref)["image"] for _ in range(12)]  # two epochs and a half
+  blocks = _shared_memory_blocks()
   two = iter(loaders.pretrain_dataset(paths, worker_count=2, **kw))
-  got = [next(two)["image"] for _ in range(5)]
+  got = [np.array(next(two)["image"]) for _ in range(5)]
   state = two.get_state()
   two.close()
+  del two
+  gc.collect()
+  # Stopped workers leave no shared-memory block behind (chunks read ahead included).
+  deadline = time.monotonic() + 5
+  while _shared_memory_blocks() - blocks and time.monotonic() < deadline:
+    time.sleep(0.1)  # (grain frees blocks from a thread)
+  assert not _shared_memory_blocks() - blocks
   assert set(state) == {"consumed"} and state["consumed"] in (20, 21)  # 5 batches, maybe a skip
   resumed = iter(loaders.pretrain_dataset(paths, worker_count=0, **kw))
   resumed.set_state(state)

@@ -125,6 +125,14 @@ def _rgb_metadata(metadata, pixels: int | None) -> list[str]:
   return undecodable
 
 
+class _DatasetInfo(tfds.core.DatasetInfo):
+  """TFDS' DatasetInfo without the look-up of precomputed info on TFDS' bucket, which these
+  datasets are never on (it makes an empty temporary folder per builder and leaves it)."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class FaceImages(tfds.core.GeneratorBasedBuilder):
   """Face images for self-supervised pretraining: the files of one or more folder trees."""
 
@@ -149,7 +157,7 @@ class FaceImages(tfds.core.GeneratorBasedBuilder):
     return self._listing[1]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return _DatasetInfo(
         builder=self,
         description="Face images (the files' bytes, or RGB) of one or more folder trees.",
         features=tfds.features.FeaturesDict({"image": _image_feature(self._pixels),
@@ -236,7 +244,7 @@ class AffWild2Frames(tfds.core.GeneratorBasedBuilder):
     return self._listing[1]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return _DatasetInfo(
         builder=self, description="Aff-Wild2 frames (one record per frame) with VA/EXPR/AU labels.",
         features=tfds.features.FeaturesDict({
             "image": _image_feature(self._pixels),

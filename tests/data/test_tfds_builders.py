@@ -1,10 +1,12 @@
 """TFDS ArrayRecord datasets: built from the synthetic set and a face tree, read back equal to
 the folder readers, through the same grain pipelines (batches, resume, shards, corrupt files)."""
 
+import glob
 import json
 import logging
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -236,6 +238,15 @@ def test_a_changed_source_is_refused_then_rebuilt(face_tree, tmp_path):
     assert len(tfds_builders.face_records(str(out))) == 13
   finally:
     extra.unlink()
+
+
+def test_a_build_leaves_no_temporary_folder(face_tree, tmp_path):
+  # TFDS' DatasetInfo makes an empty tmp*tfds folder per builder when it looks for
+  # precomputed info on its bucket; these datasets skip that look-up.
+  pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+  before = set(glob.glob(pattern))
+  tfds_builders.build(tfds_builders.FACE_IMAGES, tmp_path / "tfds", roots=face_tree)
+  assert set(glob.glob(pattern)) == before
 
 
 def test_not_a_dataset_is_a_clear_error(tmp_path):

@@ -111,12 +111,7 @@ def bench_attention(batch: int = 256, tokens: int = 197, heads: int = 12, head_d
     try:
       f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(
           q, k, v, implementation=impl).astype(jnp.float32)), argnums=(0, 1, 2)))
-      jax.block_until_ready(f(q, k, v))
-      times = []
-      for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(f(q, k, v))
-        times.append(time.perf_counter() - start)
+      times = bench.time_steps(lambda: jax.block_until_ready(f(q, k, v)), steps, warmup=1)
       out[impl] = {"ms": 1e3 * statistics.median(times)}
     except Exception as e:  # noqa: BLE001 - an implementation this device lacks is a finding
       out[impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -134,7 +129,8 @@ def check_device_augmentation(batch: int = 256, source: int = 112, size: int = 2
   crops = np.array([loaders.random_resized_crop_box(source, source, rng) for _ in range(8)],
                    np.float32)
   flips = np.arange(8) % 2 == 1
-  got = np.asarray(jax.jit(augment.crop_resize_flip, static_argnums=3)(images, crops, flips, size))
+  f = jax.jit(augment.crop_resize_flip, static_argnums=3)
+  got = np.asarray(f(images, crops, flips, size))
   diff = 0.0
   for image, crop, flip, out in zip(images, crops, flips, got):
     want = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC,
@@ -143,13 +139,8 @@ def check_device_augmentation(batch: int = 256, source: int = 112, size: int = 2
   many = jnp.asarray(np.resize(images, (batch, source, source, 3)))
   crops_b = jnp.asarray(np.resize(crops, (batch, 4)))
   flips_b = jnp.asarray(np.resize(flips, (batch,)))
-  f = jax.jit(augment.crop_resize_flip, static_argnums=3)
-  f(many, crops_b, flips_b, size).block_until_ready()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    f(many, crops_b, flips_b, size).block_until_ready()
-    times.append(time.perf_counter() - start)
+  times = bench.time_steps(lambda: f(many, crops_b, flips_b, size).block_until_ready(), steps,
+                           warmup=1)
   return {"max_level_diff": diff, "batch": batch, "source": source, "size": size,
           "batch_ms": 1e3 * statistics.median(times), "ok": diff <= 1.0}
 

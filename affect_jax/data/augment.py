@@ -11,8 +11,9 @@ augmentation (`loaders.RandomResizedCropFlip`) draws them, and the step calls `b
 The resampling is PIL's bicubic (Keys a = -0.5, half-pixel centres, the kernel widened by the
 downscale factor, taps clamped to the image and renormalised; `jax.image.scale_and_translate`),
 one pass along the rows and then one along the columns, each back to whole levels as PIL's
-uint8 passes are: the two differ by at most one level (PIL's weights are fixed-point). Each image is resampled alone, so the batch stays
-split over the devices as it arrived (no collective).
+uint8 passes are: the two differ by at most one level (PIL's weights are fixed-point). Each
+image is resampled alone, so the batch stays split over the devices as it arrived (no
+collective).
 """
 
 from __future__ import annotations

@@ -122,44 +122,49 @@ def _with_image(record: dict, x: np.ndarray) -> dict:
   return out
 
 
-class RandomResizedCropFlip(grain.transforms.RandomMap):
-  """path or {'path', ...} -> {'image': uint8 [S, S, 3], ...} with MAE's augmentation;
-  None (grain's "filtered") if unreadable (logged). Other record fields (a label) pass through."""
+class _CropFlip(grain.transforms.RandomMap):
+  """MAE's augmentation drawn for an image: the random-resized-crop box, then the flip. One
+  draw for both transforms below, so the host and the device augment with the same numbers."""
 
-  def __init__(self, image_size: int, scale=(0.2, 1.0), flip: bool = True):
-    self.image_size = image_size
+  def __init__(self, size: int, scale=(0.2, 1.0), flip: bool = True):
+    self.size = size
     self.scale = tuple(scale)
     self.flip = flip
+
+  def draw(self, width: int, height: int, rng: np.random.Generator):
+    """((left, top, right, bottom), flip) for a width x height image."""
+    box = random_resized_crop_box(width, height, rng, self.scale)
+    return box, bool(self.flip and rng.random() < 0.5)
+
+
+class RandomResizedCropFlip(_CropFlip):
+  """path or {'path', ...} -> {'image': uint8 [S, S, 3], ...} with MAE's augmentation;
+  None (grain's "filtered") if unreadable (logged). Other record fields (a label) pass through."""
 
   def random_map(self, item, rng: np.random.Generator):
     record = _as_record(item)
     im = _open_rgb(record)
     if im is None:
       return None
-    box = random_resized_crop_box(im.width, im.height, rng, self.scale)
-    im = im.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box)
-    if self.flip and rng.random() < 0.5:
+    box, flip = self.draw(im.width, im.height, rng)
+    im = im.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+    if flip:
       # PIL's flip: the same pixels as numpy's x[:, ::-1], whose 3-byte-pixel copy costs
       # more than the JPEG decode at 224 px.
       im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _with_image(record, np.asarray(im, dtype=np.uint8))
 
 
-class CropBoxFlip(grain.transforms.RandomMap):
+class CropBoxFlip(_CropFlip):
   """path or {'path', ...} -> {'image': uint8 [S0, S0, 3], 'crop': float32 [4], 'flip': bool,
-  ...}: `RandomResizedCropFlip`'s random crop box and flip, drawn the same way from the same
-  numbers, left for the device to apply (`affect_jax.data.augment`). The image goes as it is
-  stored when it is `source_size` square (Aff-Wild2's crops, an RGB TFDS dataset), else
-  resized to that first (the box is drawn on the resized image); None if unreadable."""
-
-  def __init__(self, source_size: int, scale=(0.2, 1.0), flip: bool = True):
-    self.source_size = source_size
-    self.scale = tuple(scale)
-    self.flip = flip
+  ...}: `RandomResizedCropFlip`'s crop box and flip (the same draw), left for the device to
+  apply (`affect_jax.data.augment`). The image goes as it is stored when it is S0 = `size`
+  square (Aff-Wild2's crops, an RGB TFDS dataset), else resized to that first (the box is
+  drawn on the resized image); None if unreadable."""
 
   def random_map(self, item, rng: np.random.Generator):
     record = _as_record(item)
-    size = self.source_size
+    size = self.size
     image = _encoded(record)
     if isinstance(image, np.ndarray) and image.shape == (size, size, 3) and image.dtype == np.uint8:
       x = image  # pixels as stored: no decode, no copy until the batch is stacked
@@ -170,8 +175,7 @@ class CropBoxFlip(grain.transforms.RandomMap):
       if im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BICUBIC)
       x = np.asarray(im, dtype=np.uint8)
-    box = random_resized_crop_box(size, size, rng, self.scale)
-    flip = bool(self.flip and rng.random() < 0.5)
+    box, flip = self.draw(size, size, rng)
     out = _with_image(record, x)
     out["crop"] = np.asarray(box, np.float32)
     out["flip"] = np.bool_(flip)
@@ -309,6 +313,11 @@ class _Chunks(grain.MapDataset):
     return f"Chunks(size={self._size})"
 
 
+def _rows(chunk: dict, rows: slice) -> dict:
+  """Those rows of a `_Chunks` element (views, no copy)."""
+  return {"index": chunk["index"][rows], "fields": {f: v[rows] for f, v in chunk["fields"].items()}}
+
+
 class _ResumableBatches(grain.IterDataset):
   """Batches of a random-access pipeline, the same for any number of worker processes and
   threads, with a checkpointed position that resumes under any number of them.
@@ -377,9 +386,8 @@ class _ResumableIterator(grain.DatasetIterator):
       chunk = self._pending.pop(0)
       k = min(size - n, len(chunk["index"]))
       if k < len(chunk["index"]):  # the rest waits for the next batch
-        self._pending.insert(0, {"index": chunk["index"][k:],
-                                 "fields": {f: v[k:] for f, v in chunk["fields"].items()}})
-        chunk = {"index": chunk["index"][:k], "fields": {f: v[:k] for f, v in chunk["fields"].items()}}
+        self._pending.insert(0, _rows(chunk, slice(k, None)))
+        chunk = _rows(chunk, slice(k))
       take.append(chunk)
       n += k
     self._num_pending -= n

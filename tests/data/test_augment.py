@@ -29,7 +29,8 @@ def test_crop_resize_flip_is_pils_bicubic_within_one_level():
            (0, 0, 50, 40)]
   sizes = [24, 24, 32, 16, 20, 64]
   diffs = []
-  for (box, size), image, flip in itertools.product(zip(boxes, sizes), (photo, noise), (False, True)):
+  cases = itertools.product(zip(boxes, sizes), (photo, noise), (False, True))
+  for (box, size), image, flip in cases:
     want = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC,
                                                     box=box), np.float64)
     if flip:
@@ -67,7 +68,8 @@ def photo_paths(tmp_path_factory):
 def test_device_batches_are_the_host_batches_augmented_on_the_device(photo_paths, caplog):
   """The same boxes and flips from the same seed: the device's images equal the host's within
   one level everywhere, and the unreadable file is skipped (and logged) the same way."""
-  kw = dict(image_size=16, batch_size=4, seed=3, num_epochs=1, worker_count=0, crop_scale=(0.3, 1.0))
+  kw = dict(image_size=16, batch_size=4, seed=3, num_epochs=1, worker_count=0,
+            crop_scale=(0.3, 1.0))
   host = list(loaders.pretrain_dataset(photo_paths, **kw))
   device = list(loaders.pretrain_dataset(photo_paths, augment="device", source_size=24, **kw))
   assert len(host) == len(device) == 3 and "bad.png" in caplog.text

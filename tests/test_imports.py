@@ -82,3 +82,22 @@ def test_the_layer_of_a_module_is_its_most_specific_prefix():
 def test_every_import_points_down_or_within_its_layer():
   up = [f"{a} -> {b}" for a, targets in _graph().items() for b in targets if _layer(b) < _layer(a)]
   assert not up, up
+
+
+def test_the_package_imports_without_its_optional_readers():
+  """Every module but the TFDS builders imports with TensorFlow Datasets, PyAV and OpenCV
+  left out: a GPU host with no package index runs the training stages and
+  check_accelerator.py with only the core packages carried there. Run in a fresh interpreter
+  that refuses those imports."""
+  import subprocess
+  import sys
+  modules = sorted(".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+                   for p in REPO.glob("affect_jax/**/*.py"))
+  modules.remove("affect_jax.data.tfds_builders")
+  script = ("import importlib, sys\n"
+            "for name in ('tensorflow_datasets', 'tensorflow', 'av', 'cv2'):\n"
+            "  sys.modules[name] = None  # importing it raises ImportError\n"
+            f"for module in {modules!r}:\n"
+            "  importlib.import_module(module)\n")
+  done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]

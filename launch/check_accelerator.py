@@ -13,7 +13,8 @@ from absl import app, flags
 from affect_jax import hostenv
 
 _PRESET = flags.DEFINE_string("preset", "base", "MAE size for the step benchmark.")
-_BATCH = flags.DEFINE_integer("batch", 0, "Global batch of the step benchmark (0: 32 per device).")
+_BATCH = flags.DEFINE_integer("batch", 0, "Global batch of the step benchmark (0: by device "
+                             "memory, 32 per CPU device, 64-256 per GPU/TPU).")
 _BENCH_STEPS = flags.DEFINE_integer("bench_steps", 10, "Timed steps of the step benchmark.")
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 50, "Steps of the tiny pretraining.")
 _SKIP = flags.DEFINE_list("skip", [], "Checks to leave out: sharded_steps, kernel_sets, "

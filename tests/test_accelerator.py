@@ -22,3 +22,18 @@ def test_the_checks_run_and_pass_on_cpu():
 def test_failures_are_found_at_any_depth():
   result = {"a": {"ok": True}, "b": {"x": {"ok": False}}, "c": {"error": "boom"}, "d": 1}
   assert accelerator.failures(result) == ["b.x", "c"]
+
+
+def test_the_step_benchmark_batch_follows_device_memory():
+  class Device:
+    def __init__(self, platform, gib=None):
+      self.platform, self.gib = platform, gib
+
+    def memory_stats(self):
+      return None if self.gib is None else {"bytes_limit": int(self.gib * 2**30)}
+
+  assert accelerator.default_batch_per_device(Device("cpu")) == 32
+  assert accelerator.default_batch_per_device(Device("gpu", 59.3)) == 256  # H100 80GB, 75 %
+  assert accelerator.default_batch_per_device(Device("gpu", 29.6)) == 128  # A100 40GB, 75 %
+  assert accelerator.default_batch_per_device(Device("tpu", 15.75)) == 64  # v5e
+  assert accelerator.default_batch_per_device(Device("gpu")) == 64  # no memory figure

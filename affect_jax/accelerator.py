@@ -6,7 +6,8 @@ code compute the same on these devices, and how fast.
    FSDP) against the same steps on one device;
 3. kernel sets: the tiny ViT's loss and gradients with kernels 'xla' against 'cpu' (both are
    plain JAX and run anywhere) on this backend;
-4. the MAE ViT-B/16 bf16 train step: img/s, TFLOP/s and MFU (`bench.bench_mae`);
+4. the MAE ViT-B/16 bf16 train step: img/s, TFLOP/s and MFU (`bench.bench_mae`), on a GPU
+   also with cuDNN's attention (model.kernels='cudnn');
 5. attention at ViT-B's shapes, forward and backward, per implementation of
    `jax.nn.dot_product_attention` ('xla', and 'cudnn' on GPUs);
 6. the crop-resize + flip of `data.augment='device'` on these devices against PIL's on the
@@ -179,6 +180,18 @@ def failures(result: dict, prefix: str = "") -> list[str]:
   return out
 
 
+def mae_step(mae_config: ml_collections.ConfigDict, batch: int, steps: int,
+             kernels: str | None = None) -> dict:
+  """`bench.bench_mae` in bfloat16 (`kernels`: the model's kernel set, None = the config's);
+  the per-step times left out."""
+  config = mae_config.copy_and_resolve_references()
+  if kernels:
+    config.model.kernels = kernels
+  result = bench.bench_mae(config, batch, dtype="bfloat16", steps=steps, warmup=2)
+  return {"kernels": config.model.kernels,
+          **{k: v for k, v in result.items() if not k.endswith("_all")}}
+
+
 def default_batch_per_device(device: jax.Device) -> int:
   """The MAE step benchmark's batch per device: 32 on a CPU; on a GPU/TPU as large as its
   memory allows for ViT-B (at 256 per device the step needs ~30 GiB; a GPU needs a large
@@ -197,7 +210,8 @@ def run(mae_config: ml_collections.ConfigDict, *, tiny_config: ml_collections.Co
   """All checks (those named in `skip` left out); a failing check records its error.
 
   `mae_config`: the MAE pretraining config whose bf16 train step is timed ('mae_step', at
-  `batch`, 0 = `default_batch_per_device`), e.g. `configs/mae_pretrain.py:get_config("base")`.
+  `batch`, 0 = `default_batch_per_device`; on a GPU again with cuDNN attention,
+  'mae_step_cudnn'), e.g. `configs/mae_pretrain.py:get_config("base")`.
   `tiny_config`: the tiny MAE pretraining config, `configs/mae_pretrain.py:
   get_config("tiny")`, of 'sharded_steps' and 'tiny_pretraining' (which run it at 32 px).
   """
@@ -209,9 +223,10 @@ def run(mae_config: ml_collections.ConfigDict, *, tiny_config: ml_collections.Co
   checks = {
       "sharded_steps": lambda: check_sharded_steps(tiny_config),
       "kernel_sets": check_kernel_sets,
-      "mae_step": lambda: {k: v for k, v in bench.bench_mae(
-          mae_config, batch, dtype="bfloat16", steps=bench_steps, warmup=2).items()
-          if not k.endswith("_all")},
+      "mae_step": lambda: mae_step(mae_config, batch, bench_steps),
+      "mae_step_cudnn": lambda: (mae_step(mae_config, batch, bench_steps, kernels="cudnn")
+                                 if jax.default_backend() == "gpu"
+                                 else {"skipped": "cuDNN attention needs a GPU"}),
       "attention": lambda: bench_attention(attention_batch, steps=bench_steps),
       "device_augmentation": lambda: check_device_augmentation(augment_batch, steps=bench_steps),
       "tiny_pretraining": lambda: tiny_pretraining(tiny_config, pretrain_steps),

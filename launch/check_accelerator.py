@@ -18,7 +18,8 @@ _BATCH = flags.DEFINE_integer("batch", 0, "Global batch of the step benchmark (0
 _BENCH_STEPS = flags.DEFINE_integer("bench_steps", 10, "Timed steps of the step benchmark.")
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 50, "Steps of the tiny pretraining.")
 _SKIP = flags.DEFINE_list("skip", [], "Checks to leave out: sharded_steps, kernel_sets, "
-                          "mae_step, attention, device_augmentation, tiny_pretraining.")
+                          "mae_step, mae_step_cudnn, attention, device_augmentation, "
+                          "tiny_pretraining.")
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON line to this file.")
 
 

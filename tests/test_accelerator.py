@@ -15,6 +15,7 @@ def test_the_checks_run_and_pass_on_cpu():
   assert result["backend"] == "cpu" and result["kernels_auto"] == "cpu"
   assert result["kernel_sets"]["float32"]["ok"] and result["kernel_sets"]["bfloat16"]["ok"]
   assert "mae_step" not in result and result["attention"]["xla"]["ms"] > 0
+  assert "skipped" in result["mae_step_cudnn"]  # a GPU's alone
   assert result["tiny_pretraining"]["last_loss"] < result["tiny_pretraining"]["first_loss"]
   assert result["device_augmentation"]["max_level_diff"] <= 1.0
 
@@ -37,3 +38,10 @@ def test_the_step_benchmark_batch_follows_device_memory():
   assert accelerator.default_batch_per_device(Device("gpu", 29.6)) == 128  # A100 40GB, 75 %
   assert accelerator.default_batch_per_device(Device("tpu", 15.75)) == 64  # v5e
   assert accelerator.default_batch_per_device(Device("gpu")) == 64  # no memory figure
+
+
+def test_the_step_benchmark_takes_a_kernel_set():
+  tiny = mae_pretrain.get_config("tiny")
+  result = accelerator.mae_step(tiny, 8, 1, kernels="xla")
+  assert result["kernels"] == "xla" and result["img_per_s"] > 0 and result["dtype"] == "bfloat16"
+  assert tiny.model.kernels == "auto"  # the caller's config is kept

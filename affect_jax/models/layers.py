@@ -1,9 +1,9 @@
 """The models' building blocks in stock JAX/Flax, with one switch for backend kernels.
 
 Every model module takes `kernels` (its config's `model.kernels`) and hands it to these:
-  "auto"   the XLA:CPU kernels when jax's default backend is the CPU, else "xla" with
-           `jax.nn.dot_product_attention` choosing its implementation (cuDNN flash attention
-           on GPUs where it applies);
+  "auto"   the XLA:CPU kernels when jax's default backend is the CPU, else stock XLA with
+           `jax.nn.dot_product_attention` choosing its implementation (XLA's in jax 0.10;
+           jax may come to pick cuDNN there; `launch/check_accelerator.py` times both);
   "xla"    stock jnp/lax and autodiff everywhere; attention through
            `jax.nn.dot_product_attention(implementation="xla")`;
   "cudnn"  "xla" with cuDNN attention required (a GPU, and no attention dropout in training);

@@ -26,7 +26,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.drop_path_rate = 0.0
   # c.model.dtype, c.model.remat, c.grad_accum_steps, c.mesh_shape: common.set_vit_scale.
   # Backend kernels (affect_jax.models.layers): "auto" = the XLA:CPU kernels on a CPU host,
-  # stock XLA (and JAX's pick of attention, cuDNN on GPUs) elsewhere; "xla", "cudnn", "cpu".
+  # stock XLA elsewhere; "xla", "cudnn" (cuDNN's attention on a GPU), "cpu".
   c.model.kernels = "auto"
 
   c.data = common.get_data_config()

@@ -26,7 +26,9 @@ _OUT = flags.DEFINE_string("out", "", "Also write the JSON line to this file.")
 def main(argv):
   del argv
   from affect_jax import accelerator, fileio
+  from affect_jax.train import loop
   from configs import mae_pretrain
+  loop.quiet_library_logs()  # the tiny pretraining's checkpoint library would flood the output
   result = accelerator.run(mae_pretrain.get_config(_PRESET.value),
                            tiny_config=mae_pretrain.get_config("tiny"), batch=_BATCH.value,
                            bench_steps=_BENCH_STEPS.value, pretrain_steps=_PRETRAIN_STEPS.value,

@@ -14,7 +14,6 @@ change it: what a benchmark overrides (batch, dtype, image size, ...) it sets on
 from __future__ import annotations
 
 import functools
-import math
 import os
 import statistics
 import time
@@ -24,37 +23,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from affect_jax import optim, sharding
+from affect_jax import flops, optim, sharding
 from affect_jax.data import loaders, segments
-from affect_jax.models import cpu_kernels, mae, vit
+from affect_jax.models import cpu_kernels
 from affect_jax.train import finetune, pretrain, temporal
-
-# Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity). CPUs have no entry: pass
-# --peak_tflops to get an MFU there.
-# A device kind takes the first entry it starts with, so the PCIe/NVL cards come first.
-PEAK_FLOPS = {
-    "NVIDIA H100 PCIe": 756e12,
-    "NVIDIA H100 NVL": 835e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200 NVL": 835e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-}
-
-
-def peak_flops(device: jax.Device, override_tflops: float | None = None) -> float | None:
-  if override_tflops:
-    return override_tflops * 1e12
-  kind = device.device_kind
-  for name, flops in PEAK_FLOPS.items():
-    if kind.startswith(name):
-      return flops
-  return None
 
 
 def compiled_flops(compiled, num_devices: int = 1) -> float | None:
@@ -104,7 +76,7 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
   `config`: the MAE pretraining config (configs/mae_pretrain.py), run with `batch`, `dtype`
   and, where given, `image_size` and `scan_layers` (None = the config's).
 
-  TFLOP/s and MFU count the model's FLOPs (`mae_train_flops`), not XLA's cost analysis
+  TFLOP/s and MFU count the model's FLOPs (`affect_jax.flops`), not XLA's cost analysis
   (`hlo_flops_per_step`, for comparison): the analysis counts a scanned stack of blocks
   once, not once per block, and nothing inside a custom call such as cuDNN's attention.
   """
@@ -125,7 +97,7 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
   images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
   batch_arrays = sharding.shard_batch({"image": images}, mesh)
   compiled = step.lower(state, batch_arrays).compile()
-  flops = mae_train_flops(config, batch)
+  model_flops = mae_train_flops(config, batch)
   holder = {"state": state}
 
   def run():
@@ -135,16 +107,16 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
   times = time_steps(run, steps, warmup)
   med = statistics.median(times)
   device = jax.devices()[0]
-  peak = peak_flops(device, peak_tflops)
+  peak = flops.peak_flops(device, peak_tflops)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   return {
       "what": "mae_train_step", "variant": config.model.variant, "batch": batch,
       "image_size": size, "dtype": dtype, "devices": jax.device_count(),
       "device_kind": device.device_kind,
       "params": int(n_params), "step_s": med, "step_s_all": times, "img_per_s": batch / med,
-      "flops_per_step": flops, "hlo_flops_per_step": compiled_flops(compiled, mesh.size),
-      "tflops_per_s": flops / med / 1e12,
-      "mfu": flops / med / (peak * mesh.size) if peak else None,
+      "flops_per_step": model_flops, "hlo_flops_per_step": compiled_flops(compiled, mesh.size),
+      "tflops_per_s": model_flops / med / 1e12,
+      "mfu": model_flops / med / (peak * mesh.size) if peak else None,
       "peak_memory_bytes": peak_memory_bytes(device),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
@@ -188,8 +160,10 @@ def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
     state, shardings = pretrain.create_train_state(config, model, rng, mesh, schedule,
                                                    abstract=True)
     step = pretrain.jit_train_step(model, config, schedule, shardings, mesh)
+    model_flops = mae_train_flops(config, batch)
   else:
     model = finetune.create_model(config)
+    model_flops = flops.vit_train_flops(config.model.variant, size, batch, model.num_classes)
     state, shardings = finetune.create_train_state(config, model, rng, mesh, schedule, None,
                                                    abstract=True)
     step = finetune.jit_train_step(model, config, schedule, shardings, mesh)
@@ -197,6 +171,7 @@ def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
                                                  sharding=sharding.batch_sharding(mesh, 1))
   start = time.perf_counter()
   compiled = step.lower(state, batch_arrays).compile()
+  compile_s = time.perf_counter() - start
   m = compiled.memory_analysis()
   gib = lambda b: None if b is None else b / 2**30
   args, temp = getattr(m, "argument_size_in_bytes", None), getattr(m, "temp_size_in_bytes", None)
@@ -211,7 +186,8 @@ def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
       "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
       "arguments_gib": gib(args), "temporaries_gib": gib(temp), "outputs_gib": gib(out),
       "aliased_gib": gib(alias), "total_gib": gib(total),
-      "compile_s": time.perf_counter() - start,
+      "flops_per_step": model_flops, "hlo_flops_per_step": compiled_flops(compiled, mesh.size),
+      "compile_s": compile_s,
   }
 
 
@@ -236,58 +212,17 @@ def bench_matmul(n: int = 2048, repeats: int = 10) -> dict:
 
 def mae_matmul_shapes(config: ml_collections.ConfigDict, batch: int,
                       image_size: int | None = None) -> list[dict]:
-  """The MAE train step's matmuls, one row per distinct product, with how often it occurs.
-
-  Of the MAE pretraining config `config` (configs/mae_pretrain.py: its ViT variant and mask
-  ratio) at `batch` and `image_size` (None = the config's).
-
-  Dense rows: (m, k, n) = (tokens in the batch, in, out) of the encoder's and decoder's
-  qkv / proj / fc1 / fc2 (the patch embedding, decoder embedding and prediction head are left
-  out: < 3% of the FLOPs). Attention rows: (batch, heads, length, head_dim). `count` is the
-  number of layers using it.
-  """
-
-  v = vit.VARIANTS[config.model.variant]
-  mask_ratio = config.model.mask_ratio
-  image_size = image_size or config.data.image_size
-  patches = (image_size // v["patch_size"]) ** 2
-  rows = []
-  for part, width, depth, heads, mlp, length in (
-      ("encoder", v["width"], v["depth"], v["num_heads"], v["mlp_dim"],
-       mae.num_visible(patches, mask_ratio) + 1),
-      ("decoder", v["decoder_width"], v["decoder_depth"], v["decoder_num_heads"],
-       v["decoder_mlp_dim"], patches + 1)):
-    m = batch * length
-    for name, k, n in (("qkv", width, 3 * width), ("proj", width, width), ("fc1", width, mlp),
-                       ("fc2", mlp, width)):
-      rows.append(dict(part=part, name=name, kind="dense", shape=(m, k, n), count=depth))
-    rows.append(dict(part=part, name="attention", kind="attention",
-                     shape=(batch, heads, length, width // heads), count=depth))
-  return rows
+  """`flops.mae_matmuls` of the MAE pretraining config `config` (configs/mae_pretrain.py: its
+  ViT variant and mask ratio) at `batch` and `image_size` (None = the config's)."""
+  return flops.mae_matmuls(config.model.variant, image_size or config.data.image_size,
+                           config.model.mask_ratio, batch)
 
 
 def mae_train_flops(config: ml_collections.ConfigDict, batch: int,
                     image_size: int | None = None) -> float:
-  """The model FLOPs of one MAE train step (the convention of MFU): three times the forward
-  pass's matmuls (the backward pass takes two products per forward one), attention's
-  products included, element-wise work and the optimizer update left out.
-
-  The blocks' products are `mae_matmul_shapes`; beside them the patch embedding (every
-  patch, as the model embeds before masking), the decoder embedding (CLS and the visible
-  tokens) and the prediction head (CLS and every patch).
-  """
-  image_size = image_size or config.data.image_size
-  v = vit.VARIANTS[config.model.variant]
-  patches = (image_size // v["patch_size"]) ** 2
-  pixels = v["patch_size"] ** 2 * 3
-  visible = mae.num_visible(patches, config.model.mask_ratio)
-  forward = sum(r["count"] * (2 * math.prod(r["shape"]) if r["kind"] == "dense"
-                              else 4 * math.prod(r["shape"]) * r["shape"][2])
-                for r in mae_matmul_shapes(config, batch, image_size))
-  forward += 2 * batch * (patches * pixels * v["width"]
-                          + (visible + 1) * v["width"] * v["decoder_width"]
-                          + (patches + 1) * v["decoder_width"] * pixels)
-  return 3.0 * forward
+  """`flops.mae_train_flops` of the MAE pretraining config `config`."""
+  return flops.mae_train_flops(config.model.variant, image_size or config.data.image_size,
+                               config.model.mask_ratio, batch)
 
 
 # The three products of one train step of a layer, as the step writes them. Dense (x [b,t,k]
@@ -342,7 +277,7 @@ def bench_matmul_layouts(config: ml_collections.ConfigDict, batch: int = 8, *,
       shapes = [tuple(dims[c] for c in (op[0] + op[2] + op[1] + op[3] if hm else op))
                 for op, hm in zip(operands, heads_major)]
       letters = sorted(set(spec) - {",", "-", ">"})
-      flops = 2 * int(np.prod([dims[c] for c in letters]))
+      product_flops = 2 * int(np.prod([dims[c] for c in letters]))
       rates = {}
       for name, dtype, product in paths:
         x, y = (jax.random.normal(jax.random.key(i), s, f32).astype(dtype)
@@ -352,10 +287,10 @@ def bench_matmul_layouts(config: ml_collections.ConfigDict, batch: int = 8, *,
           return product(spec, x, y)
         f = jax.jit(f)
         med = statistics.median(time_steps(lambda: f(x, y).block_until_ready(), repeats, 2))
-        rates[f"{name}_gflops"] = flops / med / 1e9
+        rates[f"{name}_gflops"] = product_flops / med / 1e9
       rows.append({"part": row["part"], "name": row["name"], "product": label, "einsum": spec,
                    "sizes": {c: dims[c] for c in letters}, "count": row["count"],
-                   "gflop": flops / 1e9, **rates})
+                   "gflop": product_flops / 1e9, **rates})
   return {"what": "matmul_layouts", "variant": config.model.variant, "batch": batch,
           "image_size": size, "device_kind": jax.devices()[0].device_kind, "rows": rows}
 
@@ -504,8 +439,8 @@ def bench_temporal(task_configs: Mapping[str, ml_collections.ConfigDict], *,
   ptimes = time_steps(predict_once, repeats, 1)
   out["predict_s_all_heads"] = statistics.median(ptimes)
   out["predict_s_all"] = ptimes
-  flops = [compiled_flops(fns[t].lower(variables[t], inputs, mask_j).compile()) for t in models]
-  out["predict_flops"] = sum(flops) if all(flops) else None
+  counts = [compiled_flops(fns[t].lower(variables[t], inputs, mask_j).compile()) for t in models]
+  out["predict_flops"] = sum(counts) if all(counts) else None
   out["predict_tflops_per_s"] = (out["predict_flops"] / out["predict_s_all_heads"] / 1e12
                                  if out["predict_flops"] else None)
   # Training throughput (VA model); after prediction, since the step donates the state.

@@ -118,13 +118,3 @@ def test_loader_bench_runs_the_pipeline_it_names(augment, tmp_path):
   with pytest.raises(ValueError, match="loader source"):
     bench.loader_inputs("bucket", 16)
 
-
-@pytest.mark.parametrize("kind, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
-                                          ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-40GB", 312),
-                                          ("TPU v5 lite", 197), ("cpu", None)])
-def test_peak_flops_per_device_kind(kind, tflops):
-  class Device:
-    device_kind = kind
-  peak = bench.peak_flops(Device())
-  assert peak == (tflops * 1e12 if tflops else None)
-  assert bench.peak_flops(Device(), 100.0) == 100e12

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from affect_jax import checkpoint, losses, metrics, optim, sharding
+from affect_jax import checkpoint, flops, losses, metrics, optim, sharding
 from affect_jax.data import affwild2, augment, loaders, mixing, sources
 from affect_jax.models import vit
 from affect_jax.train import loop, pretrain
@@ -217,6 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
                config.model.variant, config.init.kind, len(train), len(val), total, config.batch_size)
   state, history = stage.run(
       state, train_fn, data, items_per_step=config.batch_size, unit="img",
+      flops_per_item=flops.vit_train_flops(config.model.variant, config.data.image_size, 1,
+                                           model.num_classes),
       prefetch=config.data.prefetch, hooks=tuple(hooks), eval_fn=evaluate,
       eval_every=max(int(round(config.eval_every_epochs * steps_per_epoch)), 1),
       best_metric="f1", best_mode="max")

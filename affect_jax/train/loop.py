@@ -31,7 +31,7 @@ from absl import logging
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from affect_jax import checkpoint, fileio, optim, sharding
+from affect_jax import checkpoint, fileio, flops, optim, sharding
 from affect_jax.data import loaders
 
 
@@ -261,10 +261,30 @@ class _Preemption:
 PROFILE_DIR = "profile"
 
 
+def throughput(items_per_sec: float, flops_per_item: float) -> dict[str, float]:
+  """{'tflops_per_device', and 'mfu' on a device of known peak} of a training rate (none
+  without `flops_per_item`)."""
+  if not flops_per_item:
+    return {}
+  tflops = items_per_sec * flops_per_item / jax.device_count() / 1e12
+  peak = flops.peak_flops(jax.devices()[0])
+  return {"tflops_per_device": tflops, **({"mfu": tflops * 1e12 / peak} if peak else {})}
+
+
+def format_speed(speed: dict[str, float], unit: str) -> str:
+  """'707.1 img/s, 0.92 TFLOP/s per device, MFU 41.2%' (the parts `speed` has)."""
+  parts = [f"{speed[f'{unit}_per_sec']:.1f} {unit}/s"]
+  if "tflops_per_device" in speed:
+    parts.append(f"{speed['tflops_per_device']:.3g} TFLOP/s per device")
+  if "mfu" in speed:
+    parts.append(f"MFU {100 * speed['mfu']:.1f}%")
+  return ", ".join(parts)
+
+
 def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Callable,
         data_iter: Iterator, num_steps: int, mesh, items_per_step: int, unit: str = "img",
-        log_every: int = 50, checkpoint_every: int = 500, max_to_keep: int = 3,
-        writer: MetricWriter | None = None,
+        flops_per_item: float = 0.0, log_every: int = 50, checkpoint_every: int = 500,
+        max_to_keep: int = 3, writer: MetricWriter | None = None,
         hooks: tuple[Callable[[int, Any, dict], None], ...] = (),
         eval_fn: Callable[[Any], dict] | None = None, eval_every: int = 0,
         best_metric: str | None = None, best_mode: str = "max",
@@ -278,6 +298,10 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
   on it is exported to `workdir/best` (see `maybe_save_best` / `load_best`); with
   `early_stop_steps`, training stops once the best is that many steps old. Returns the
   final state and the logged metrics of this run (eval scalars prefixed 'eval/').
+
+  Each logged step reports `<unit>_per_sec` over the steps since the last log; with
+  `flops_per_item` (the model FLOPs of one item's train step, `affect_jax.flops`) also
+  `tflops_per_device` and, on a device of known peak, `mfu`.
 
   When the job is told to stop (a preemption notice reaching every process at the same
   step), it saves a checkpoint there and raises `Preempted`.
@@ -331,13 +355,14 @@ def run(*, config: ml_collections.ConfigDict, workdir: str, state, step_fn: Call
         now = time.perf_counter()
         rate = (done - step_last) * items_per_step / max(now - t_last, 1e-9)
         eta = (num_steps - done) * (now - t_last) / max(done - step_last, 1)
-        metrics[f"{unit}_per_sec"] = rate
+        speed = {f"{unit}_per_sec": rate, **throughput(rate, flops_per_item)}
         t_last, step_last = now, done
-        writer.write(done, metrics)
-        history.append({"step": done, **metrics})
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != f"{unit}_per_sec")
-        logging.info("step %d/%d  %s  | %.1f %s/s | elapsed %s ETA %s", done, num_steps, shown,
-                     rate, unit, format_seconds(now - t_start), format_seconds(eta))
+        writer.write(done, {**metrics, **speed})
+        history.append({"step": done, **metrics, **speed})
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        logging.info("step %d/%d  %s  | %s | elapsed %s ETA %s", done, num_steps, shown,
+                     format_speed(speed, unit), format_seconds(now - t_start),
+                     format_seconds(eta))
       if eval_fn is not None and (done == num_steps or (eval_every and done % eval_every == 0)):
         scores = {f"eval/{k}": float(v) for k, v in eval_fn(state).items()}
         writer.write(done, scores)

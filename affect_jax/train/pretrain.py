@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from affect_jax import checkpoint, fileio, optim, sharding
+from affect_jax import checkpoint, fileio, flops, optim, sharding
 from affect_jax.data import augment, loaders, sources
 from affect_jax.models import mae, vit
 from affect_jax.train import loop
@@ -184,8 +184,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       writer.image("reconstruction", step, grid)
 
     hooks.append(recon_hook)
-  state, history = stage.run(state, train_fn, ds, items_per_step=config.batch_size, unit="img",
-                             prefetch=config.data.prefetch, writer=writer, hooks=tuple(hooks))
+  state, history = stage.run(
+      state, train_fn, ds, items_per_step=config.batch_size, unit="img",
+      flops_per_item=flops.mae_train_flops(config.model.variant, config.data.image_size,
+                                           config.model.mask_ratio, 1),
+      prefetch=config.data.prefetch, writer=writer, hooks=tuple(hooks))
   writer.close()
   return {"state": state, "history": history, "num_steps": total, "num_images": len(paths)}
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from affect_jax import checkpoint, sharding
+from affect_jax import checkpoint, flops, sharding
 from affect_jax.train import loop
 
 
@@ -161,3 +161,25 @@ def test_profile_steps_trace_into_the_workdir(tmp_path):
            items_per_step=2, checkpoint_every=5)
   traces = list((tmp_path / loop.PROFILE_DIR).rglob("*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
+
+
+def test_logged_steps_report_model_tflops_per_device(tmp_path):
+  mesh, state, step, batches = _setup()
+  _, history = loop.run(
+      config=ml_collections.ConfigDict(), workdir=str(tmp_path), state=state, step_fn=step,
+      data_iter=batches, num_steps=2, mesh=mesh, items_per_step=2, log_every=1,
+      flops_per_item=3e9)
+  for h in history:  # no peak rate for a CPU: no MFU
+    assert h["tflops_per_device"] == pytest.approx(h["img_per_sec"] * 3e9 / jax.device_count() / 1e12)
+    assert "mfu" not in h
+
+
+def test_throughput_and_its_log_line(monkeypatch):
+  assert loop.throughput(100.0, 0.0) == {}
+  speed = {"img_per_sec": 100.0, **loop.throughput(100.0, 8e12)}
+  assert speed["tflops_per_device"] == pytest.approx(800 / jax.device_count())
+  monkeypatch.setattr(flops, "peak_flops", lambda device: 1e15)  # a device of known peak
+  assert loop.throughput(100.0, 8e12)["mfu"] == pytest.approx(0.8 / jax.device_count())
+  assert loop.format_speed({"img_per_sec": 707.06}, "img") == "707.1 img/s"
+  assert (loop.format_speed({"img_per_sec": 707.06, "tflops_per_device": 0.9234, "mfu": 0.4123},
+                            "img") == "707.1 img/s, 0.923 TFLOP/s per device, MFU 41.2%")

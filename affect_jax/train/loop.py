@@ -272,7 +272,7 @@ def throughput(items_per_sec: float, flops_per_item: float) -> dict[str, float]:
 
 
 def format_speed(speed: dict[str, float], unit: str) -> str:
-  """'707.1 img/s, 0.92 TFLOP/s per device, MFU 41.2%' (the parts `speed` has)."""
+  """'707.1 img/s, 0.923 TFLOP/s per device, MFU 41.2%' (the parts `speed` has)."""
   parts = [f"{speed[f'{unit}_per_sec']:.1f} {unit}/s"]
   if "tflops_per_device" in speed:
     parts.append(f"{speed['tflops_per_device']:.3g} TFLOP/s per device")

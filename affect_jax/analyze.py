@@ -397,8 +397,7 @@ def _main(argv):
   from absl import flags
   from affect_jax.train import loop
   sharding.join()
-  loop.quiet_library_logs()
-  loop.enable_compilation_cache()
+  loop.init_launcher()
   f = flags.FLAGS
   workdirs = {t: w for t, w in (("VA", f.va), ("EXPR", f.expr), ("AU", f.au)) if w}
   if not workdirs:

@@ -28,7 +28,7 @@ def main(argv):
   from affect_jax import accelerator, fileio
   from affect_jax.train import loop
   from configs import mae_pretrain
-  loop.quiet_library_logs()  # the tiny pretraining's checkpoint library would flood the output
+  loop.init_launcher()  # quiet library logs (orbax would bury the results), compilation cache
   result = accelerator.run(mae_pretrain.get_config(_PRESET.value),
                            tiny_config=mae_pretrain.get_config("tiny"), batch=_BATCH.value,
                            bench_steps=_BENCH_STEPS.value, pretrain_steps=_PRETRAIN_STEPS.value,

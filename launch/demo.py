@@ -33,8 +33,7 @@ def main(argv):
   from affect_jax import demo
   from affect_jax.train import loop
   from configs import demo as demo_config
-  loop.quiet_library_logs()
-  loop.enable_compilation_cache()
+  loop.init_launcher()
   if logging.get_verbosity() <= logging.INFO and not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # one line per stage; --verbosity=0 for the rest
   if _CONFIG.value is not None and flags.FLAGS["preset"].present:

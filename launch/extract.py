@@ -18,8 +18,7 @@ def main(argv):
   del argv
   sharding.join()
   from affect_jax.train import extract, loop
-  loop.quiet_library_logs()
-  loop.enable_compilation_cache()
+  loop.init_launcher()
   for kind, path in extract.run(_CONFIG.value, _WORKDIR.value).items():
     print(f"{kind} features: {path}")
 

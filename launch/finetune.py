@@ -17,8 +17,7 @@ def main(argv):
   del argv
   sharding.join()
   from affect_jax.train import finetune, loop
-  loop.quiet_library_logs()
-  loop.enable_compilation_cache()
+  loop.init_launcher()
   out = finetune.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   best = out["best"]
   print(f"best validation macro-F1 {best['value']:.4f} at step {best['step']} "

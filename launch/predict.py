@@ -23,8 +23,7 @@ def main(argv):
   sharding.join()
   from affect_jax import fileio, predict
   from affect_jax.train import loop
-  loop.quiet_library_logs()
-  loop.enable_compilation_cache()
+  loop.init_launcher()
   workdirs = {t: w for t, w in (("VA", _VA.value), ("EXPR", _EXPR.value), ("AU", _AU.value)) if w}
   if not workdirs:
     raise app.UsageError("give at least one of --va, --expr, --au")

@@ -17,8 +17,7 @@ def main(argv):
   del argv
   sharding.join()
   from affect_jax.train import loop, pretrain  # after distributed init: they touch jax
-  loop.quiet_library_logs()
-  loop.enable_compilation_cache()
+  loop.init_launcher()
   pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

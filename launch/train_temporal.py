@@ -20,8 +20,7 @@ def main(argv):
   del argv
   sharding.join()
   from affect_jax.train import loop, temporal
-  loop.quiet_library_logs()
-  loop.enable_compilation_cache()
+  loop.init_launcher()
   config = _CONFIG.value
   if config.cross_validate:
     print(temporal.cross_validate(config, _WORKDIR.value)["table"])

@@ -85,6 +85,13 @@ def enable_compilation_cache(path: str = "~/.cache/affect_jax/xla") -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def init_launcher() -> None:
+  """What every launcher does once jax may start: library logs quieted, the persistent
+  compilation cache on."""
+  quiet_library_logs()
+  enable_compilation_cache()
+
+
 def format_seconds(s: float) -> str:
   s = int(max(s, 0))
   h, rem = divmod(s, 3600)

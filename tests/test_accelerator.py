@@ -1,6 +1,8 @@
 """launch/check_accelerator.py's checks, run here on the emulated CPU devices at small sizes
 (on a GPU/TPU host the same code runs at ViT-B's)."""
 
+import pytest
+
 from affect_jax import accelerator
 from configs import mae_pretrain
 
@@ -44,4 +46,7 @@ def test_the_step_benchmark_takes_a_kernel_set():
   tiny = mae_pretrain.get_config("tiny")
   result = accelerator.mae_step(tiny, 8, 1, kernels="xla")
   assert result["kernels"] == "xla" and result["img_per_s"] > 0 and result["dtype"] == "bfloat16"
+  # The set reaches the model: cuDNN's attention, asked for on a CPU, fails in the step.
+  with pytest.raises(RuntimeError, match="cuDNN"):
+    accelerator.mae_step(tiny, 8, 1, kernels="cudnn")
   assert tiny.model.kernels == "auto"  # the caller's config is kept

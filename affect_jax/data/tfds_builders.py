@@ -106,6 +106,11 @@ def _read_images(paths: Iterable[str | os.PathLike], pixels: int | None = None,
       yield from pool.map(lambda p: _read_image(p, pixels), paths[i:i + _READ_CHUNK])
 
 
+def _undecodable(image: bytes | np.ndarray) -> bool:
+  """Whether `_read_image` stored this file empty: an RGB build's undecodable file."""
+  return isinstance(image, np.ndarray) and not image.size
+
+
 def _image_feature(pixels: int | None) -> tfds.features.FeatureConnector:
   if pixels is None:  # fed the files' encoded bytes, stored as they are (jpg and png mixed)
     return tfds.features.Image(shape=(None, None, 3))
@@ -175,7 +180,7 @@ class FaceImages(tfds.core.GeneratorBasedBuilder):
     self.info.metadata["source_fingerprint"] = fileio.stat_fingerprint(paths)
     undecodable = _rgb_metadata(self.info.metadata, self._pixels)
     for i, (name, image) in enumerate(zip(names, _read_images(paths, self._pixels))):
-      if isinstance(image, np.ndarray) and not image.size:
+      if _undecodable(image):
         undecodable.append(name)
       yield i, {"image": image, "path": name}
 
@@ -302,9 +307,9 @@ class AffWild2Frames(tfds.core.GeneratorBasedBuilder):
       paths = [os.path.join(frames_dir, affwild2.frame_name(int(k) + 1)) for k in present]
       for k, image in zip(present, _read_images(paths, self._pixels)):
         images[int(k)] = image
-        data = image if isinstance(image, bytes) else image.tobytes()  # as stored
-        if not data:
+        if _undecodable(image):
           undecodable.append(f"{video}/{affwild2.frame_name(int(k) + 1)}")
+        data = image if isinstance(image, bytes) else image.tobytes()  # as stored
         digest.update(f"{k}:{len(data)}:".encode())
         digest.update(data)
       index[video] = {

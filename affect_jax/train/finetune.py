@@ -209,10 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
     pred = logits.argmax(-1)
     return {"f1": metrics.expr_f1(pred, labels), "accuracy": float(np.mean(pred == labels))}
 
-  data = loaders.pretrain_dataset(
-      train, image_size=config.data.image_size, batch_size=config.batch_size // jax.process_count(),
-      seed=config.seed, **loaders.options(config.data), **augment.loader_options(config.data),
-      crop_scale=tuple(config.data.crop_scale), flip=config.data.flip)
+  data = stage.image_batches(train)
   logging.info("fine-tune %s (init %s): %d train / %d val frames, %d steps of %d",
                config.model.variant, config.init.kind, len(train), len(val), total, config.batch_size)
   state, history = stage.run(

@@ -32,7 +32,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 
 from affect_jax import checkpoint, fileio, flops, optim, sharding
-from affect_jax.data import loaders
+from affect_jax.data import augment, loaders
 
 
 class TrainState(train_state.TrainState):
@@ -437,6 +437,17 @@ class Stage:
     self.total_steps = optim.total_steps(self.config, steps_per_epoch)
     self.schedule = optim.schedule_for(self.config, self.total_steps)
     return self.total_steps
+
+  def image_batches(self, items):
+    """This process's rows of the global training batches of `items` (image paths, or
+    records with a 'path' and e.g. a label), reshuffled every epoch, with MAE's crop + flip
+    as config.data sets them (done on the host, or left to the step: data.augment), for the
+    image stages (pretraining, fine-tuning)."""
+    c = self.config
+    return loaders.pretrain_dataset(
+        items, image_size=c.data.image_size, batch_size=c.batch_size // jax.process_count(),
+        seed=c.seed, **loaders.options(c.data), **augment.loader_options(c.data),
+        crop_scale=tuple(c.data.crop_scale), flip=c.data.flip)
 
   def run(self, state, step_fn: Callable, dataset, *, items_per_step: int, unit: str = "img",
           prefetch: int | None = None, **kwargs) -> tuple[Any, list[dict]]:

@@ -156,10 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state, shardings = create_train_state(config, model, jax.random.key(config.seed), mesh,
                                         stage.schedule)
   train_fn = jit_train_step(model, config, stage.schedule, shardings, mesh)
-  ds = loaders.pretrain_dataset(
-      paths, image_size=config.data.image_size, batch_size=config.batch_size // jax.process_count(),
-      seed=config.seed, **loaders.options(config.data), **augment.loader_options(config.data),
-      crop_scale=tuple(config.data.crop_scale), flip=config.data.flip)
+  ds = stage.image_batches(paths)
   logging.info("MAE %s: %d images, %d steps of %d, %.1fM params, mesh %s", config.model.variant,
                len(paths), total, config.batch_size,
                sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, dict(mesh.shape))

@@ -122,6 +122,32 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
   }
 
 
+def abstract_train_step(config: ml_collections.ConfigDict, stage: str, batch: int, mesh):
+  """(jitted step, state, batch) of `stage`'s train step ('mae' pretraining or 'finetune')
+  for `config` over `mesh`, the state and batch abstract (`jax.ShapeDtypeStruct`s with their
+  shardings): ready to lower and compile, with nothing allocated. The step is built afresh
+  at every call, so it is traced with what holds then (e.g. the backend `kernels='auto'`
+  resolves for)."""
+  if stage not in ("mae", "finetune"):
+    raise ValueError(f"stage must be 'mae' or 'finetune', got {stage!r}")
+  size = config.data.image_size
+  schedule = optim.schedule_for(config, 1000)
+  batch_arrays = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8,
+                                                sharding=sharding.batch_sharding(mesh, 4))}
+  rng = jax.random.key(0)
+  if stage == "mae":
+    model = pretrain.create_model(config)
+    state, shardings = pretrain.create_train_state(config, model, rng, mesh, schedule,
+                                                   abstract=True)
+    return pretrain.jit_train_step(model, config, schedule, shardings, mesh), state, batch_arrays
+  model = finetune.create_model(config)
+  state, shardings = finetune.create_train_state(config, model, rng, mesh, schedule, None,
+                                                 abstract=True)
+  batch_arrays["label"] = jax.ShapeDtypeStruct((batch,), np.int32,
+                                               sharding=sharding.batch_sharding(mesh, 1))
+  return finetune.jit_train_step(model, config, schedule, shardings, mesh), state, batch_arrays
+
+
 def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
                  dtype: str | None = None, mesh_shape=None, remat: str = "none",
                  grad_accum_steps: int = 1, image_size: int | None = None,
@@ -136,8 +162,6 @@ def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
   config, configs.common.set_vit_scale's defaults).
   """
 
-  if stage not in ("mae", "finetune"):
-    raise ValueError(f"stage must be 'mae' or 'finetune', got {stage!r}")
   config = _copy(config)
   config.batch_size, config.model.remat, config.grad_accum_steps = batch, remat, grad_accum_steps
   if dtype:
@@ -151,24 +175,12 @@ def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
   size = config.data.image_size
   mesh = sharding.make_mesh(config.mesh_shape)
   sharding.check_batch_size(batch, mesh, grad_accum_steps)
-  schedule = optim.schedule_for(config, 1000)
-  batch_arrays = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8,
-                                                sharding=sharding.batch_sharding(mesh, 4))}
-  rng = jax.random.key(0)
+  step, state, batch_arrays = abstract_train_step(config, stage, batch, mesh)
   if stage == "mae":
-    model = pretrain.create_model(config)
-    state, shardings = pretrain.create_train_state(config, model, rng, mesh, schedule,
-                                                   abstract=True)
-    step = pretrain.jit_train_step(model, config, schedule, shardings, mesh)
     model_flops = mae_train_flops(config, batch)
   else:
-    model = finetune.create_model(config)
-    model_flops = flops.vit_train_flops(config.model.variant, size, batch, model.num_classes)
-    state, shardings = finetune.create_train_state(config, model, rng, mesh, schedule, None,
-                                                   abstract=True)
-    step = finetune.jit_train_step(model, config, schedule, shardings, mesh)
-    batch_arrays["label"] = jax.ShapeDtypeStruct((batch,), np.int32,
-                                                 sharding=sharding.batch_sharding(mesh, 1))
+    model_flops = flops.vit_train_flops(config.model.variant, size, batch,
+                                        finetune.create_model(config).num_classes)
   start = time.perf_counter()
   compiled = step.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - start

@@ -427,11 +427,22 @@ def run(out_dir: str, config: ml_collections.ConfigDict, log: Callable[[str], No
 
   samples = cfg["VA"].bootstrap_samples
   temporal_stages = [f"{t.lower()}_{n}" for t in results for n in results[t]]
-  fresh = step("fresh_scores", {"samples": samples}, lambda: {
-      t: {n: predict.evaluate(r["workdir"], (affwild2.TEST_SET,), data=fresh_data[encoder_of[n]],
-                              num_samples=samples)[affwild2.TEST_SET] for n, r in rs.items()}
-      for t, rs in results.items()},
-      after=("fresh_data", "fresh_features_mae_init", "fresh_features_random_init", *temporal_stages))
+  fresh_decided = {}  # (task, model) -> its decisions on the fresh draw, when predicted here
+
+  def fresh_stage():
+    out = {}
+    for t, rs in results.items():
+      out[t] = {}
+      for n, r in rs.items():
+        scores, by_video = predict.evaluate(r["workdir"], (affwild2.TEST_SET,),
+                                            data=fresh_data[encoder_of[n]],
+                                            num_samples=samples, with_decided=True)
+        out[t][n], fresh_decided[t, n] = scores[affwild2.TEST_SET], by_video[affwild2.TEST_SET]
+    return out
+
+  fresh = step("fresh_scores", {"samples": samples}, fresh_stage,
+               after=("fresh_data", "fresh_features_mae_init", "fresh_features_random_init",
+                      *temporal_stages))
   for t, rs in results.items():
     for n, r in rs.items():
       r[FRESH] = fresh[t][n]
@@ -444,8 +455,9 @@ def run(out_dir: str, config: ml_collections.ConfigDict, log: Callable[[str], No
       got = {}  # model -> {split key: ({video: decided}, {video: labels})}
       for n in sorted({n for pair in pairs_wanted for n in pair} - {"pixels"}):
         got[n] = predict.decided(results[t][n]["workdir"])
-        got[n][FRESH] = predict.decided(results[t][n]["workdir"], (affwild2.TEST_SET,),
-                                        data=fresh_data[encoder_of[n]])[affwild2.TEST_SET]
+        got[n][FRESH] = fresh_decided.get((t, n)) or predict.decided(
+            results[t][n]["workdir"], (affwild2.TEST_SET,),
+            data=fresh_data[encoder_of[n]])[affwild2.TEST_SET]
       got["pixels"] = {}
       for key in scored:
         with np.load(os.path.join(pixel_dir, f"{t}_{key}.npz")) as z:

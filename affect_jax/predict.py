@@ -141,18 +141,28 @@ def _labelled(config, split: str) -> dict[str, affwild2.VideoLabels]:
                                                   affwild2.max_unmatched(config))}
 
 
+def _predicted(workdir: str, splits, data: Mapping[str, str] | None):
+  """(config, tuned thresholds, {split: ({video: merged outputs}, {video: VideoLabels})})
+  of a trained model on labelled splits (`data` as for `load`)."""
+  config, predict, thresholds = load(workdir, data=data)
+  out = {}
+  for split in splits:
+    videos = _labelled(config, split)
+    out[split] = predict({n: v.num_frames for n, v in videos.items()}), videos
+  return config, thresholds, out
+
+
+def _by_video(task: str, preds, videos) -> tuple[dict, dict]:
+  decisions, labels = temporal.per_video(task, preds, videos)
+  return dict(zip(sorted(preds), decisions)), dict(zip(sorted(preds), labels))
+
+
 def decided(workdir: str, splits=(affwild2.VALIDATION_SET, affwild2.TEST_SET), *,
             data: Mapping[str, str] | None = None) -> dict[str, tuple[dict, dict]]:
   """{split: ({video: decided predictions}, {video: labels})} of a trained model on labelled
   splits (AU at 0.5; `data` as for `load`): what `paired_difference` pairs up by video."""
-  config, predict, _ = load(workdir, data=data)
-  out = {}
-  for split in splits:
-    videos = _labelled(config, split)
-    preds, labels = temporal.per_video(
-        config.task, predict({n: v.num_frames for n, v in videos.items()}), videos)
-    out[split] = dict(zip(sorted(videos), preds)), dict(zip(sorted(videos), labels))
-  return out
+  config, _, predicted = _predicted(workdir, splits, data)
+  return {split: _by_video(config.task, *pv) for split, pv in predicted.items()}
 
 
 def median_video(workdir: str, split: str = affwild2.VALIDATION_SET) -> tuple[str, float]:
@@ -192,19 +202,22 @@ def compare_models(workdir_a: str, workdir_b: str,
 
 
 def evaluate(workdir: str, splits=(affwild2.TEST_SET,), *, data: Mapping[str, str] | None = None,
-             num_samples: int = 1000) -> dict[str, dict]:
+             num_samples: int = 1000, with_decided: bool = False):
   """{split: the task's scores (AU: at 0.5 and at the run's tuned thresholds) and the
   headline score's interval over resampled videos} of a trained model, e.g. on a fresh
-  draw of videos no decision saw (`data`: that dataset's root and feature stores)."""
-  config, predict, thresholds = load(workdir, data=data)
-  out = {}
-  for split in splits:
-    videos = _labelled(config, split)
-    preds = predict({name: v.num_frames for name, v in videos.items()})
-    out[split] = temporal.score(config.task, preds, videos, thresholds)
-    out[split]["interval"] = metrics.score_interval(
-        config.task, *temporal.per_video(config.task, preds, videos), num_samples=num_samples)
-  return out
+  draw of videos no decision saw (`data`: that dataset's root and feature stores).
+
+  With `with_decided`, (those scores, what `decided` gives) from the one prediction.
+  """
+  config, thresholds, predicted = _predicted(workdir, splits, data)
+  scores, by_video = {}, {}
+  for split, (preds, videos) in predicted.items():
+    by_video[split] = _by_video(config.task, preds, videos)
+    decisions, labels = (list(d.values()) for d in by_video[split])
+    scores[split] = temporal.score(config.task, preds, videos, thresholds)
+    scores[split]["interval"] = metrics.score_interval(config.task, decisions, labels,
+                                                       num_samples=num_samples)
+  return (scores, by_video) if with_decided else scores
 
 
 def plot_video(path: str, task: str, outputs: np.ndarray, labels: np.ndarray | None,

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import functools
 import hashlib
 import os
 from typing import Iterable, Iterator, Sequence
@@ -483,8 +484,14 @@ class FramesDataset:
     self._videos: dict = meta["videos"]
     self._sets: dict = meta["sets"]
     self.pixels = _pixels(builder)  # S of an RGB dataset, None for encoded images
-    self.source = _source(builder, FRAMES_SPLIT)  # decoded records, by index
+    self._builder = builder
     self.raw_source = _source(builder, FRAMES_SPLIT, raw=True)  # what `Records` parse
+
+  @functools.cached_property
+  def source(self):
+    """The frame records decoded by TFDS, by index: for looking at what is stored (the
+    pipelines parse `raw_source` themselves)."""
+    return _source(self._builder, FRAMES_SPLIT)
 
   def videos(self, with_test: bool = True) -> dict[str, int]:
     """{video: num_frames} like `affwild2.all_videos`."""

@@ -188,6 +188,15 @@ def test_median_video_is_the_middle_of_the_per_video_scores(synthetic_root, va_r
   video, score = predict.median_video(str(workdir), affwild2.TRAIN_SET)
   assert video == ranked[(len(ranked) - 1) // 2]
   assert score == pytest.approx(own[video], abs=1e-4)
+  # evaluate's decisions (the demo's pairs take them from its one prediction) are decided's.
+  scores, by_video = predict.evaluate(str(workdir), (affwild2.TRAIN_SET,), num_samples=20,
+                                      with_decided=True)
+  decisions, labels = by_video[affwild2.TRAIN_SET]
+  assert sorted(decisions) == sorted(frames)
+  np.testing.assert_array_equal(decisions[video], np.clip(out[video], -1, 1))
+  np.testing.assert_array_equal(labels[video], affwild2.load_video(
+      str(synthetic_root), "VA", affwild2.TRAIN_SET, video).labels)
+  assert scores == predict.evaluate(str(workdir), (affwild2.TRAIN_SET,), num_samples=20)
 
 
 def test_paired_comparison_of_two_runs(synthetic_root, extracted, va_run, tmp_path):

@@ -7,7 +7,8 @@ code compute the same on these devices, and how fast.
 3. kernel sets: the tiny ViT's loss and gradients with kernels 'xla' against 'cpu' (both are
    plain JAX and run anywhere) on this backend;
 4. the MAE ViT-B/16 bf16 train step: img/s, TFLOP/s and MFU (`bench.bench_mae`), on a GPU
-   also with cuDNN's attention (model.kernels='cudnn');
+   also with cuDNN's attention (model.kernels='cudnn'); optionally traced, with the
+   costliest XLA operations listed;
 5. attention at ViT-B's shapes, forward and backward, per implementation of
    `jax.nn.dot_product_attention` ('xla', and 'cudnn' on GPUs);
 6. the crop-resize + flip of `data.augment='device'` on these devices against PIL's on the
@@ -181,13 +182,15 @@ def failures(result: dict, prefix: str = "") -> list[str]:
 
 
 def mae_step(mae_config: ml_collections.ConfigDict, batch: int, steps: int,
-             kernels: str | None = None) -> dict:
+             kernels: str | None = None, profile_dir: str | None = None) -> dict:
   """`bench.bench_mae` in bfloat16 (`kernels`: the model's kernel set, None = the config's);
-  the per-step times left out."""
+  the per-step times left out. With `profile_dir`, three more steps are traced there and
+  the costliest operations reported (`bench.op_profile`)."""
   config = mae_config.copy_and_resolve_references()
   if kernels:
     config.model.kernels = kernels
-  result = bench.bench_mae(config, batch, dtype="bfloat16", steps=steps, warmup=2)
+  result = bench.bench_mae(config, batch, dtype="bfloat16", steps=steps, warmup=2,
+                           profile_dir=profile_dir)
   return {"kernels": config.model.kernels,
           **{k: v for k, v in result.items() if not k.endswith("_all")}}
 
@@ -206,7 +209,8 @@ def default_batch_per_device(device: jax.Device) -> int:
 
 def run(mae_config: ml_collections.ConfigDict, *, tiny_config: ml_collections.ConfigDict,
         batch: int = 0, bench_steps: int = 10, pretrain_steps: int = 50,
-        attention_batch: int = 256, augment_batch: int = 256, skip=()) -> dict:
+        attention_batch: int = 256, augment_batch: int = 256, skip=(),
+        profile_dir: str | None = None) -> dict:
   """All checks (those named in `skip` left out); a failing check records its error.
 
   `mae_config`: the MAE pretraining config whose bf16 train step is timed ('mae_step', at
@@ -214,17 +218,22 @@ def run(mae_config: ml_collections.ConfigDict, *, tiny_config: ml_collections.Co
   'mae_step_cudnn'), e.g. `configs/mae_pretrain.py:get_config("base")`.
   `tiny_config`: the tiny MAE pretraining config, `configs/mae_pretrain.py:
   get_config("tiny")`, of 'sharded_steps' and 'tiny_pretraining' (which run it at 32 px).
+  `profile_dir`: where the MAE step checks also trace a few steps (a folder each, with the
+  compiled HLO), their costliest operations reported under 'profile'.
   """
   device = jax.devices()[0]
   result = {"backend": jax.default_backend(), "device_kind": device.device_kind,
             "devices": jax.device_count(), "processes": jax.process_count(),
             "jax": jax.__version__, "kernels_auto": layers.resolve("auto")}
   batch = batch or default_batch_per_device(device) * jax.device_count()
+  profile = lambda name: os.path.join(profile_dir, name) if profile_dir else None
   checks = {
       "sharded_steps": lambda: check_sharded_steps(tiny_config),
       "kernel_sets": check_kernel_sets,
-      "mae_step": lambda: mae_step(mae_config, batch, bench_steps),
-      "mae_step_cudnn": lambda: (mae_step(mae_config, batch, bench_steps, kernels="cudnn")
+      "mae_step": lambda: mae_step(mae_config, batch, bench_steps,
+                                   profile_dir=profile("mae_step")),
+      "mae_step_cudnn": lambda: (mae_step(mae_config, batch, bench_steps, kernels="cudnn",
+                                          profile_dir=profile("mae_step_cudnn"))
                                  if jax.default_backend() == "gpu"
                                  else {"skipped": "cuDNN attention needs a GPU"}),
       "attention": lambda: bench_attention(attention_batch, steps=bench_steps),

@@ -2,8 +2,9 @@
 
 Each benchmark warms up (compilation), then times steps one by one, blocking on the
 result, and reports the median: img/s, step time, peak device memory where the backend
-reports it, and model FLOPs utilisation from XLA's cost analysis over a peak FLOP/s figure
-(given, or known for the device kind).
+reports it, and model FLOPs utilisation: the model's FLOPs (`affect_jax.flops`) over a peak
+FLOP/s figure (given, or known for the device kind). `op_profile` traces a few steps with
+`jax.profiler` and sums the time of each XLA operation, for finding where a step's time goes.
 
 The benchmarks of a training stage take that stage's config (an `ml_collections.ConfigDict`
 as `configs/mae_pretrain.py`, `configs/expr_finetune.py`, `configs/common.py:
@@ -62,6 +63,73 @@ def time_steps(run_step: Callable[[], object], steps: int, warmup: int) -> list[
   return times
 
 
+def _hlo_op_names(hlo_text: str) -> dict[str, str]:
+  """{instruction: its jax op_name metadata} of a compiled module's HLO text."""
+  names = {}
+  for line in hlo_text.splitlines():
+    head, sep, _ = line.partition(" = ")
+    name = head.strip().removeprefix("ROOT ").lstrip("%")
+    if sep and name and " " not in name:
+      at = line.find('op_name="')
+      if at >= 0:
+        names[name] = line[at + 9:line.index('"', at + 9)]
+  return names
+
+
+def op_profile(run_step: Callable[[], object], steps: int, trace_dir: str, hlo_text: str = "",
+               top: int = 30) -> dict:
+  """Where a step's time goes: `steps` calls of `run_step` (blocking) traced by
+  `jax.profiler` into `trace_dir` (a Perfetto trace, and TensorBoard's profile files), and
+  the traced time of each XLA operation summed per step.
+
+  The operations are the trace's events that name one (`hlo_op`: a fusion, a library call,
+  a GPU kernel's operation), so host-side work between them is not counted; operations that
+  run side by side each count their own time. `hlo_text`: the compiled module's text
+  (written beside the trace as `step.hlo.txt`), whose op_name metadata says which model
+  code each operation comes from.
+
+  Returns {'steps', 'trace' (its path), 'op_ms_per_step' (all operations), 'ops' (distinct),
+  'top': the `top` most costly as {'op', 'ms' per step, 'calls' per step, 'op_name'}}, the
+  times and calls summed over the devices.
+  """
+  import glob
+  import gzip
+  import json
+
+  os.makedirs(trace_dir, exist_ok=True)
+  if hlo_text:
+    with open(os.path.join(trace_dir, "step.hlo.txt"), "w") as f:
+      f.write(hlo_text)
+  before = set(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(steps):
+      run_step()
+  traces = sorted(set(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                                recursive=True)) - before, key=os.path.getmtime)
+  if not traces:
+    raise RuntimeError(f"jax.profiler wrote no Perfetto trace under {trace_dir}")
+  with gzip.open(traces[-1]) as f:
+    events = json.load(f)
+  events = events.get("traceEvents", []) if isinstance(events, dict) else events
+  # On a GPU or TPU the operations' own time is on the device lanes ('/device:GPU:0', ...),
+  # which the host's launch events must not add to; a CPU has its host lanes alone.
+  lanes = {e.get("pid"): (e.get("args") or {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  ops = [e for e in events if e.get("ph") == "X" and (e.get("args") or {}).get("hlo_op")]
+  on_devices = [e for e in ops if lanes.get(e.get("pid"), "").startswith("/device:")]
+  total_us, calls = {}, {}
+  for e in on_devices or ops:
+    op = e["args"]["hlo_op"]
+    total_us[op] = total_us.get(op, 0.0) + float(e.get("dur", 0.0))
+    calls[op] = calls.get(op, 0) + 1
+  names = _hlo_op_names(hlo_text)
+  ranked = sorted(total_us, key=total_us.get, reverse=True)
+  return {"steps": steps, "trace": traces[-1],
+          "op_ms_per_step": sum(total_us.values()) / steps / 1e3, "ops": len(total_us),
+          "top": [{"op": op, "ms": total_us[op] / steps / 1e3, "calls": calls[op] / steps,
+                   "op_name": names.get(op, "")} for op in ranked[:top]]}
+
+
 def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A deep copy of `config` for a benchmark to override fields of (the caller's is kept)."""
   return config.copy_and_resolve_references()
@@ -70,7 +138,8 @@ def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "float32",
               image_size: int | None = None, steps: int = 10, warmup: int = 2,
               peak_tflops: float | None = None, mesh_shape=(-1, 1, 1),
-              scan_layers: bool | None = None) -> dict:
+              scan_layers: bool | None = None, profile_dir: str | None = None,
+              profile_steps: int = 3) -> dict:
   """The jitted, sharded MAE train step of affect_jax.train.pretrain on random images.
 
   `config`: the MAE pretraining config (configs/mae_pretrain.py), run with `batch`, `dtype`
@@ -79,6 +148,8 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
   TFLOP/s and MFU count the model's FLOPs (`affect_jax.flops`), not XLA's cost analysis
   (`hlo_flops_per_step`, for comparison): the analysis counts a scanned stack of blocks
   once, not once per block, and nothing inside a custom call such as cuDNN's attention.
+  With `profile_dir`, `profile_steps` more steps are traced there (`op_profile`, under
+  'profile').
   """
 
   config = _copy(config)
@@ -108,7 +179,9 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
   med = statistics.median(times)
   device = jax.devices()[0]
   peak = flops.peak_flops(device, peak_tflops)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  n_params = sum(x.size for x in jax.tree.leaves(holder["state"].params))
+  profile = (op_profile(run, profile_steps, profile_dir, compiled.as_text())
+             if profile_dir else None)
   return {
       "what": "mae_train_step", "variant": config.model.variant, "batch": batch,
       "image_size": size, "dtype": dtype, "devices": jax.device_count(),
@@ -119,6 +192,7 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
       "mfu": model_flops / med / (peak * mesh.size) if peak else None,
       "peak_memory_bytes": peak_memory_bytes(device),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+      **({"profile": profile} if profile else {}),
   }
 
 

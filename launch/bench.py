@@ -48,6 +48,8 @@ _SCAN = flags.DEFINE_enum("scan_layers", "default", ["default", "true", "false"]
 _ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "--what=memory: micro-batches per step.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Emulate this many CPU devices (e.g. the "
                                     "memory of a 64-device mesh, per device, on one host).")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "--what=mae: also trace a few steps here "
+                                   "and print the costliest XLA operations.")
 
 
 def main(argv):
@@ -63,7 +65,8 @@ def main(argv):
     results.append(bench.bench_mae(mae_pretrain.get_config(_PRESET.value), _BATCH.value,
                                    dtype=_DTYPE.value, image_size=_IMAGE_SIZE.value or None,
                                    steps=_STEPS.value, warmup=_WARMUP.value,
-                                   peak_tflops=_PEAK_TFLOPS.value or None))
+                                   peak_tflops=_PEAK_TFLOPS.value or None,
+                                   profile_dir=_PROFILE_DIR.value or None))
   if _WHAT.value == "temporal":
     preset = _PRESET.value if _PRESET.value in ("paper", "tiny") else "paper"
     task_configs = {task: common.get_temporal_config(task, preset)
@@ -111,6 +114,8 @@ def main(argv):
             f"{r['devices']}x {r['device_kind']}: {r['img_per_s']:.2f} img/s, step "
             f"{1e3 * r['step_s']:.1f} ms (median of {len(r['step_s_all'])}), {tf} TFLOP/s, "
             f"MFU {mfu}, peak memory {mem}")
+      for op in r.get("profile", {}).get("top", []):
+        print(f"  {op['ms']:8.2f} ms/step  {op['op']:32s} {op['op_name'][-90:]}")
     elif r["what"] == "temporal":
       tf = f"{r['predict_tflops_per_s']:.2f}" if r["predict_tflops_per_s"] else "n/a"
       widths = "-".join(str(w) for w in r["tcn_channels"])

@@ -3,7 +3,7 @@ sets, the MAE ViT-B/16 bf16 step (img/s, MFU), attention per implementation and 
 tiny pretraining; one JSON line of results (see affect_jax/accelerator.py).
 
   pip install -e '.[cuda]'     # or '.[tpu]'
-  python launch/check_accelerator.py [--preset=base --batch=256]
+  python launch/check_accelerator.py [--preset=base --batch=256] [--profile_dir=DIR]
 """
 
 import json
@@ -21,6 +21,9 @@ _SKIP = flags.DEFINE_list("skip", [], "Checks to leave out: sharded_steps, kerne
                           "mae_step, mae_step_cudnn, attention, device_augmentation, "
                           "tiny_pretraining.")
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON line to this file.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "Also trace a few MAE steps here (a "
+                                   "Perfetto trace and the compiled HLO per step check) and "
+                                   "list their costliest XLA operations in the results.")
 
 
 def main(argv):
@@ -32,7 +35,7 @@ def main(argv):
   result = accelerator.run(mae_pretrain.get_config(_PRESET.value),
                            tiny_config=mae_pretrain.get_config("tiny"), batch=_BATCH.value,
                            bench_steps=_BENCH_STEPS.value, pretrain_steps=_PRETRAIN_STEPS.value,
-                           skip=tuple(_SKIP.value))
+                           skip=tuple(_SKIP.value), profile_dir=_PROFILE_DIR.value or None)
   line = json.dumps(result, default=str)
   print(line)
   if _OUT.value:

@@ -42,10 +42,13 @@ def test_the_step_benchmark_batch_follows_device_memory():
   assert accelerator.default_batch_per_device(Device("gpu")) == 64  # no memory figure
 
 
-def test_the_step_benchmark_takes_a_kernel_set():
+def test_the_step_benchmark_takes_a_kernel_set(tmp_path):
   tiny = mae_pretrain.get_config("tiny")
-  result = accelerator.mae_step(tiny, 8, 1, kernels="xla")
+  result = accelerator.mae_step(tiny, 8, 1, kernels="xla", profile_dir=str(tmp_path))
   assert result["kernels"] == "xla" and result["img_per_s"] > 0 and result["dtype"] == "bfloat16"
+  # Traced too: the XLA set's operations (no CPU kernel) and the compiled step beside them.
+  assert result["profile"]["top"] and (tmp_path / "step.hlo.txt").exists()
+  assert not any("cpu_kernels" in t["op_name"] for t in result["profile"]["top"])
   # The set reaches the model: cuDNN's attention, asked for on a CPU, fails in the step.
   with pytest.raises(RuntimeError, match="cuDNN"):
     accelerator.mae_step(tiny, 8, 1, kernels="cudnn")

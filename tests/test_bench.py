@@ -23,8 +23,9 @@ def _tiny_mae_forward_flops(b):
           + 2 * b * n * 192 * 128 + 2 * b * (k + 1) * 128 * 64 + 2 * b * (n + 1) * 64 * 192)
 
 
-def test_mae_bench_flops_match_a_hand_count_of_the_matmuls():
-  r = bench.bench_mae(mae_pretrain.get_config("tiny"), 8, image_size=64, steps=1, warmup=0)
+def test_mae_bench_flops_match_a_hand_count_of_the_matmuls(tmp_path):
+  r = bench.bench_mae(mae_pretrain.get_config("tiny"), 8, image_size=64, steps=1, warmup=0,
+                      profile_dir=str(tmp_path / "profile"), profile_steps=2)
   forward = _tiny_mae_forward_flops(8)
   # The model FLOPs (what TFLOP/s and MFU count) are 3 forward passes of matmuls.
   assert r["flops_per_step"] == 3 * forward
@@ -33,6 +34,17 @@ def test_mae_bench_flops_match_a_hand_count_of_the_matmuls():
   assert 0.95 < r["hlo_flops_per_step"] / (3 * forward) < 1.3
   assert r["img_per_s"] > 0 and r["params"] > 0 and len(r["step_s_all"]) == 1
   assert r["tflops_per_s"] == pytest.approx(3 * forward / r["step_s"] / 1e12)
+
+  # The traced steps: each listed operation is an instruction of the compiled step (its HLO
+  # written beside the trace), ranked by time, and named after the model code it runs.
+  profile = r["profile"]
+  hlo = (tmp_path / "profile" / "step.hlo.txt").read_text()
+  assert profile["steps"] == 2 and profile["ops"] > 20 and profile["op_ms_per_step"] > 0
+  top = profile["top"]
+  assert len(top) == 30 and [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
+  assert all(f"%{t['op']} = " in hlo and t["calls"] >= 1 for t in top)
+  assert any("MaskedAutoencoder" in t["op_name"] and "dot_general" in t["op_name"] for t in top)
+  assert profile["trace"].endswith("perfetto_trace.json.gz")
 
 
 def test_mae_bench_counts_every_block_of_a_scanned_stack():

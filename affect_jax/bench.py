@@ -100,12 +100,12 @@ def op_profile(run_step: Callable[[], object], steps: int, trace_dir: str, hlo_t
   if hlo_text:
     with open(os.path.join(trace_dir, "step.hlo.txt"), "w") as f:
       f.write(hlo_text)
-  before = set(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+  pattern = os.path.join(trace_dir, "**", "perfetto_trace.json.gz")
+  before = set(glob.glob(pattern, recursive=True))  # an earlier run's, in the same folder
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(steps):
       run_step()
-  traces = sorted(set(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
-                                recursive=True)) - before, key=os.path.getmtime)
+  traces = sorted(set(glob.glob(pattern, recursive=True)) - before, key=os.path.getmtime)
   if not traces:
     raise RuntimeError(f"jax.profiler wrote no Perfetto trace under {trace_dir}")
   with gzip.open(traces[-1]) as f:

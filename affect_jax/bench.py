@@ -149,7 +149,7 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
   (`hlo_flops_per_step`, for comparison): the analysis counts a scanned stack of blocks
   once, not once per block, and nothing inside a custom call such as cuDNN's attention.
   With `profile_dir`, `profile_steps` more steps are traced there (`op_profile`, under
-  'profile').
+  'profile'; its error instead where tracing fails, the timings kept).
   """
 
   config = _copy(config)
@@ -180,8 +180,12 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
   device = jax.devices()[0]
   peak = flops.peak_flops(device, peak_tflops)
   n_params = sum(x.size for x in jax.tree.leaves(holder["state"].params))
-  profile = (op_profile(run, profile_steps, profile_dir, compiled.as_text())
-             if profile_dir else None)
+  profile = None
+  if profile_dir:
+    try:
+      profile = op_profile(run, profile_steps, profile_dir, compiled.as_text())
+    except Exception as e:  # noqa: BLE001 - a failed trace (no CUPTI, say) keeps the timings
+      profile = {"error": f"{type(e).__name__}: {e}"}
   return {
       "what": "mae_train_step", "variant": config.model.variant, "batch": batch,
       "image_size": size, "dtype": dtype, "devices": jax.device_count(),

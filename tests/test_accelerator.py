@@ -53,3 +53,15 @@ def test_the_step_benchmark_takes_a_kernel_set(tmp_path):
   with pytest.raises(RuntimeError, match="cuDNN"):
     accelerator.mae_step(tiny, 8, 1, kernels="cudnn")
   assert tiny.model.kernels == "auto"  # the caller's config is kept
+
+
+def test_a_failed_trace_keeps_the_step_figures(monkeypatch, tmp_path):
+  from affect_jax import bench
+
+  def no_tracer(*args, **kwargs):
+    raise RuntimeError("CUPTI not found")
+
+  monkeypatch.setattr(bench, "op_profile", no_tracer)
+  result = accelerator.mae_step(mae_pretrain.get_config("tiny"), 8, 1, profile_dir=str(tmp_path))
+  assert result["img_per_s"] > 0 and "CUPTI not found" in result["profile"]["error"]
+  assert accelerator.failures({"mae_step": result}) == ["mae_step.profile"]

@@ -168,7 +168,7 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
   images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
   batch_arrays = sharding.shard_batch({"image": images}, mesh)
   compiled = step.lower(state, batch_arrays).compile()
-  model_flops = mae_train_flops(config, batch)
+  model_flops = pretrain.train_flops(config, batch)
   holder = {"state": state}
 
   def run():
@@ -254,11 +254,7 @@ def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
   mesh = sharding.make_mesh(config.mesh_shape)
   sharding.check_batch_size(batch, mesh, grad_accum_steps)
   step, state, batch_arrays = abstract_train_step(config, stage, batch, mesh)
-  if stage == "mae":
-    model_flops = mae_train_flops(config, batch)
-  else:
-    model_flops = flops.vit_train_flops(config.model.variant, size, batch,
-                                        finetune.create_model(config).num_classes)
+  model_flops = (pretrain if stage == "mae" else finetune).train_flops(config, batch)
   start = time.perf_counter()
   compiled = step.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - start
@@ -306,13 +302,6 @@ def mae_matmul_shapes(config: ml_collections.ConfigDict, batch: int,
   ViT variant and mask ratio) at `batch` and `image_size` (None = the config's)."""
   return flops.mae_matmuls(config.model.variant, image_size or config.data.image_size,
                            config.model.mask_ratio, batch)
-
-
-def mae_train_flops(config: ml_collections.ConfigDict, batch: int,
-                    image_size: int | None = None) -> float:
-  """`flops.mae_train_flops` of the MAE pretraining config `config`."""
-  return flops.mae_train_flops(config.model.variant, image_size or config.data.image_size,
-                               config.model.mask_ratio, batch)
 
 
 # The three products of one train step of a layer, as the step writes them. Dense (x [b,t,k]

@@ -65,6 +65,13 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int = NUM_CLASS
       scan_layers=m.get("scan_layers", False), pos_embed=m.get("pos_embed", "sincos"))
 
 
+def train_flops(config: ml_collections.ConfigDict, batch: int,
+                num_classes: int = NUM_CLASSES) -> float:
+  """Model FLOPs of the train step of `config` on `batch` images (`flops.vit_train_flops`):
+  what the logged TFLOP/s and MFU, and the benchmarks', count."""
+  return flops.vit_train_flops(config.model.variant, config.data.image_size, batch, num_classes)
+
+
 def initial_encoder(config: ml_collections.ConfigDict) -> dict | None:
   """Pretrained params to start from (host arrays), or None for random init."""
   kind = config.init.kind
@@ -214,8 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, hooks: t
                config.model.variant, config.init.kind, len(train), len(val), total, config.batch_size)
   state, history = stage.run(
       state, train_fn, data, items_per_step=config.batch_size, unit="img",
-      flops_per_item=flops.vit_train_flops(config.model.variant, config.data.image_size, 1,
-                                           model.num_classes),
+      flops_per_item=train_flops(config, 1, model.num_classes),
       prefetch=config.data.prefetch, hooks=tuple(hooks), eval_fn=evaluate,
       eval_every=max(int(round(config.eval_every_epochs * steps_per_epoch)), 1),
       best_metric="f1", best_mode="max")

@@ -32,6 +32,13 @@ def create_model(config: ml_collections.ConfigDict) -> mae.MaskedAutoencoder:
       scan_layers=m.get("scan_layers", False))
 
 
+def train_flops(config: ml_collections.ConfigDict, batch: int) -> float:
+  """Model FLOPs of the train step of `config` on `batch` images (`flops.mae_train_flops`):
+  what the logged TFLOP/s and MFU, and the benchmarks', count."""
+  return flops.mae_train_flops(config.model.variant, config.data.image_size,
+                               config.model.mask_ratio, batch)
+
+
 def create_train_state(config, model, rng, mesh, schedule, abstract: bool = False):
   """Sharded TrainState; parameters and AdamW moments laid out by the logical rules."""
   size = config.data.image_size
@@ -183,8 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     hooks.append(recon_hook)
   state, history = stage.run(
       state, train_fn, ds, items_per_step=config.batch_size, unit="img",
-      flops_per_item=flops.mae_train_flops(config.model.variant, config.data.image_size,
-                                           config.model.mask_ratio, 1),
+      flops_per_item=train_flops(config, 1),
       prefetch=config.data.prefetch, writer=writer, hooks=tuple(hooks))
   writer.close()
   return {"state": state, "history": history, "num_steps": total, "num_images": len(paths)}

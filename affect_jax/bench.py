@@ -139,7 +139,7 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
               image_size: int | None = None, steps: int = 10, warmup: int = 2,
               peak_tflops: float | None = None, mesh_shape=(-1, 1, 1),
               scan_layers: bool | None = None, profile_dir: str | None = None,
-              profile_steps: int = 3) -> dict:
+              profile_steps: int = 3, steps_per_call: int = 1) -> dict:
   """The jitted, sharded MAE train step of affect_jax.train.pretrain on random images.
 
   `config`: the MAE pretraining config (configs/mae_pretrain.py), run with `batch`, `dtype`
@@ -149,7 +149,9 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
   (`hlo_flops_per_step`, for comparison): the analysis counts a scanned stack of blocks
   once, not once per block, and nothing inside a custom call such as cuDNN's attention.
   With `profile_dir`, `profile_steps` more steps are traced there (`op_profile`, under
-  'profile'; its error instead where tracing fails, the timings kept).
+  'profile', per call; its error instead where tracing fails, the timings kept). With
+  `steps_per_call` = n > 1 each call runs n steps (`loop.TrainStep.calls`, as the trainer
+  with config.steps_per_call = n); `steps` counts calls, and the figures are per step.
   """
 
   config = _copy(config)
@@ -166,16 +168,16 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
   state, shardings = pretrain.create_train_state(config, model, jax.random.key(0), mesh, schedule)
   step = pretrain.jit_train_step(model, config, schedule, shardings, mesh)
   images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-  batch_arrays = sharding.shard_batch({"image": images}, mesh)
-  compiled = step.lower(state, batch_arrays).compile()
+  batches = (sharding.shard_batch({"image": images}, mesh),) * steps_per_call
+  compiled = step.calls(steps_per_call).lower(state, batches).compile()
   model_flops = pretrain.train_flops(config, batch)
   holder = {"state": state}
 
   def run():
-    holder["state"], metrics = compiled(holder["state"], batch_arrays)
+    holder["state"], metrics = compiled(holder["state"], batches)
     jax.block_until_ready(metrics["loss"])
 
-  times = time_steps(run, steps, warmup)
+  times = [t / steps_per_call for t in time_steps(run, steps, warmup)]
   med = statistics.median(times)
   device = jax.devices()[0]
   peak = flops.peak_flops(device, peak_tflops)
@@ -188,6 +190,7 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
       profile = {"error": f"{type(e).__name__}: {e}"}
   return {
       "what": "mae_train_step", "variant": config.model.variant, "batch": batch,
+      "steps_per_call": steps_per_call,
       "image_size": size, "dtype": dtype, "devices": jax.device_count(),
       "device_kind": device.device_kind,
       "params": int(n_params), "step_s": med, "step_s_all": times, "img_per_s": batch / med,

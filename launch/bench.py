@@ -50,6 +50,8 @@ _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Emulate this many CPU dev
                                     "memory of a 64-device mesh, per device, on one host).")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "--what=mae: also trace a few steps here "
                                    "and print the costliest XLA operations.")
+_PER_CALL = flags.DEFINE_integer("steps_per_call", 1, "--what=mae: train steps per jitted call "
+                                 "(config.steps_per_call); --steps counts calls.")
 
 
 def main(argv):
@@ -66,7 +68,8 @@ def main(argv):
                                    dtype=_DTYPE.value, image_size=_IMAGE_SIZE.value or None,
                                    steps=_STEPS.value, warmup=_WARMUP.value,
                                    peak_tflops=_PEAK_TFLOPS.value or None,
-                                   profile_dir=_PROFILE_DIR.value or None))
+                                   profile_dir=_PROFILE_DIR.value or None,
+                                   steps_per_call=_PER_CALL.value))
   if _WHAT.value == "temporal":
     preset = _PRESET.value if _PRESET.value in ("paper", "tiny") else "paper"
     task_configs = {task: common.get_temporal_config(task, preset)
@@ -112,10 +115,11 @@ def main(argv):
       mem = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] else "n/a"
       print(f"MAE {r['variant']} {r['image_size']}px batch {r['batch']} {r['dtype']} on "
             f"{r['devices']}x {r['device_kind']}: {r['img_per_s']:.2f} img/s, step "
-            f"{1e3 * r['step_s']:.1f} ms (median of {len(r['step_s_all'])}), {tf} TFLOP/s, "
+            f"{1e3 * r['step_s']:.1f} ms (median of {len(r['step_s_all'])} calls of "
+            f"{r['steps_per_call']} step{'s' if r['steps_per_call'] > 1 else ''}), {tf} TFLOP/s, "
             f"MFU {mfu}, peak memory {mem}")
       for op in r.get("profile", {}).get("top", []):
-        print(f"  {op['ms']:8.2f} ms/step  {op['op']:32s} {op['op_name'][-90:]}")
+        print(f"  {op['ms']:8.2f} ms/call  {op['op']:32s} {op['op_name'][-90:]}")
     elif r["what"] == "temporal":
       tf = f"{r['predict_tflops_per_s']:.2f}" if r["predict_tflops_per_s"] else "n/a"
       widths = "-".join(str(w) for w in r["tcn_channels"])

@@ -47,13 +47,18 @@ def test_mae_bench_flops_match_a_hand_count_of_the_matmuls(tmp_path):
   assert profile["trace"].endswith("perfetto_trace.json.gz")
 
 
-def test_mae_bench_counts_every_block_of_a_scanned_stack():
+def test_mae_bench_counts_every_block_of_a_scanned_stack_and_times_per_step(monkeypatch):
   # XLA's cost analysis (jax 0.10) counts a scanned stack's loop body once, so TFLOP/s and
   # MFU taken from it fell ~2.5x for tiny (more for ViT-L/H, scanned by default): the model
   # count is the hand count of the unrolled blocks whatever the layout.
+  # Two steps per call: each timed call (1 s here) is two steps' time.
+  monkeypatch.setattr(bench, "time_steps", lambda run, steps, warmup: [run(), 1.0][1:])
   config = mae_pretrain.get_config("tiny")
-  r = bench.bench_mae(config, 8, image_size=64, steps=1, warmup=0, scan_layers=True)
+  r = bench.bench_mae(config, 8, image_size=64, steps=1, warmup=0, scan_layers=True,
+                      steps_per_call=2)
   assert r["flops_per_step"] == 3 * _tiny_mae_forward_flops(8)
+  assert r["steps_per_call"] == 2 and r["step_s"] == 0.5 and r["img_per_s"] == 16
+  assert r["tflops_per_s"] == pytest.approx(2 * 3 * _tiny_mae_forward_flops(8) / 1e12)
 
 
 def test_matmul_bench_reports_both_paths():

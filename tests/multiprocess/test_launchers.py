@@ -113,13 +113,16 @@ def runs(synthetic_root, tmp_path_factory):
   ft_source = {"1p": [f"--config.data.root={root}"],
                "2p": ["--config.data.source=tfds", f"--config.data.tfds_dir={frames}",
                       "--config.data.worker_count=1"]}
+  # The 2-process fine-tuning runs two steps per jitted call (config.steps_per_call).
+  ft_per_call = {"1p": [], "2p": ["--config.steps_per_call=2"]}
   for p, procs in (("1p", 1), ("2p", 2)):
     _run("pretrain", _pretrain_args(root, w[f"mae{p}"], index), procs, logs)
     _run("finetune", [
         "--config=configs/expr_finetune.py:tiny", f"--workdir={w[f'ft{p}']}", *ft_source[p],
         f"--config.data.image_size={IMAGE}", "--config.data.augment=device",
-        "--config.batch_size=8", "--config.eval_batch_size=12", "--config.num_steps=8", "--config.log_every=1",
-        "--config.eval_every_epochs=100", f"--config.init.mae_workdir={w['mae1p']}"], procs, logs)
+        "--config.batch_size=8", "--config.eval_batch_size=12", "--config.num_steps=8", "--config.log_every=2",
+        "--config.eval_every_epochs=100", f"--config.init.mae_workdir={w['mae1p']}",
+        *ft_per_call[p]], procs, logs)
     _run("extract", [
         f"--workdir={w[f'x{p}']}", f"--config.data.root={root}", "--config.batch_size=24",
         f"--config.encoder_workdir={w['ft1p']}"], procs, logs, slurm=True)

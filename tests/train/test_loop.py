@@ -183,3 +183,83 @@ def test_throughput_and_its_log_line(monkeypatch):
   assert loop.format_speed({"img_per_sec": 707.06}, "img") == "707.1 img/s"
   assert (loop.format_speed({"img_per_sec": 707.06, "tflops_per_device": 0.9234, "mfu": 0.4123},
                             "img") == "707.1 img/s, 0.923 TFLOP/s per device, MFU 41.2%")
+
+
+# ---- Several steps per call ----
+
+
+def test_steps_this_call_stops_at_every_mark():
+  assert loop.steps_this_call(0, 4, [100, 50]) == 4
+  assert loop.steps_this_call(46, 4, [100, 50]) == 4   # 47..50 end on the mark
+  assert loop.steps_this_call(47, 4, [100, 50]) == 1   # 48..51 would pass it
+  assert loop.steps_this_call(49, 4, [100, 50, 49]) == 1
+  assert loop.steps_this_call(0, 1, [3]) == 1
+  assert loop.steps_this_call(5, 3, []) == 3
+
+
+def _toy_train_step(mesh, config):
+  """The toy problem's step as a loop.TrainStep; records how many steps each call ran."""
+  def step(state, batch):
+    grads = {"w": -jnp.mean(batch["x"], axis=0)}
+    return state.apply_gradients(grads=grads), {"loss": jnp.sum(state.params["w"] ** 2)}
+
+  state = loop.TrainState.create(apply_fn=None, params={"w": jnp.zeros(3)}, tx=optax.adam(0.1))
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
+  train_step = loop.jit_step(step, config, mesh, shardings, {"x": sharding.batch_sharding(mesh, 2)})
+  calls, many = [], train_step.calls
+  train_step.calls = lambda n: calls.append(n) or many(n)
+  return state, train_step, calls
+
+
+def test_steps_per_call_trains_the_same_steps_in_fewer_calls(tmp_path):
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  results = {}
+  for per_call in (1, 3):
+    config = ml_collections.ConfigDict({"axis_rules": sharding.DEFAULT_RULES,
+                                        "steps_per_call": per_call})
+    state, step, calls = _toy_train_step(mesh, config)
+    batches = ({"x": np.full((2, 3), float(i % 5))} for i in itertools.count())
+    seen = []
+    final, history = loop.run(
+        config=config, workdir=str(tmp_path / str(per_call)), state=state, step_fn=step,
+        data_iter=batches, num_steps=10, mesh=mesh, items_per_step=2, log_every=3,
+        checkpoint_every=6, eval_fn=lambda st: seen.append(int(st.step)) or {"s": 0.0},
+        eval_every=6)
+    saved = sorted(int(p.name) for p in (tmp_path / str(per_call) / "checkpoints").iterdir())
+    results[per_call] = (final, history, seen, saved, calls)
+  (one, h1, seen1, saved1, _), (three, h3, seen3, saved3, calls3) = results[1], results[3]
+  # 3 steps per call up to step 9, then the last step alone (a mark: the end).
+  assert calls3 == [3, 3, 3]
+  assert [h["step"] for h in h3] == [h["step"] for h in h1] == [3, 6, 9, 10]
+  np.testing.assert_allclose([h["loss"] for h in h3], [h["loss"] for h in h1], rtol=1e-6)
+  assert seen3 == seen1 == [6, 10] and saved3 == saved1 == [6, 10]
+  assert int(three.step) == 10
+  np.testing.assert_allclose(np.asarray(three.params["w"]), np.asarray(one.params["w"]), rtol=1e-6)
+
+
+def test_steps_per_call_keeps_early_stopping_exact(tmp_path):
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  by_step = {2: 0.5, 4: 0.9, 6: 0.8, 8: 0.95}
+  finals = {}
+  for per_call in (1, 2):
+    config = ml_collections.ConfigDict({"axis_rules": sharding.DEFAULT_RULES,
+                                        "steps_per_call": per_call})
+    state, step, calls = _toy_train_step(mesh, config)
+    batches = ({"x": np.ones((2, 3))} for _ in itertools.count())
+    final, _ = loop.run(config=config, workdir=str(tmp_path / str(per_call)), state=state,
+                        step_fn=step, data_iter=batches, num_steps=12, mesh=mesh,
+                        items_per_step=2, log_every=2, checkpoint_every=100,
+                        eval_fn=lambda st: {"f1": by_step[int(st.step)]}, eval_every=2,
+                        best_metric="f1", early_stop_steps=3)
+    finals[per_call] = int(final.step)
+    if per_call == 2:  # two steps a call, the one up to the stop at 4 + 3 alone
+      assert calls == [2, 2, 2]
+  assert finals == {1: 7, 2: 7}
+
+
+def test_steps_per_call_needs_a_train_step(tmp_path):
+  mesh, state, step, batches = _setup()
+  with pytest.raises(ValueError, match="steps_per_call=2 needs a loop.TrainStep"):
+    loop.run(config=ml_collections.ConfigDict({"steps_per_call": 2}), workdir=str(tmp_path),
+             state=state, step_fn=step, data_iter=batches, num_steps=4, mesh=mesh,
+             items_per_step=2)

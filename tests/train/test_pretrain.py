@@ -196,6 +196,23 @@ def test_tiny_loss_falls_on_synthetic_faces(synthetic_root, tmp_path):
   assert grid.shape == (3 * IMAGE, 8 * IMAGE, 3)  # original / masked / reconstruction rows
 
 
+def test_two_steps_in_one_call_are_the_two_steps_on_the_mesh(single_device):
+  """config.steps_per_call's function (`TrainStep.calls`): both steps scanned in one
+  sharded call, the randomness of each drawn from its own step number."""
+  ref_state, ref_losses = single_device
+  config = _config()
+  mesh = sharding.make_mesh((2, 4, 1), jax.devices())
+  model = pretrain.create_model(config)
+  schedule = optim.schedule_for(config, 10)
+  state, shardings = pretrain.create_train_state(config, model, jax.random.key(0), mesh, schedule)
+  step = pretrain.jit_train_step(model, config, schedule, shardings, mesh)
+  state, metrics = step.calls(2)(state, tuple(sharding.shard_batch(_batch(s), mesh) for s in range(2)))
+  assert int(state.step) == 2
+  np.testing.assert_allclose(float(metrics["loss"]), ref_losses[1], rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+
+
 @pytest.mark.parametrize("remat", ["dots_saveable"])
 def test_remat_is_the_same_step(single_device, remat):
   ref_state, ref_losses = single_device

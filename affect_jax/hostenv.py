@@ -9,7 +9,7 @@ its end. glibc serves blocks that large with `mmap`, so every step faults in and
 whole arena again in 4 KiB pages, a large share of a step's time in the kernel. With the
 glibc tunable `glibc.malloc.hugetlb=1` malloc asks the kernel for transparent huge pages
 (`madvise`) for those blocks, which cuts the faults by orders of magnitude and changes no
-result.
+result. (The zeroing stays; `config.steps_per_call` > 1 pays it once per several steps.)
 
 Tunables are read once, when glibc starts, so a launcher that wants them re-executes itself
 with the variable set, before it does anything else (`use_huge_pages()` at its `__main__`

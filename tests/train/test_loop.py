@@ -96,7 +96,7 @@ def test_early_stopping_stops_when_the_best_is_old_and_a_rerun_stops_there_too(t
 
 
 def _job_config(**kw):
-  c = ml_collections.ConfigDict({"seed": 0, "resume": True, "log_every": 10,
+  c = ml_collections.ConfigDict({"seed": 0, "resume": True, "log_every": 10, "steps_per_call": 1,
                                  "optim": {"lr": 1e-3}, "data": {"worker_count": 0}})
   c.update(kw)
   return c
@@ -117,8 +117,9 @@ def test_open_workdir_continues_the_same_config(tmp_path):
   loop.open_workdir(_job_config(), tmp_path, "finetune")
   _with_checkpoint(tmp_path)
   loop.open_workdir(_job_config(), tmp_path, "finetune")
-  # How often to log, or how many loader workers, does not change what is computed.
-  changed = _job_config(log_every=1)
+  # How often to log, how many loader workers, or how many steps per call does not change
+  # what is computed.
+  changed = _job_config(log_every=1, steps_per_call=4)
   changed.data.worker_count = 8
   loop.open_workdir(changed, tmp_path, "finetune")
 

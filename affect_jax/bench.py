@@ -147,7 +147,8 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
 
   TFLOP/s and MFU count the model's FLOPs (`affect_jax.flops`), not XLA's cost analysis
   (`hlo_flops_per_step`, for comparison): the analysis counts a scanned stack of blocks
-  once, not once per block, and nothing inside a custom call such as cuDNN's attention.
+  once, not once per block (and so the loop of several steps per call once: one step), and
+  nothing inside a custom call such as cuDNN's attention.
   With `profile_dir`, `profile_steps` more steps are traced there (`op_profile`, under
   'profile', per call; its error instead where tracing fails, the timings kept). With
   `steps_per_call` = n > 1 each call runs n steps (`loop.TrainStep.calls`, as the trainer

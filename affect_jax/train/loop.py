@@ -448,8 +448,8 @@ class TrainStep:
 
   Several steps per call pay the per-call costs once per n steps: the host's dispatch, and
   on XLA:CPU the executable's temporary buffers, which it allocates afresh at every call
-  and the kernel faults in and zeroes again (the ViT-B MAE step is ~20 % faster at n = 4 on
-  the 2-core test machine). config.steps_per_call sets n for `run`.
+  and the kernel faults in and zeroes again (WORKSPACE.md, Performance). config.steps_per_call
+  sets n for `run`.
 
   Each is jitted with explicit in/out shardings, the state donated (updated in place),
   metrics replicated, and the models' logical activation constraints in force

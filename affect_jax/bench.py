@@ -76,11 +76,11 @@ def _hlo_op_names(hlo_text: str) -> dict[str, str]:
   return names
 
 
-def op_profile(run_step: Callable[[], object], steps: int, trace_dir: str, hlo_text: str = "",
-               top: int = 30) -> dict:
-  """Where a step's time goes: `steps` calls of `run_step` (blocking) traced by
-  `jax.profiler` into `trace_dir` (a Perfetto trace, and TensorBoard's profile files), and
-  the traced time of each XLA operation summed per step.
+def op_profile(run_step: Callable[[], object], calls: int, trace_dir: str, hlo_text: str = "",
+               top: int = 30, steps_per_call: int = 1) -> dict:
+  """Where a step's time goes: `calls` calls of `run_step` (blocking; each runs
+  `steps_per_call` steps) traced by `jax.profiler` into `trace_dir` (a Perfetto trace, and
+  TensorBoard's profile files), and the traced time of each XLA operation summed per step.
 
   The operations are the trace's events that name one (`hlo_op`: a fusion, a library call,
   a GPU kernel's operation), so host-side work between them is not counted; operations that
@@ -88,7 +88,7 @@ def op_profile(run_step: Callable[[], object], steps: int, trace_dir: str, hlo_t
   (written beside the trace as `step.hlo.txt`), whose op_name metadata says which model
   code each operation comes from.
 
-  Returns {'steps', 'trace' (its path), 'op_ms_per_step' (all operations), 'ops' (distinct),
+  Returns {'steps' (traced), 'trace' (its path), 'op_ms_per_step' (all operations), 'ops' (distinct),
   'top': the `top` most costly as {'op', 'ms' per step, 'calls' per step, 'op_name'}}, the
   times and calls summed over the devices.
   """
@@ -103,7 +103,7 @@ def op_profile(run_step: Callable[[], object], steps: int, trace_dir: str, hlo_t
   pattern = os.path.join(trace_dir, "**", "perfetto_trace.json.gz")
   before = set(glob.glob(pattern, recursive=True))  # an earlier run's, in the same folder
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-    for _ in range(steps):
+    for _ in range(calls):
       run_step()
   traces = sorted(set(glob.glob(pattern, recursive=True)) - before, key=os.path.getmtime)
   if not traces:
@@ -117,16 +117,17 @@ def op_profile(run_step: Callable[[], object], steps: int, trace_dir: str, hlo_t
            if e.get("ph") == "M" and e.get("name") == "process_name"}
   ops = [e for e in events if e.get("ph") == "X" and (e.get("args") or {}).get("hlo_op")]
   on_devices = [e for e in ops if lanes.get(e.get("pid"), "").startswith("/device:")]
-  total_us, calls = {}, {}
+  total_us, runs = {}, {}
   for e in on_devices or ops:
     op = e["args"]["hlo_op"]
     total_us[op] = total_us.get(op, 0.0) + float(e.get("dur", 0.0))
-    calls[op] = calls.get(op, 0) + 1
+    runs[op] = runs.get(op, 0) + 1
   names = _hlo_op_names(hlo_text)
   ranked = sorted(total_us, key=total_us.get, reverse=True)
+  steps = calls * steps_per_call
   return {"steps": steps, "trace": traces[-1],
           "op_ms_per_step": sum(total_us.values()) / steps / 1e3, "ops": len(total_us),
-          "top": [{"op": op, "ms": total_us[op] / steps / 1e3, "calls": calls[op] / steps,
+          "top": [{"op": op, "ms": total_us[op] / steps / 1e3, "calls": runs[op] / steps,
                    "op_name": names.get(op, "")} for op in ranked[:top]]}
 
 
@@ -149,8 +150,8 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
   (`hlo_flops_per_step`, for comparison): the analysis counts a scanned stack of blocks
   once, not once per block (and so the loop of several steps per call once: one step), and
   nothing inside a custom call such as cuDNN's attention.
-  With `profile_dir`, `profile_steps` more steps are traced there (`op_profile`, under
-  'profile', per call; its error instead where tracing fails, the timings kept). With
+  With `profile_dir`, `profile_steps` more calls are traced there (`op_profile`, under
+  'profile', per step; its error instead where tracing fails, the timings kept). With
   `steps_per_call` = n > 1 each call runs n steps (`loop.TrainStep.calls`, as the trainer
   with config.steps_per_call = n); `steps` counts calls, and the figures are per step.
   """
@@ -186,7 +187,8 @@ def bench_mae(config: ml_collections.ConfigDict, batch: int, *, dtype: str = "fl
   profile = None
   if profile_dir:
     try:
-      profile = op_profile(run, profile_steps, profile_dir, compiled.as_text())
+      profile = op_profile(run, profile_steps, profile_dir, compiled.as_text(),
+                           steps_per_call=steps_per_call)
     except Exception as e:  # noqa: BLE001 - a failed trace (no CUPTI, say) keeps the timings
       profile = {"error": f"{type(e).__name__}: {e}"}
   return {

@@ -119,7 +119,7 @@ def main(argv):
             f"{r['steps_per_call']} step{'s' if r['steps_per_call'] > 1 else ''}), {tf} TFLOP/s, "
             f"MFU {mfu}, peak memory {mem}")
       for op in r.get("profile", {}).get("top", []):
-        print(f"  {op['ms']:8.2f} ms/call  {op['op']:32s} {op['op_name'][-90:]}")
+        print(f"  {op['ms']:8.2f} ms/step  {op['op']:32s} {op['op_name'][-90:]}")
     elif r["what"] == "temporal":
       tf = f"{r['predict_tflops_per_s']:.2f}" if r["predict_tflops_per_s"] else "n/a"
       widths = "-".join(str(w) for w in r["tcn_channels"])

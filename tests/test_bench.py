@@ -140,3 +140,17 @@ def test_loader_bench_runs_the_pipeline_it_names(augment, tmp_path):
   with pytest.raises(ValueError, match="loader source"):
     bench.loader_inputs("bucket", 16)
 
+
+
+def test_op_profile_counts_per_step_when_a_call_runs_several(tmp_path):
+  # A call of two "steps", each one run of `f`: every operation of f runs once per step.
+  import jax
+  import jax.numpy as jnp
+
+  f = jax.jit(lambda x: jnp.tanh(x @ x) * 2 + 1)
+  x = jnp.ones((64, 64))
+  run = lambda: [f(x).block_until_ready() for _ in range(2)]
+  run()
+  p = bench.op_profile(run, 3, str(tmp_path), f.lower(x).compile().as_text(), steps_per_call=2)
+  assert p["steps"] == 6 and p["top"]
+  assert all(t["calls"] == 1.0 for t in p["top"])

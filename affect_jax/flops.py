@@ -25,10 +25,11 @@ PEAK_FLOPS = {
     "NVIDIA H200": 989e12,
     "NVIDIA A100": 312e12,
     "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
+    "TPU v5 lite": 197e12,  # v5e
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
+    "TPU v5": 459e12,  # v5p's device kind (after v5 lite, which it prefixes)
+    "TPU v6 lite": 918e12,  # v6e
 }
 
 

@@ -41,7 +41,8 @@ def test_vit_train_flops_agree_with_the_compiled_fine_tuning_step():
 
 @pytest.mark.parametrize("kind, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
                                           ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-40GB", 312),
-                                          ("TPU v5 lite", 197), ("cpu", None)])
+                                          ("TPU v5 lite", 197), ("TPU v5", 459),
+                                          ("TPU v6 lite", 918), ("cpu", None)])
 def test_peak_flops_per_device_kind(kind, tflops):
   class Device:
     device_kind = kind

@@ -232,14 +232,36 @@ def abstract_train_step(config: ml_collections.ConfigDict, stage: str, batch: in
   return finetune.jit_train_step(model, config, schedule, shardings, mesh), state, batch_arrays
 
 
+# HBM per device of the TPU kinds a topology can name (vendor figures, GiB).
+TPU_MEMORY_GIB = {"TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
+
+
+def tpu_topology_devices(topology: str) -> list:
+  """The devices of a TPU slice named as Cloud TPU names them ('v5e:8x8' is 64 v5e chips;
+  'v5p:4x4x4', 'v6e:4x4'), as libtpu describes them for compiling ahead of time on any
+  host, a CPU-only one included: nothing runs on them. Needs libtpu (the `tpu` extra). v4
+  slices come one device per TensorCore, two per chip (not the usual megacore)."""
+  from jax.experimental import topologies
+  try:
+    return list(topologies.get_topology_desc(topology, "tpu").devices)
+  except Exception as e:  # noqa: BLE001 - jax's errors vary: no libtpu, a bad name
+    raise ValueError(f"TPU topology {topology!r}: {type(e).__name__}: {e} (compiling for a TPU "
+                     "needs libtpu: pip install -e '.[tpu]')") from e
+
+
 def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
                  dtype: str | None = None, mesh_shape=None, remat: str = "none",
                  grad_accum_steps: int = 1, image_size: int | None = None,
-                 scan_layers: bool | None = None) -> dict:
+                 scan_layers: bool | None = None, topology: str | None = None) -> dict:
   """Per-device memory of the compiled train step of `stage` ('mae' pretraining or
   'finetune'), from XLA's `memory_analysis()`: arguments (parameters, optimizer state and
   the batch shard), temporaries (activations kept for the backward pass, gradients,
   workspace) and outputs. Nothing is allocated or run: the state is abstract.
+
+  Compiled for this host's devices, or with `topology` for a TPU slice
+  (`tpu_topology_devices`) by XLA:TPU itself, on any host: its figures, peak included, are
+  the TPU's, and `fits` says whether the peak is within the chip's HBM. The models' kernels
+  'auto' are then those of a TPU (stock XLA), not this host's.
 
   `config`: that stage's config (configs/mae_pretrain.py or configs/expr_finetune.py).
   `dtype`, `mesh_shape`, `scan_layers`, `image_size`: None = the config's (for a preset's
@@ -256,8 +278,11 @@ def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
     config.data.image_size = image_size
   if scan_layers is not None:
     config.model.scan_layers = scan_layers
+  devices = tpu_topology_devices(topology) if topology else jax.devices()
+  if topology and config.model.kernels == "auto":
+    config.model.kernels = "xla"  # what 'auto' is on a TPU; this host's backend would say 'cpu'
   size = config.data.image_size
-  mesh = sharding.make_mesh(config.mesh_shape)
+  mesh = sharding.make_mesh(config.mesh_shape, devices)
   sharding.check_batch_size(batch, mesh, grad_accum_steps)
   step, state, batch_arrays = abstract_train_step(config, stage, batch, mesh)
   model_flops = (pretrain if stage == "mae" else finetune).train_flops(config, batch)
@@ -269,15 +294,20 @@ def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
   args, temp = getattr(m, "argument_size_in_bytes", None), getattr(m, "temp_size_in_bytes", None)
   out, alias = getattr(m, "output_size_in_bytes", None), getattr(m, "alias_size_in_bytes", None)
   total = None if None in (args, temp, out, alias) else args + temp + out - alias
+  peak = gib(getattr(m, "peak_memory_in_bytes", None) or None)  # XLA:TPU's; XLA:CPU has none
+  kind = devices[0].device_kind
+  capacity = TPU_MEMORY_GIB.get(kind) if topology else None
   return {
       "what": "memory", "stage": stage, "variant": config.model.variant, "batch": batch,
       "image_size": size, "dtype": config.model.dtype, "mesh_shape": list(mesh.devices.shape),
       "remat": remat, "scan_layers": bool(config.model.scan_layers),
-      "grad_accum_steps": grad_accum_steps, "devices": mesh.size,
-      "device_kind": jax.devices()[0].device_kind,
+      "grad_accum_steps": grad_accum_steps, "devices": mesh.size, "device_kind": kind,
+      "topology": topology, "kernels": config.model.kernels,
       "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
       "arguments_gib": gib(args), "temporaries_gib": gib(temp), "outputs_gib": gib(out),
-      "aliased_gib": gib(alias), "total_gib": gib(total),
+      "aliased_gib": gib(alias), "total_gib": gib(total), "peak_gib": peak,
+      "device_memory_gib": capacity,
+      "fits": None if capacity is None or peak is None else peak <= capacity,
       "flops_per_step": model_flops, "hlo_flops_per_step": compiled_flops(compiled, mesh.size),
       "compile_s": compile_s,
   }

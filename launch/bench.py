@@ -8,6 +8,8 @@
   python launch/bench.py --what=matmul_layouts --preset=base --batch=8   # the step's own matmuls
   python launch/bench.py --what=memory --stage=mae --preset=large --batch=256 \
       --cpu_devices=8 --remat=full                 # per-device memory of the compiled step
+  python launch/bench.py --what=memory --stage=finetune --preset=huge --batch=256 \
+      --topology=v5e:8x8                           # compiled by XLA:TPU on this host (libtpu)
 """
 
 import json
@@ -46,6 +48,9 @@ _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots_saveable"],
 _SCAN = flags.DEFINE_enum("scan_layers", "default", ["default", "true", "false"],
                           "--what=memory: blocks under nn.scan (default: the preset's).")
 _ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "--what=memory: micro-batches per step.")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "--what=memory: compile for this TPU slice "
+                                "instead (e.g. v5e:8x8, v5p:4x4x4, v6e:4x4), on this host, with "
+                                "libtpu (the tpu extra); nothing runs.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Emulate this many CPU devices (e.g. the "
                                     "memory of a 64-device mesh, per device, on one host).")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "--what=mae: also trace a few steps here "
@@ -91,7 +96,8 @@ def main(argv):
                                       remat=_REMAT.value, grad_accum_steps=_ACCUM.value,
                                       image_size=_IMAGE_SIZE.value or None,
                                       scan_layers={"default": None, "true": True,
-                                                   "false": False}[_SCAN.value]))
+                                                   "false": False}[_SCAN.value],
+                                      topology=_TOPOLOGY.value or None))
   if "loader" in _WHAT.value.split("+"):
     sizes = [int(x) for x in _LOADER_SIZES.value]
     if _WHAT.value == "mae+loader":  # the loader at the step's image size
@@ -139,12 +145,15 @@ def main(argv):
               f"{row['float32_gflops']:8.0f} {row['bfloat16_f32acc_gflops']:11.0f} "
               f"{row['bfloat16_plain_gflops']:19.0f}  x{row['count']}")
     elif r["what"] == "memory":
+      peak = "" if r["peak_gib"] is None else f", peak {r['peak_gib']:.2f} GiB"
+      fits = "" if r["fits"] is None else (f", {'fits' if r['fits'] else 'does not fit'} in "
+                                           f"{r['device_memory_gib']} GiB")
       print(f"{r['stage']} {r['variant']} {r['image_size']}px batch {r['batch']} {r['dtype']} "
             f"mesh {tuple(r['mesh_shape'])} remat {r['remat']} accum {r['grad_accum_steps']} "
-            f"scan {r['scan_layers']}: "
+            f"scan {r['scan_layers']} on {r['devices']}x {r['device_kind']}: "
             f"per device {r['total_gib']:.2f} GiB (arguments {r['arguments_gib']:.2f}, "
             f"temporaries {r['temporaries_gib']:.2f}, outputs {r['outputs_gib']:.2f}, aliased "
-            f"{r['aliased_gib']:.2f}); compiled in {r['compile_s']:.0f} s")
+            f"{r['aliased_gib']:.2f}){peak}{fits}; compiled in {r['compile_s']:.0f} s")
     elif r["what"] == "matmul":
       print(f"XLA matmul {r['n']}^3 on {r['device_kind']}: float32 {r['float32_gflops']:.0f} "
             f"GFLOP/s, bfloat16 operands with float32 accumulation "

@@ -1,5 +1,7 @@
 """The benchmarks run and count what they claim (never timed here: speed is for launch/bench.py)."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -130,6 +132,29 @@ def test_memory_bench_counts_the_state_per_device(stage):
   for r in (replicated, fsdp):
     assert r["temporaries_gib"] > 0 and r["total_gib"] >= r["arguments_gib"]
   assert replicated["mesh_shape"] == [8, 1, 1] and fsdp["devices"] == 8
+
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+@pytest.mark.skipif(HAS_LIBTPU, reason="libtpu is installed: the next test compiles for the TPU")
+def test_a_tpu_topology_without_libtpu_says_what_to_install():
+  with pytest.raises(ValueError, match=r"'v5e:2x2'.*pip install -e '\.\[tpu\]'"):
+    bench.bench_memory(mae_pretrain.get_config("tiny"), "mae", 16, topology="v5e:2x2")
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="compiling for a TPU slice needs libtpu (tpu extra)")
+def test_memory_bench_compiles_for_a_tpu_slice_on_this_host():
+  """XLA:TPU compiles the step for 4 v5e chips here (nothing runs): the same state per
+  device as on the CPU (float32 params and two moments, replicated) plus the batch shard,
+  a little more for the TPU's tiled layout (vectors padded to whole tiles), the kernels a
+  TPU's, and a peak within the chip's 16 GiB."""
+  r = bench.bench_memory(mae_pretrain.get_config("tiny"), "mae", 64, image_size=32,
+                         dtype="bfloat16", mesh_shape=(4, 1, 1), topology="v5e:2x2")
+  assert (r["device_kind"], r["devices"], r["kernels"]) == ("TPU v5 lite", 4, "xla")
+  state, images = 3 * 4 * r["params"] / 2**30, 64 * 32 * 32 * 3 / 4 / 2**30
+  assert state + images <= r["arguments_gib"] < 1.1 * (state + images)
+  assert r["fits"] and r["total_gib"] <= r["peak_gib"] < r["device_memory_gib"] == 16
 
 
 @pytest.mark.parametrize("augment", ["host", "device"])

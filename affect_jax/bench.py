@@ -15,6 +15,7 @@ change it: what a benchmark overrides (batch, dtype, image size, ...) it sets on
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import statistics
 import time
@@ -232,8 +233,9 @@ def abstract_train_step(config: ml_collections.ConfigDict, stage: str, batch: in
   return finetune.jit_train_step(model, config, schedule, shardings, mesh), state, batch_arrays
 
 
-# HBM per device of the TPU kinds a topology can name (vendor figures, GiB).
-TPU_MEMORY_GIB = {"TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
+# HBM per device that XLA:TPU may use (GiB, as its out-of-memory errors give it) for the
+# TPU kinds a topology can name: v5e, v5p, v6e.
+TPU_MEMORY_GIB = {"TPU v5 lite": 15.75, "TPU v5": 95.74, "TPU v6 lite": 31.25}
 
 
 def tpu_topology_devices(topology: str) -> list:
@@ -242,11 +244,13 @@ def tpu_topology_devices(topology: str) -> list:
   host, a CPU-only one included: nothing runs on them. Needs libtpu (the `tpu` extra). v4
   slices come one device per TensorCore, two per chip (not the usual megacore)."""
   from jax.experimental import topologies
+  if importlib.util.find_spec("libtpu") is None:
+    raise ValueError(f"TPU topology {topology!r}: compiling for a TPU needs libtpu "
+                     "(pip install -e '.[tpu]')")
   try:
     return list(topologies.get_topology_desc(topology, "tpu").devices)
-  except Exception as e:  # noqa: BLE001 - jax's errors vary: no libtpu, a bad name
-    raise ValueError(f"TPU topology {topology!r}: {type(e).__name__}: {e} (compiling for a TPU "
-                     "needs libtpu: pip install -e '.[tpu]')") from e
+  except Exception as e:  # noqa: BLE001 - jax's errors vary: a bad name, libtpu in use
+    raise ValueError(f"TPU topology {topology!r}: {type(e).__name__}: {e}") from e
 
 
 def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
@@ -260,8 +264,10 @@ def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
 
   Compiled for this host's devices, or with `topology` for a TPU slice
   (`tpu_topology_devices`) by XLA:TPU itself, on any host: its figures, peak included, are
-  the TPU's, and `fits` says whether the peak is within the chip's HBM. The models' kernels
-  'auto' are then those of a TPU (stock XLA), not this host's.
+  the TPU's, and `fits` says whether the step fits the chip's HBM. XLA:TPU refuses to
+  compile a step that does not: then the figures are None and `error` holds its account
+  (what the temporaries need against what the chip has). The models' kernels 'auto' are
+  then those of a TPU (stock XLA), not this host's.
 
   `config`: that stage's config (configs/mae_pretrain.py or configs/expr_finetune.py).
   `dtype`, `mesh_shape`, `scan_layers`, `image_size`: None = the config's (for a preset's
@@ -285,9 +291,28 @@ def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
   mesh = sharding.make_mesh(config.mesh_shape, devices)
   sharding.check_batch_size(batch, mesh, grad_accum_steps)
   step, state, batch_arrays = abstract_train_step(config, stage, batch, mesh)
-  model_flops = (pretrain if stage == "mae" else finetune).train_flops(config, batch)
+  kind = devices[0].device_kind
+  capacity = TPU_MEMORY_GIB.get(kind) if topology else None
+  record = {
+      "what": "memory", "stage": stage, "variant": config.model.variant, "batch": batch,
+      "image_size": size, "dtype": config.model.dtype, "mesh_shape": list(mesh.devices.shape),
+      "remat": remat, "scan_layers": bool(config.model.scan_layers),
+      "grad_accum_steps": grad_accum_steps, "devices": mesh.size, "device_kind": kind,
+      "topology": topology, "kernels": config.model.kernels,
+      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+      "device_memory_gib": capacity,
+      "flops_per_step": (pretrain if stage == "mae" else finetune).train_flops(config, batch),
+  }
   start = time.perf_counter()
-  compiled = step.lower(state, batch_arrays).compile()
+  try:
+    compiled = step.lower(state, batch_arrays).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if not (topology and "RESOURCE_EXHAUSTED" in str(e)):
+      raise
+    figures = dict.fromkeys(("arguments_gib", "temporaries_gib", "outputs_gib", "aliased_gib",
+                             "total_gib", "peak_gib", "hlo_flops_per_step"))
+    return {**record, **figures, "fits": False, "error": str(e).strip().splitlines()[0],
+            "compile_s": time.perf_counter() - start}
   compile_s = time.perf_counter() - start
   m = compiled.memory_analysis()
   gib = lambda b: None if b is None else b / 2**30
@@ -295,21 +320,12 @@ def bench_memory(config: ml_collections.ConfigDict, stage: str, batch: int, *,
   out, alias = getattr(m, "output_size_in_bytes", None), getattr(m, "alias_size_in_bytes", None)
   total = None if None in (args, temp, out, alias) else args + temp + out - alias
   peak = gib(getattr(m, "peak_memory_in_bytes", None) or None)  # XLA:TPU's; XLA:CPU has none
-  kind = devices[0].device_kind
-  capacity = TPU_MEMORY_GIB.get(kind) if topology else None
   return {
-      "what": "memory", "stage": stage, "variant": config.model.variant, "batch": batch,
-      "image_size": size, "dtype": config.model.dtype, "mesh_shape": list(mesh.devices.shape),
-      "remat": remat, "scan_layers": bool(config.model.scan_layers),
-      "grad_accum_steps": grad_accum_steps, "devices": mesh.size, "device_kind": kind,
-      "topology": topology, "kernels": config.model.kernels,
-      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+      **record,
       "arguments_gib": gib(args), "temporaries_gib": gib(temp), "outputs_gib": gib(out),
       "aliased_gib": gib(alias), "total_gib": gib(total), "peak_gib": peak,
-      "device_memory_gib": capacity,
       "fits": None if capacity is None or peak is None else peak <= capacity,
-      "flops_per_step": model_flops, "hlo_flops_per_step": compiled_flops(compiled, mesh.size),
-      "compile_s": compile_s,
+      "hlo_flops_per_step": compiled_flops(compiled, mesh.size), "compile_s": compile_s,
   }
 
 

@@ -145,13 +145,16 @@ def main(argv):
               f"{row['float32_gflops']:8.0f} {row['bfloat16_f32acc_gflops']:11.0f} "
               f"{row['bfloat16_plain_gflops']:19.0f}  x{row['count']}")
     elif r["what"] == "memory":
+      head = (f"{r['stage']} {r['variant']} {r['image_size']}px batch {r['batch']} {r['dtype']} "
+              f"mesh {tuple(r['mesh_shape'])} remat {r['remat']} accum {r['grad_accum_steps']} "
+              f"scan {r['scan_layers']} on {r['devices']}x {r['device_kind']}: ")
+      if r.get("error"):
+        print(f"{head}does not fit: {r['error']}")
+        continue
       peak = "" if r["peak_gib"] is None else f", peak {r['peak_gib']:.2f} GiB"
       fits = "" if r["fits"] is None else (f", {'fits' if r['fits'] else 'does not fit'} in "
                                            f"{r['device_memory_gib']} GiB")
-      print(f"{r['stage']} {r['variant']} {r['image_size']}px batch {r['batch']} {r['dtype']} "
-            f"mesh {tuple(r['mesh_shape'])} remat {r['remat']} accum {r['grad_accum_steps']} "
-            f"scan {r['scan_layers']} on {r['devices']}x {r['device_kind']}: "
-            f"per device {r['total_gib']:.2f} GiB (arguments {r['arguments_gib']:.2f}, "
+      print(f"{head}per device {r['total_gib']:.2f} GiB (arguments {r['arguments_gib']:.2f}, "
             f"temporaries {r['temporaries_gib']:.2f}, outputs {r['outputs_gib']:.2f}, aliased "
             f"{r['aliased_gib']:.2f}){peak}{fits}; compiled in {r['compile_s']:.0f} s")
     elif r["what"] == "matmul":

@@ -12,10 +12,13 @@ pretraining, fine-tuning and temporal steps:
 - in bfloat16, the ViTs' matmuls take bf16 operands (a float32 matmul costs a GPU or TPU
   half its rate or more); the only float32 operands are jax's own: the logits' cotangent in
   the backward of `jax.nn.dot_product_attention`, two products per attention layer;
-- the TCN's convolutions are convolutions (Winograd is the CPU set's).
+- the TCN's convolutions are convolutions (Winograd is the CPU set's);
+- with libtpu installed (the tpu extra), the MAE step compiled by XLA:TPU for 4 v5e chips:
+  data-parallel devices sum every gradient in float32.
 """
 
 import functools
+import importlib.util
 import re
 
 import jax
@@ -114,3 +117,22 @@ def test_the_temporal_step_lowers_for_accelerators_with_plain_convolutions(monke
     assert text.count("stablehlo.convolution") >= 3 * len(config.model.modalities), platform
   cpu = _lower(build, "cpu", "cpu", monkeypatch)
   assert "cpu_kernels.py" in cpu and "stablehlo.convolution" not in cpu
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="compiling for a TPU slice needs libtpu (the tpu extra)")
+def test_data_parallel_tpus_sum_the_gradients_in_float32():
+  """A bf16 product's autodiff gives its float32 weight a bf16 gradient, which XLA:TPU sums
+  across devices in bf16; the models' layers hand float32 weights float32 gradients, so
+  every gradient all-reduce is float32 (XLA:CPU upcasts all-reduces itself: only XLA:TPU,
+  compiling here for 4 v5e chips, shows the difference)."""
+  config = mae_pretrain.get_config("tiny")
+  config.model.dtype, config.model.kernels = "bfloat16", "xla"
+  mesh = sharding.make_mesh((4, 1, 1), bench.tpu_topology_devices("v5e:2x2"))
+  step, state, batch = bench.abstract_train_step(config, "mae", 16, mesh)
+  text = step.lower(state, batch).compile().as_text()
+  reduced = [t for line in text.splitlines()
+             if (m := re.search(r"= (.*?) all-reduce(-start)?\(", line))
+             for t in re.findall(r"\b(bf16|f32)\[", m.group(1))]
+  params = len(jax.tree.leaves(state.params))
+  assert len(reduced) >= params and set(reduced) == {"f32"}, sorted(set(reduced))

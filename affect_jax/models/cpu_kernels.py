@@ -42,14 +42,16 @@ def is_low_precision(dtype) -> bool:
                                                     jnp.dtype(jnp.float16))
 
 
-def _split_spec(spec):
+def split_spec(spec):
+  """(a, b, out) index strings of a plain bilinear two-operand einsum spec, whose operands'
+  gradients are einsums of (out, the other operand); any other spec is refused."""
   inputs, out = spec.split("->")
   a, b = inputs.split(",")
   for operand, other in ((a, b), (b, a)):
     # The backward einsums rebuild an operand from (out, other operand): an index summed
     # within one operand alone, or repeated in it, would be lost.
     if len(set(operand)) != len(operand) or not set(operand) <= set(out) | set(other):
-      raise ValueError(f"einsum_f32acc supports plain bilinear specs, got {spec!r}")
+      raise ValueError(f"a hand-differentiated einsum takes plain bilinear specs, got {spec!r}")
   return a, b, out
 
 
@@ -66,7 +68,7 @@ def _unit_contraction(spec):
   already contract two axes or are canonical, and a unit axis there would only move
   transposes onto the weights, so they are left as written.
   """
-  sa, sb, so = _split_spec(spec)
+  sa, sb, so = split_spec(spec)
   contracted = [c for c in sa if c in sb and c not in so]
   if len(contracted) != 1:
     return None
@@ -109,7 +111,7 @@ def _einsum_f32acc(spec, dtypes, a, b):
 def _einsum_f32acc_bwd(spec, dtypes, res, g):
   compute, _, a_dtype, b_dtype = dtypes
   a, b = res
-  sa, sb, so = _split_spec(spec)
+  sa, sb, so = split_spec(spec)
   g = g.astype(compute)
   # Each cotangent leaves the float32 accumulator in its operand's own dtype: a float32
   # parameter cast to bf16 for the matmul gets its float32 gradient, never rounded to bf16.
@@ -135,7 +137,7 @@ def einsum_f32acc(spec, a, b, out_dtype=None, compute_dtype=None):
       comes back in that operand's own dtype straight from the float32 accumulator: a
       float32 kernel used in bf16 gets an unrounded float32 gradient, with no convert pass.
   """
-  _split_spec(spec)
+  split_spec(spec)
   if compute_dtype is None:
     compute_dtype = jnp.promote_types(a.dtype, b.dtype)
   if out_dtype is None:
@@ -348,16 +350,18 @@ layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 @jax.custom_vjp
 def add_bias(y, bias):
-  """`y + bias` over trailing dims, whose bias gradient is one flat [M, F] column sum.
+  """`y + bias` over trailing dims, the bias cast to y's dtype, whose bias gradient is one
+  flat [M, F] column sum in float32, returned in the bias's dtype (a float32 bias of a bf16
+  layer gets it unrounded, as on the stock set).
 
   Autodiff's reduce over the leading (batch, token) axes becomes a slow tree of
   reduce-windows on XLA:CPU; the flat sum is one pass.
   """
-  return y + bias
+  return y + bias.astype(y.dtype)
 
 
 def _add_bias_fwd(y, bias):
-  return y + bias, bias
+  return add_bias(y, bias), bias
 
 
 def _add_bias_bwd(bias, g):

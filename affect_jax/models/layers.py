@@ -12,9 +12,12 @@ Every model module takes `kernels` (its config's `model.kernels`) and hands it t
 Both sets compute the same functions (tests/models/test_cpu_kernels.py holds the CPU kernels
 to float64 numpy and the two sets to each other, values and gradients). Numerics on every
 path: matmuls in the compute dtype (`dtype`), LayerNorm and softmax in float32, exact (erf)
-GELU evaluated in float32, parameters as stored (float32).
+GELU evaluated in float32, parameters as stored (float32), and their gradients float32 from
+the products' float32 accumulators, never rounded to the compute dtype (`einsum`,
+`add_bias`), so that devices sum them in float32.
 """
 
+import functools
 import string
 from typing import Any, Callable
 
@@ -40,16 +43,72 @@ def resolve(kernels: str, backend: str | None = None) -> str:
   return kernels
 
 
+def _cast_einsum_fwd(spec, dtypes, a, b):
+  compute, out, _, _ = dtypes
+  a, b = a.astype(compute), b.astype(compute)
+  return jnp.einsum(spec, a, b, preferred_element_type=out), (a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _cast_einsum(spec, dtypes, a, b):
+  return _cast_einsum_fwd(spec, dtypes, a, b)[0]
+
+
+def _cast_einsum_bwd(spec, dtypes, res, g):
+  compute, _, a_dtype, b_dtype = dtypes
+  a, b = res
+  sa, sb, so = cpu_kernels.split_spec(spec)
+  g = g.astype(compute)
+  return (jnp.einsum(f"{so},{sb}->{sa}", g, b, preferred_element_type=a_dtype),
+          jnp.einsum(f"{so},{sa}->{sb}", g, a, preferred_element_type=b_dtype))
+
+
+_cast_einsum.defvjp(_cast_einsum_fwd, _cast_einsum_bwd)
+
+
 def einsum(spec: str, a, b, *, kernels: str = "auto", compute_dtype=None, out_dtype=None):
   """`jnp.einsum(spec, a, b)` with both operands in `compute_dtype` (default: their promoted
-  dtype). On the CPU kernels a low-precision product accumulates in float32 in the forward
-  and both backward dots (`cpu_kernels.einsum_f32acc`)."""
+  dtype), the result in `out_dtype` (default: the compute dtype).
+
+  In a low-precision compute dtype the operands are cast inside the product's VJP, so each
+  operand's gradient leaves the backward product's float32 accumulator in that operand's
+  own dtype: a float32 kernel multiplied in bf16 gets a float32 gradient, never rounded to
+  bf16, which data-parallel (and FSDP) devices then sum in float32, as PyTorch's DDP and
+  Megatron do (autodiff of the cast would give a bf16 gradient that XLA reduces across
+  devices in bf16). All three products take compute-dtype operands. On the CPU kernels the
+  same rule runs on XLA:CPU's fast bf16 products (`cpu_kernels.einsum_f32acc`)."""
   if compute_dtype is None:
     compute_dtype = jnp.promote_types(a.dtype, b.dtype)
   if resolve(kernels) == "cpu" and is_low_precision(compute_dtype):
     return cpu_kernels.einsum_f32acc(spec, a, b, out_dtype, compute_dtype)
+  if is_low_precision(compute_dtype) and not a.dtype == b.dtype == compute_dtype:
+    cpu_kernels.split_spec(spec)
+    dtypes = tuple(np.dtype(d) for d in (compute_dtype, out_dtype or compute_dtype, a.dtype,
+                                         b.dtype))
+    return _cast_einsum(spec, dtypes, a, b)
   out = jnp.einsum(spec, a.astype(compute_dtype), b.astype(compute_dtype))
   return out if out_dtype is None else out.astype(out_dtype)
+
+
+@jax.custom_vjp
+def add_bias(y, bias):
+  """`y + bias` over y's trailing axes, the bias cast to y's dtype, with the bias gradient
+  summed in float32 and returned in the bias's dtype: a float32 bias of a bf16 layer gets
+  an unrounded float32 gradient (see `einsum`). Autodiff's own reduction, over the leading
+  axes: a bias sharded over a mesh axis stays sharded."""
+  return y + bias.astype(y.dtype)
+
+
+def _add_bias_fwd(y, bias):
+  return add_bias(y, bias), bias
+
+
+def _add_bias_bwd(bias, g):
+  leading = tuple(range(g.ndim - bias.ndim))
+  return g, jnp.sum(g.astype(jnp.float32), axis=leading).astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 def gelu(x, kernels: str = "auto"):
@@ -169,5 +228,5 @@ class Dense(nn.Module):
     y = einsum(f"{batch}{contracted},{contracted}{out}->{batch}{out}", x, kernel,
                kernels=self.kernels, compute_dtype=dtype)
     if resolve(self.kernels) == "cpu":
-      return cpu_kernels.add_bias(y, bias.astype(dtype))
-    return y + bias.astype(dtype)
+      return cpu_kernels.add_bias(y, bias)
+    return add_bias(y, bias) if bias.dtype != dtype else y + bias

@@ -60,15 +60,18 @@ def test_einsum_f32acc_matches_einsum_values_and_gradients(spec, a_shape, b_shap
   assert _dot_dtypes(jaxpr) == [(bf16, bf16, f32)] * 3  # forward and both backward dots
 
 
-def test_einsum_f32acc_float32_operands_in_bf16_get_unrounded_float32_gradients():
-  # A float32 kernel multiplied in bf16 (what Dense does): its gradient is the float32
-  # accumulation of the bf16 cotangent and bf16 input, never rounded to bf16 on the way.
+@pytest.mark.parametrize("kernels", ["cpu", "xla"])
+def test_float32_operands_in_bf16_get_unrounded_float32_gradients(kernels):
+  # A float32 kernel multiplied in bf16 (what Dense does), on either kernel set: its gradient
+  # is the float32 accumulation of the bf16 cotangent and bf16 input, never rounded to bf16
+  # on the way (so data-parallel devices sum it in float32), and all three products take
+  # bf16 operands.
   ka, kb, kg = jax.random.split(jax.random.key(3), 3)
   x, w = jax.random.normal(ka, (4, 6, 16)), jax.random.normal(kb, (16, 8))
   g = jax.random.normal(kg, (4, 6, 8))
   bf = jnp.bfloat16
-  f = lambda x, w: jnp.sum(
-      cpu_kernels.einsum_f32acc("bnk,kf->bnf", x, w, compute_dtype=bf).astype(jnp.float32) * g)
+  f = lambda x, w: jnp.sum(layers.einsum("bnk,kf->bnf", x, w, kernels=kernels,
+                                         compute_dtype=bf).astype(jnp.float32) * g)
   dx, dw = jax.grad(f, (0, 1))(x, w)
   assert dx.dtype == dw.dtype == jnp.float32
   # By hand, in numpy float64 from the bf16-rounded operands (exact products, f32-size sums).
@@ -77,6 +80,45 @@ def test_einsum_f32acc_float32_operands_in_bf16_get_unrounded_float32_gradients(
   np.testing.assert_allclose(dw, np.einsum("bnf,bnk->kf", gb, r(x)), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(dx, np.einsum("bnf,kf->bnk", gb, r(w)), rtol=1e-6, atol=1e-6)
   assert np.any(np.asarray(dw) != r(dw))  # bits below bf16's mantissa survive
+  bf16 = jnp.dtype(bf)
+  dots = _dot_dtypes(jax.make_jaxpr(jax.grad(f, (0, 1)))(x, w).jaxpr)
+  assert len(dots) == 3 and all(d[:2] == (bf16, bf16) for d in dots)
+
+
+@pytest.mark.parametrize("add_bias", [layers.add_bias, cpu_kernels.add_bias],
+                         ids=["xla", "cpu"])
+def test_a_float32_bias_of_a_bf16_layer_gets_an_unrounded_float32_gradient(add_bias):
+  # y + bias in y's dtype; the bias gradient is the float32 sum of the cotangent over the
+  # leading axes (the stock set keeps trailing ones, e.g. heads, as they are).
+  rng = np.random.default_rng(5)
+  y = jnp.asarray(rng.normal(size=(4, 6, 3, 5)), jnp.bfloat16)
+  bias = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(4, 6, 3, 5)), jnp.bfloat16)
+  out, vjp = jax.vjp(add_bias, y, bias)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(out, y + bias.astype(jnp.bfloat16))
+  dy, dbias = vjp(g)
+  assert dy.dtype == jnp.bfloat16 and dbias.dtype == jnp.float32
+  np.testing.assert_array_equal(dy, g)
+  want = np.asarray(g, np.float64).sum(axis=(0, 1))
+  np.testing.assert_allclose(dbias, want, rtol=1e-6, atol=1e-6)
+  rounded = np.asarray(jnp.asarray(want, jnp.bfloat16), np.float64)
+  assert np.any(np.asarray(dbias, np.float64) != rounded)  # not rounded to bf16
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "xla"])
+def test_a_bf16_dense_gives_its_float32_params_float32_gradients(kernels):
+  rng = np.random.default_rng(6)
+  dense = layers.Dense(5, ("embed", "mlp"), dtype=jnp.bfloat16, kernels=kernels)
+  x = jnp.asarray(rng.normal(size=(4, 6, 8)), jnp.float32)
+  params = nn.unbox(dense.init(jax.random.key(0), x)["params"])
+  loss = lambda p: jnp.sum(dense.apply({"params": p}, x).astype(jnp.float32) * x[..., :5])
+  grads = jax.grad(loss)(params)
+  assert grads["kernel"].dtype == grads["bias"].dtype == jnp.float32
+  r = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(grads["bias"], r(x[..., :5]).sum(axis=(0, 1)), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(grads["kernel"], np.einsum("bnk,bnf->kf", r(x), r(x[..., :5])),
+                             rtol=1e-6, atol=1e-5)
 
 
 def test_unit_contraction_picks_the_batched_and_tn_products():

@@ -9,10 +9,10 @@ XLA:CPU on AVX-512 with avx512_bf16 (DESIGN.md, Performance):
 - A bf16 x bf16 matmul that returns bf16 runs slower than float32 on XLA:CPU, while the
   same operands with `preferred_element_type=float32` take its fast bf16 kernel. Autodiff of
   such a dot gives float32 cotangents, so both backward dots would run in float32;
-  `einsum_f32acc`'s `custom_vjp` casts the cotangent back to the compute dtype and asks for
-  a float32 result again, so all three matmuls of a layer take the fast path. The operands
-  are cast inside the rule, so a float32 kernel's gradient leaves the accumulator in float32
-  (unrounded, with no convert pass over it before the optimizer). Batched and TN products
+  `einsum_f32acc` (`mixed_precision.cast_einsum` on this product) casts the cotangent back
+  to the compute dtype and asks for a float32 result again, so all three matmuls of a layer
+  take the fast path. The operands are cast inside the rule, so a float32 kernel's gradient
+  leaves the accumulator in float32 (unrounded, as on the stock set). Batched and TN products
   get a unit contracted axis (`_unit_contraction`) so that XLA:CPU keeps them on the bf16
   kernel too.
 - `dot_product_attention` / `qkv_attention`: attention on these products with a hand VJP.
@@ -36,23 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from affect_jax.models import mixed_precision
+
 
 def is_low_precision(dtype) -> bool:
   return dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16),
                                                     jnp.dtype(jnp.float16))
-
-
-def split_spec(spec):
-  """(a, b, out) index strings of a plain bilinear two-operand einsum spec, whose operands'
-  gradients are einsums of (out, the other operand); any other spec is refused."""
-  inputs, out = spec.split("->")
-  a, b = inputs.split(",")
-  for operand, other in ((a, b), (b, a)):
-    # The backward einsums rebuild an operand from (out, other operand): an index summed
-    # within one operand alone, or repeated in it, would be lost.
-    if len(set(operand)) != len(operand) or not set(operand) <= set(out) | set(other):
-      raise ValueError(f"a hand-differentiated einsum takes plain bilinear specs, got {spec!r}")
-  return a, b, out
 
 
 def _unit_contraction(spec):
@@ -68,7 +57,7 @@ def _unit_contraction(spec):
   already contract two axes or are canonical, and a unit axis there would only move
   transposes onto the weights, so they are left as written.
   """
-  sa, sb, so = split_spec(spec)
+  sa, sb, so = mixed_precision.split_spec(spec)
   contracted = [c for c in sa if c in sb and c not in so]
   if len(contracted) != 1:
     return None
@@ -96,31 +85,10 @@ def _einsum_f32(spec, a, b):
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _einsum_f32acc_fwd(spec, dtypes, a, b):
-  """(result, the operands cast to the compute dtype): the cast copies are the residuals."""
-  compute, out, _, _ = dtypes
-  a, b = a.astype(compute), b.astype(compute)
-  return _einsum_f32(spec, a, b).astype(out), (a, b)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _einsum_f32acc(spec, dtypes, a, b):
-  return _einsum_f32acc_fwd(spec, dtypes, a, b)[0]
-
-
-def _einsum_f32acc_bwd(spec, dtypes, res, g):
-  compute, _, a_dtype, b_dtype = dtypes
-  a, b = res
-  sa, sb, so = split_spec(spec)
-  g = g.astype(compute)
-  # Each cotangent leaves the float32 accumulator in its operand's own dtype: a float32
-  # parameter cast to bf16 for the matmul gets its float32 gradient, never rounded to bf16.
-  da = _einsum_f32(f"{so},{sb}->{sa}", g, b)
-  db = _einsum_f32(f"{so},{sa}->{sb}", g, a)
-  return da.astype(a_dtype), db.astype(b_dtype)
-
-
-_einsum_f32acc.defvjp(_einsum_f32acc_fwd, _einsum_f32acc_bwd)
+def _f32acc_product(spec, a, b, dtype):
+  """The product of `mixed_precision.cast_einsum` on XLA:CPU: accumulated and returned in
+  float32 (its fast bf16 path), then cast to `dtype`."""
+  return _einsum_f32(spec, a, b).astype(dtype)
 
 
 def einsum_f32acc(spec, a, b, out_dtype=None, compute_dtype=None):
@@ -137,13 +105,7 @@ def einsum_f32acc(spec, a, b, out_dtype=None, compute_dtype=None):
       comes back in that operand's own dtype straight from the float32 accumulator: a
       float32 kernel used in bf16 gets an unrounded float32 gradient, with no convert pass.
   """
-  split_spec(spec)
-  if compute_dtype is None:
-    compute_dtype = jnp.promote_types(a.dtype, b.dtype)
-  if out_dtype is None:
-    out_dtype = compute_dtype
-  dtypes = tuple(np.dtype(d) for d in (compute_dtype, out_dtype, a.dtype, b.dtype))
-  return _einsum_f32acc(spec, dtypes, a, b)
+  return mixed_precision.cast_einsum(spec, a, b, _f32acc_product, compute_dtype, out_dtype)
 
 
 def _dropout(x, keep, rate):

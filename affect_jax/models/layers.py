@@ -17,7 +17,6 @@ the products' float32 accumulators, never rounded to the compute dtype (`einsum`
 `add_bias`), so that devices sum them in float32.
 """
 
-import functools
 import string
 from typing import Any, Callable
 
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from affect_jax.models import cpu_kernels
+from affect_jax.models import cpu_kernels, mixed_precision
 
 KERNELS = ("auto", "xla", "cudnn", "cpu")
 
@@ -43,49 +42,28 @@ def resolve(kernels: str, backend: str | None = None) -> str:
   return kernels
 
 
-def _cast_einsum_fwd(spec, dtypes, a, b):
-  compute, out, _, _ = dtypes
-  a, b = a.astype(compute), b.astype(compute)
-  return jnp.einsum(spec, a, b, preferred_element_type=out), (a, b)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _cast_einsum(spec, dtypes, a, b):
-  return _cast_einsum_fwd(spec, dtypes, a, b)[0]
-
-
-def _cast_einsum_bwd(spec, dtypes, res, g):
-  compute, _, a_dtype, b_dtype = dtypes
-  a, b = res
-  sa, sb, so = cpu_kernels.split_spec(spec)
-  g = g.astype(compute)
-  return (jnp.einsum(f"{so},{sb}->{sa}", g, b, preferred_element_type=a_dtype),
-          jnp.einsum(f"{so},{sa}->{sb}", g, a, preferred_element_type=b_dtype))
-
-
-_cast_einsum.defvjp(_cast_einsum_fwd, _cast_einsum_bwd)
+def _product(spec, a, b, dtype):
+  """The stock set's product for `mixed_precision.cast_einsum`: the accumulator (float32 on
+  GPU and TPU matrix units) returned in `dtype`."""
+  return jnp.einsum(spec, a, b, preferred_element_type=dtype)
 
 
 def einsum(spec: str, a, b, *, kernels: str = "auto", compute_dtype=None, out_dtype=None):
   """`jnp.einsum(spec, a, b)` with both operands in `compute_dtype` (default: their promoted
   dtype), the result in `out_dtype` (default: the compute dtype).
 
-  In a low-precision compute dtype the operands are cast inside the product's VJP, so each
-  operand's gradient leaves the backward product's float32 accumulator in that operand's
-  own dtype: a float32 kernel multiplied in bf16 gets a float32 gradient, never rounded to
-  bf16, which data-parallel (and FSDP) devices then sum in float32, as PyTorch's DDP and
-  Megatron do (autodiff of the cast would give a bf16 gradient that XLA reduces across
-  devices in bf16). All three products take compute-dtype operands. On the CPU kernels the
-  same rule runs on XLA:CPU's fast bf16 products (`cpu_kernels.einsum_f32acc`)."""
+  In a low-precision compute dtype the operands are cast inside the product's VJP
+  (`mixed_precision.cast_einsum`), so each operand's gradient leaves the backward product's
+  float32 accumulator in that operand's own dtype: a float32 kernel multiplied in bf16 gets
+  a float32 gradient, which data-parallel (and FSDP) devices then sum in float32. All three
+  products take compute-dtype operands. On the CPU kernels the same rule runs on XLA:CPU's
+  fast bf16 products (`cpu_kernels.einsum_f32acc`)."""
   if compute_dtype is None:
     compute_dtype = jnp.promote_types(a.dtype, b.dtype)
   if resolve(kernels) == "cpu" and is_low_precision(compute_dtype):
     return cpu_kernels.einsum_f32acc(spec, a, b, out_dtype, compute_dtype)
   if is_low_precision(compute_dtype) and not a.dtype == b.dtype == compute_dtype:
-    cpu_kernels.split_spec(spec)
-    dtypes = tuple(np.dtype(d) for d in (compute_dtype, out_dtype or compute_dtype, a.dtype,
-                                         b.dtype))
-    return _cast_einsum(spec, dtypes, a, b)
+    return mixed_precision.cast_einsum(spec, a, b, _product, compute_dtype, out_dtype)
   out = jnp.einsum(spec, a.astype(compute_dtype), b.astype(compute_dtype))
   return out if out_dtype is None else out.astype(out_dtype)
 

@@ -72,8 +72,8 @@ def einsum(spec: str, a, b, *, kernels: str = "auto", compute_dtype=None, out_dt
 def add_bias(y, bias):
   """`y + bias` over y's trailing axes, the bias cast to y's dtype, with the bias gradient
   summed in float32 and returned in the bias's dtype: a float32 bias of a bf16 layer gets
-  an unrounded float32 gradient (see `einsum`). Autodiff's own reduction, over the leading
-  axes: a bias sharded over a mesh axis stays sharded."""
+  an unrounded float32 gradient (see `einsum`). The sum runs over the leading axes, as
+  autodiff's would, with no reshape: a bias sharded over a mesh axis stays sharded."""
   return y + bias.astype(y.dtype)
 
 
